@@ -1,0 +1,169 @@
+"""Where does a section payload end?  (Sections that do not delimit themselves.)
+
+Device sections (vmstate FULL sections, and iterative sections of handlers the
+codec does not model) carry no length on the wire.  Their end is found, in this
+order of preference:
+
+1. ``description``: the stream's own VMDESCRIPTION JSON entry for the section
+   gives the exact size (sum of the described fields and subsection headers);
+   checked against the footer that must follow when footers are on.
+2. ``footer``: the first ``0x7e`` + ``be32 section_id`` that is followed by a
+   plausible next record (or the end of the input).
+3. ``next-header``: streams with neither footers nor trailer (machine types up
+   to 2.2): the first position where a plausible next record starts.
+
+Methods 2 and 3 can be fooled by a payload that contains such a pattern; the
+record says which method bounded it (``OpaquePayload.how``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..errors import LimitExceeded, Truncated
+from ..wire.commands import FIXED_LENGTH, MigCmd
+from ..wire.header import SectionType
+
+#: Longest device payload searched for a boundary (a hostile stream could make
+#: the scan buffer everything).
+MAX_SCAN = 256 << 20
+
+_BE32 = struct.Struct(">I")
+_HDR = struct.Struct(">IB")
+
+
+def description_size(entry: dict, depth: int = 0) -> int:
+    """Payload bytes implied by one ``devices[]`` entry of the VMDESCRIPTION JSON."""
+    if depth > 64:
+        raise LimitExceeded("description nested too deeply", None)
+    if "fields" not in entry and "size" in entry:
+        return int(entry["size"])
+    total = 0
+    for f in entry.get("fields", ()):
+        n = int(f.get("array_len", 1))
+        if "struct" in f and isinstance(f["struct"], dict) and f["struct"]:
+            one = description_size(f["struct"], depth + 1)
+            # The described size of a struct element is authoritative.
+            one = int(f.get("size", one))
+        else:
+            one = int(f.get("size", 0))
+        total += n * one
+    for s in entry.get("subsections", ()):
+        name = str(s.get("vmsd_name", "")).encode("latin-1", "replace")
+        total += 1 + 1 + len(name) + 4 + description_size(s, depth + 1)
+    return total
+
+
+def _printable(b: bytes) -> bool:
+    return len(b) > 0 and all(0x20 <= c < 0x7F for c in b)
+
+
+def plausible_record(buf: bytes, q: int, ids, at_end: bool, depth: int) -> bool:
+    """Could a top-level record start at ``buf[q]``?  ``at_end``: input ends at q.
+
+    ``ids`` is a :class:`SectionIds`: PART/END must name an open iterative
+    section, START/FULL must not reuse the id of another section.
+    """
+    if q >= len(buf):
+        return at_end
+    t = buf[q]
+    if t == SectionType.EOF:
+        rest = len(buf) - q - 1
+        if rest == 0:
+            return at_end
+        if depth == 0 and buf[q + 1] == SectionType.VMDESCRIPTION and rest >= 5:
+            n = _BE32.unpack_from(buf, q + 2)[0]
+            return rest >= 6 and (buf[q + 6:q + 7] == b"{" if rest > 5 else True) \
+                and (not at_end or rest == 5 + n)
+        return False
+    if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+        if len(buf) - q < 7:
+            return False
+        sid, n = _HDR.unpack_from(buf, q + 1)
+        if len(buf) - q < 6 + n + 8:
+            return False
+        idstr = buf[q + 6:q + 6 + n]
+        inst, ver = struct.unpack_from(">II", buf, q + 6 + n)
+        if not (_printable(idstr) and inst < 0x10000 and ver < 0x10000 and sid < 0x100000):
+            return False
+        seen = ids.names.get(sid)
+        if seen is None:
+            return True
+        # Only an iterative section's FULL part (VFIO) repeats a START's id.
+        return t == SectionType.SECTION_FULL and seen == (idstr.decode("latin-1"), inst) \
+            and sid in ids.started
+    if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
+        if len(buf) - q < 5:
+            return False
+        return _BE32.unpack_from(buf, q + 1)[0] in ids.open
+    if t == SectionType.COMMAND:
+        if len(buf) - q < 5:
+            return False
+        cmd, ln = struct.unpack_from(">HH", buf, q + 1)
+        if not 1 <= cmd <= max(MigCmd):
+            return False
+        fixed = FIXED_LENGTH.get(MigCmd(cmd))
+        return fixed is None or fixed == ln
+    return False
+
+
+class SectionIds:
+    """What the reader knows about section ids so far."""
+
+    def __init__(self):
+        self.names = {}       # id -> (idstr, instance_id)
+        self.started = set()  # ids seen in a START section
+        self.open = set()     # started and not yet ended
+
+    def saw(self, type_, sid, idstr=None, inst=None):
+        if idstr is not None:
+            self.names[sid] = (idstr, inst)
+        if type_ == SectionType.SECTION_START:
+            self.started.add(sid)
+            self.open.add(sid)
+        elif type_ == SectionType.SECTION_END:
+            self.open.discard(sid)
+
+
+def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: int):
+    """Return ``(length, how)`` of the payload starting at ``src``'s position."""
+    step = 1 << 16
+    want = step
+    start_scan = 0
+    while True:
+        have = src.fill(want)
+        buf, pos = src.window()
+        view = buf[pos:pos + have]
+        at_end = have < want
+        if footers is not False:
+            pat = b"\x7e" + _BE32.pack(section_id)
+            i = view.find(pat, start_scan)
+            while i >= 0:
+                if i + 5 + 16 <= len(view) or at_end:
+                    if plausible_record(view, i + 5, known_ids, at_end and i + 5 == len(view), depth) \
+                            or (at_end and i + 5 == len(view)):
+                        return i, "footer"
+                else:
+                    break  # need more bytes to judge this candidate
+                i = view.find(pat, i + 1)
+            if footers is True:
+                if at_end:
+                    raise Truncated("stream ends inside a section payload (no footer found)",
+                                    src.offset, needed=None, available=have)
+                start_scan = max(0, (i if i >= 0 else len(view) - 4))
+        if footers is not True:
+            limit = len(view) if at_end else len(view) - 300
+            q = 0
+            while q < limit:
+                if view[q] in (0, 1, 2, 3, 4, 8) and plausible_record(view, q, known_ids, at_end, depth):
+                    return q, "next-header"
+                q += 1
+            if at_end:
+                if depth > 0:
+                    return len(view), "end-of-package"
+                raise Truncated("stream ends inside a section payload (no next record found)",
+                                src.offset, available=have)
+        if want >= MAX_SCAN:
+            raise LimitExceeded(f"no end found for a section payload within {MAX_SCAN} bytes",
+                                src.offset)
+        want *= 4

@@ -1,0 +1,298 @@
+"""Records of the ``ram`` section payload (migration/ram.c)."""
+
+from __future__ import annotations
+
+import struct
+
+from ..wire import ram as W
+from ..wire.common import CountedString
+from ..wire.ram import RamFlag
+from .records import Record
+
+_U64 = struct.Struct(">Q")
+_ZERO = struct.Struct(">QB")
+
+
+def _page_header(flags: int, addr: int, block: str | None) -> bytes:
+    """Fast form of :data:`qmigstream.wire.ram.page_header` (tested equal)."""
+    word = _U64.pack(addr | flags)
+    if flags & RamFlag.CONTINUE:
+        return word
+    b = block.encode("latin-1")
+    return word + bytes((len(b),)) + b
+
+
+class RamBlockInfo:
+    """One entry of the MEM_SIZE block list."""
+
+    __slots__ = ("name", "used_length", "page_size", "mr_addr", "mapped_ram")
+
+    def __init__(self, name, used_length, page_size=None, mr_addr=None, mapped_ram=None):
+        self.name, self.used_length = name, used_length
+        self.page_size, self.mr_addr, self.mapped_ram = page_size, mr_addr, mapped_ram
+
+    def to_json(self):
+        d = {"name": self.name, "used_length": self.used_length}
+        if self.page_size is not None:
+            d["page_size"] = self.page_size
+        if self.mr_addr is not None:
+            d["mr_addr"] = self.mr_addr
+        if self.mapped_ram is not None:
+            d["mapped_ram"] = dict(self.mapped_ram)
+        return d
+
+
+class RamMemSize(Record):
+    """MEM_SIZE: total size and the block list (``ram_save_setup``)."""
+
+    __slots__ = ("flags", "total", "blocks")
+    kind = "ram_mem_size"
+
+    def __init__(self, total, blocks, flags=RamFlag.MEM_SIZE, offset=None, depth=0):
+        self.total, self.blocks, self.flags = total, list(blocks), int(flags)
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        out = [_U64.pack(self.total | self.flags)]
+        for b in self.blocks:
+            schema = W.mem_size_block(b.page_size is not None, b.mr_addr is not None,
+                                      b.mapped_ram is not None)
+            d = dict(name=b.name, used_length=b.used_length)
+            if b.page_size is not None:
+                d["page_size"] = b.page_size
+            if b.mr_addr is not None:
+                d["mr_addr"] = b.mr_addr
+            if b.mapped_ram is not None:
+                d["mapped_ram"] = b.mapped_ram
+            out.append(schema.build(d))
+        return b"".join(out)
+
+    def fields(self):
+        return {"total": self.total, "blocks": [b.to_json() for b in self.blocks]}
+
+
+class _PageRecord(Record):
+    __slots__ = ("flags", "addr", "block")
+
+    @property
+    def continued(self) -> bool:
+        return bool(self.flags & RamFlag.CONTINUE)
+
+    def header_bytes(self) -> bytes:
+        return _page_header(self.flags, self.addr, self.block)
+
+    def fields(self):
+        return {"block": self.block, "addr": self.addr, "continue": self.continued}
+
+
+class RamZero(_PageRecord):
+    """ZERO: a page whose bytes all equal ``fill`` (always 0 from QEMU)."""
+
+    __slots__ = ("fill",)
+    kind = "ram_zero"
+
+    def __init__(self, block, addr, flags=RamFlag.ZERO, fill=0, offset=None, depth=0):
+        self.block, self.addr, self.flags, self.fill = block, addr, int(flags), fill
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        if self.flags & RamFlag.CONTINUE:
+            return _ZERO.pack(self.addr | self.flags, self.fill)
+        return self.header_bytes() + bytes((self.fill,))
+
+    def fields(self):
+        d = super().fields()
+        if self.fill:
+            d["fill"] = self.fill
+        return d
+
+
+class RamZeroRun(Record):
+    """``count`` ZERO records with CONTINUE and fill 0 at consecutive page addresses.
+
+    A compact form of what is on the wire (9 bytes per record); record ``i``
+    sits at ``offset + 9*i`` and names page ``addr + i*page_size``.
+    """
+
+    __slots__ = ("flags", "addr", "block", "count", "page_size")
+    kind = "ram_zero_run"
+
+    def __init__(self, block, addr, count, page_size, flags=RamFlag.ZERO | RamFlag.CONTINUE,
+                 offset=None, depth=0):
+        self.block, self.addr, self.count, self.page_size = block, addr, count, page_size
+        self.flags = int(flags)
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        ps, f = self.page_size, self.flags
+        return b"".join(_ZERO.pack((self.addr + i * ps) | f, 0) for i in range(self.count))
+
+    @property
+    def size(self):
+        return 9 * self.count
+
+    def expand(self):
+        ps = self.page_size
+        for i in range(self.count):
+            yield RamZero(self.block, self.addr + i * ps, self.flags, 0,
+                          None if self.offset is None else self.offset + 9 * i, self.depth)
+
+    def fields(self):
+        return {"block": self.block, "addr": self.addr, "count": self.count,
+                "record_size": 9}
+
+
+class RamPage(_PageRecord):
+    """PAGE: the page's raw bytes."""
+
+    __slots__ = ("data",)
+    kind = "ram_page"
+
+    def __init__(self, block, addr, data, flags=RamFlag.PAGE, offset=None, depth=0):
+        self.block, self.addr, self.data, self.flags = block, addr, data, int(flags)
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        return self.header_bytes() + bytes(self.data)
+
+    def fields(self):
+        d = super().fields()
+        d["length"] = len(self.data)
+        return d
+
+
+class RamXbzrle(_PageRecord):
+    """XBZRLE: a delta against the previous copy of the page (xbzrle.c)."""
+
+    __slots__ = ("data", "encoding")
+    kind = "ram_xbzrle"
+
+    def __init__(self, block, addr, data, flags=RamFlag.XBZRLE, encoding=W.ENCODING_FLAG_XBZRLE,
+                 offset=None, depth=0):
+        self.block, self.addr, self.data, self.flags = block, addr, data, int(flags)
+        self.encoding = encoding
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        return self.header_bytes() + W.XbzrleBody.build(
+            dict(length=len(self.data), data=bytes(self.data)))
+
+    def fields(self):
+        d = super().fields()
+        d["length"] = len(self.data)
+        return d
+
+
+class RamCompressed(_PageRecord):
+    """COMPRESS_PAGE: one page as a zlib stream (QEMU <= 9.0)."""
+
+    __slots__ = ("data",)
+    kind = "ram_compressed"
+
+    def __init__(self, block, addr, data, flags=RamFlag.COMPRESS_PAGE, offset=None, depth=0):
+        self.block, self.addr, self.data, self.flags = block, addr, data, int(flags)
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        return self.header_bytes() + W.CompressBody.build(
+            dict(length=len(self.data), data=bytes(self.data)))
+
+    def fields(self):
+        d = super().fields()
+        d["length"] = len(self.data)
+        return d
+
+
+class _BareRamRecord(Record):
+    __slots__ = ("flags", "addr")
+
+    def __init__(self, flags=None, addr=0, offset=None, depth=0):
+        self.flags = int(self.default_flag if flags is None else flags)
+        self.addr, self.offset, self.depth = addr, offset, depth
+
+    def encode(self):
+        return _U64.pack(self.addr | self.flags)
+
+    size = 8
+
+    def fields(self):
+        d = {}
+        if self.flags != self.default_flag:
+            d["flags"] = self.flags
+        if self.addr:
+            d["addr"] = self.addr
+        return d
+
+
+class RamEos(_BareRamRecord):
+    __slots__ = ()
+    kind = "ram_eos"
+    default_flag = RamFlag.EOS
+
+
+class RamMultifdFlush(_BareRamRecord):
+    __slots__ = ()
+    kind = "ram_multifd_flush"
+    default_flag = RamFlag.MULTIFD_FLUSH
+
+
+class RamHook(_BareRamRecord):
+    __slots__ = ()
+    kind = "ram_hook"
+    default_flag = RamFlag.HOOK
+
+
+# --- mapped-ram areas (file: migration with the mapped-ram capability) ----------
+
+class MappedRamBitmap(Record):
+    """The block's page bitmap at ``bitmap_offset`` (host unsigned longs)."""
+
+    __slots__ = ("block", "data")
+    kind = "mapped_ram_bitmap"
+
+    def __init__(self, block, data, offset=None, depth=0):
+        self.block, self.data, self.offset, self.depth = block, bytes(data), offset, depth
+
+    def encode(self):
+        return self.data
+
+    @property
+    def size(self):
+        return len(self.data)
+
+    def pages_set(self) -> int:
+        return sum(bin(b).count("1") for b in self.data)
+
+    def fields(self):
+        return {"block": self.block, "length": len(self.data), "pages_set": self.pages_set()}
+
+
+class MappedRamChunk(Record):
+    """A piece of a block's page area (or the padding before it).
+
+    ``data`` is None when every byte of the piece is zero (a hole in the file):
+    the writer then seeks over it when it can.
+    """
+
+    __slots__ = ("block", "area", "start", "length", "data")
+    kind = "mapped_ram_chunk"
+
+    def __init__(self, block, area, start, length, data=None, offset=None, depth=0):
+        self.block, self.area, self.start, self.length = block, area, start, length
+        self.data = None if data is None else bytes(data)
+        self.offset, self.depth = offset, depth
+
+    def encode(self):
+        return self.data if self.data is not None else bytes(self.length)
+
+    @property
+    def size(self):
+        return self.length
+
+    @property
+    def is_hole(self):
+        return self.data is None
+
+    def fields(self):
+        return {"block": self.block, "area": self.area, "start": self.start,
+                "length": self.length, "hole": self.data is None}

@@ -1,0 +1,212 @@
+"""Buffered input with absolute byte offsets, for files, pipes and bytes.
+
+The reader never holds the whole stream: it keeps one window of at most a few
+MiB.  Every read is bounds-checked and a short input raises
+:class:`~qmigstream.errors.Truncated` naming the offset and how many bytes were
+missing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+
+from ..errors import Truncated
+
+CHUNK = 1 << 20
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+class Source:
+    """A forward-only byte source that knows where it is.
+
+    ``src.offset`` is the absolute stream offset of the next unread byte.
+    ``base`` is the offset of the first byte of ``fileobj`` (non-zero when a
+    source continues a stream, e.g. after spooling).
+    """
+
+    def __init__(self, fileobj, *, base: int = 0, size: int | None = None,
+                 name: str | None = None, chunk: int = CHUNK):
+        if isinstance(fileobj, (bytes, bytearray, memoryview)):
+            data = bytes(fileobj)
+            self._f = None
+            self._buf = data
+            self.size = base + len(data) if size is None else size
+            self.seekable = True
+        else:
+            self._f = fileobj
+            self._buf = b""
+            self.size = size if size is not None else _file_size(fileobj, base)
+            self.seekable = _is_seekable(fileobj)
+            self._origin = (base - fileobj.tell()) if self.seekable else 0
+        self._pos = 0          # index into _buf
+        self._base = base      # absolute offset of _buf[0]
+        self._eof = self._f is None
+        self.chunk = chunk
+        self.name = name
+
+    # -- position ---------------------------------------------------------
+    @property
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def available(self) -> int:
+        """Bytes buffered right now (without reading more)."""
+        return len(self._buf) - self._pos
+
+    def remaining_known(self) -> int | None:
+        """Bytes left in the input when its size is known, else None."""
+        if self.size is None:
+            return None
+        return max(0, self.size - self.offset)
+
+    # -- filling ----------------------------------------------------------
+    def fill(self, need: int) -> int:
+        """Try to have ``need`` bytes buffered; return how many are."""
+        have = len(self._buf) - self._pos
+        if have >= need or self._eof:
+            return have
+        parts = [self._buf[self._pos:]]
+        self._base += self._pos
+        self._pos = 0
+        want = max(need - have, self.chunk)
+        while have < need and not self._eof:
+            got = self._f.read(want)
+            if not got:
+                self._eof = True
+                break
+            parts.append(got)
+            have += len(got)
+            want = max(need - have, 0) or self.chunk
+        self._buf = b"".join(parts)
+        return have
+
+    def at_end(self) -> bool:
+        return self.fill(1) == 0
+
+    # -- reading ----------------------------------------------------------
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes without consuming them (fewer only at the end)."""
+        self.fill(n)
+        return self._buf[self._pos:self._pos + n]
+
+    def read(self, n: int, what: str = "data") -> bytes:
+        """Exactly ``n`` bytes or :class:`Truncated`."""
+        if n < 0:
+            raise ValueError("negative read")
+        have = len(self._buf) - self._pos
+        if have < n:
+            if self.size is not None and n - have > CHUNK and self.offset + n > self.size:
+                # Do not buffer huge amounts just to find out the input is short.
+                raise Truncated(f"stream ends inside {what}", self.offset,
+                                needed=n, available=self.size - self.offset)
+            have = self.fill(n)
+            if have < n:
+                raise Truncated(f"stream ends inside {what}", self.offset,
+                                needed=n, available=have)
+        p = self._pos
+        self._pos = p + n
+        return self._buf[p:p + n]
+
+    def skip(self, n: int, what: str = "data") -> None:
+        """Consume ``n`` bytes without keeping them (seeks when it can)."""
+        have = len(self._buf) - self._pos
+        if n <= have:
+            self._pos += n
+            return
+        if self._f is not None and self.seekable and self.size is not None:
+            target = self.offset + n
+            if target > self.size:
+                raise Truncated(f"stream ends inside {what}", self.offset,
+                                needed=n, available=self.size - self.offset)
+            self._f.seek(target - self._origin)
+            self._buf, self._pos, self._base = b"", 0, target
+            return
+        left = n
+        while left:
+            take = min(left, max(self.fill(min(left, self.chunk)), 0))
+            if take == 0:
+                raise Truncated(f"stream ends inside {what}", self.offset,
+                                needed=left, available=0)
+            self._pos += take
+            left -= take
+
+    def u8(self, what: str = "byte") -> int:
+        return self.read(1, what)[0]
+
+    def be16(self, what: str = "be16") -> int:
+        return _U16.unpack(self.read(2, what))[0]
+
+    def be32(self, what: str = "be32") -> int:
+        return _U32.unpack(self.read(4, what))[0]
+
+    def be64(self, what: str = "be64") -> int:
+        return _U64.unpack(self.read(8, what))[0]
+
+    def counted_string(self, what: str = "string") -> str:
+        """``u8 len`` + bytes, as QEMU's qemu_put_counted_string writes it."""
+        n = self.u8(what + " length")
+        return self.read(n, what).decode("latin-1")
+
+    # -- fast-path access -------------------------------------------------
+    def window(self, need: int = 0):
+        """Return ``(buf, pos)``: the buffered bytes and the current index.
+
+        Callers that parse many small records walk ``buf`` themselves and then
+        call :meth:`advance`.  ``need`` asks for that many bytes to be buffered
+        first if the input has them.
+        """
+        if need:
+            self.fill(need)
+        return self._buf, self._pos
+
+    def advance_to(self, pos: int) -> None:
+        """Set the buffer index after a fast-path walk over :meth:`window`."""
+        if pos < self._pos or pos > len(self._buf):
+            raise ValueError("advance outside the window")
+        self._pos = pos
+
+
+def _is_seekable(f) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _file_size(f, base: int) -> int | None:
+    try:
+        if not f.seekable():
+            return None
+        st = os.fstat(f.fileno())
+        import stat
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return base + st.st_size - f.tell()
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        try:
+            here = f.tell()
+            end = f.seek(0, io.SEEK_END)
+            f.seek(here)
+            return base + end - here
+        except Exception:
+            return None
+
+
+def open_source(path_or_file, **kw) -> Source:
+    """Open a path (``-`` = stdin), a binary file object, or bytes as a :class:`Source`."""
+    if isinstance(path_or_file, (bytes, bytearray, memoryview)):
+        return Source(path_or_file, **kw)
+    if isinstance(path_or_file, (str, os.PathLike)):
+        if str(path_or_file) == "-":
+            import sys
+            return Source(sys.stdin.buffer, name="<stdin>", **kw)
+        f = open(path_or_file, "rb", buffering=0)
+        s = Source(f, name=str(path_or_file), **kw)
+        s._owned = f
+        return s
+    return Source(path_or_file, **kw)
