@@ -56,6 +56,12 @@ def main(argv=None) -> int:
             raise
         print(f"qmigstream {args.command}: error: {e.one_line()}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): not an error.
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except OSError as e:
         if args.debug:
             raise
@@ -64,8 +70,6 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 def run():  # pragma: no cover - console entry

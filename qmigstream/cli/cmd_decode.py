@@ -1,0 +1,133 @@
+"""``qmigstream decode FILE [--json]``: every record with its offset.
+
+The JSON form (documented in docs/decode-json.md) is written as it is decoded,
+so a stream of any size can be decoded with bounded memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..codec.ram_records import RamZeroRun
+from ..codec.reader import StreamReader
+from ..codec.records import OpaquePayload
+from ..codec.tree import tree_events
+from .progress import Progress, file_size
+
+FORMAT = "qmigstream-decode"
+FORMAT_VERSION = 1
+
+
+def register(sub):
+    p = sub.add_parser("decode", help="record tree with byte offsets (text or --json)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="JSON tree (docs/decode-json.md)")
+    p.add_argument("--expand-runs", action="store_true",
+                   help="list each ZERO record of a run separately")
+    p.add_argument("--data", action="store_true",
+                   help="include payload bytes as hex (pages, device payloads, chunks)")
+    p.add_argument("--page-size", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def _records(reader, expand):
+    for rec in reader.records():
+        if expand and isinstance(rec, RamZeroRun):
+            yield from rec.expand()
+        else:
+            yield rec
+
+
+def record_json(rec, data=False) -> dict:
+    d = rec.to_json()
+    if data:
+        raw = getattr(rec, "data", None)
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            d["data"] = bytes(raw).hex()
+    elif isinstance(rec, OpaquePayload) and len(rec.data) <= 64:
+        d["data"] = rec.data.hex()
+    return d
+
+
+def run(args) -> int:
+    reader = StreamReader(args.file, page_size=args.page_size,
+                          compact=not args.expand_runs)
+    prog = Progress(file_size(args.file), "decode")
+    out = sys.stdout
+    try:
+        events = tree_events(_records(reader, args.expand_runs))
+        if args.json:
+            write_json(out, events, args.file, args.data, prog, reader)
+        else:
+            write_text(out, events, args.data, prog, reader)
+    finally:
+        prog.close()
+    return 0
+
+
+def write_json(out, events, name, data, prog, reader):
+    w = out.write
+    w('{"format": "%s", "version": %d, "file": %s, "records": [' %
+      (FORMAT, FORMAT_VERSION, json.dumps(str(name))))
+    first = [True]
+
+    def sep():
+        if first[-1]:
+            first[-1] = False
+            w("\n")
+        else:
+            w(",\n")
+    for ev in events:
+        if ev[0] == "item":
+            sep()
+            w(json.dumps(record_json(ev[1], data)))
+        elif ev[0] == "open":
+            sep()
+            d = record_json(ev[1], data)
+            s = json.dumps(d)
+            w(s[:-1] + ', "%s": [' % ev[2])
+            first.append(True)
+        else:
+            first.pop()
+            foot = ev[1]
+            if foot is not None:
+                w('], "footer": %s}' % json.dumps(foot.to_json()))
+            else:
+                w("]}")
+        prog(reader.src.offset)
+    w("\n]}\n")
+
+
+def write_text(out, events, data, prog, reader):
+    level = 0
+    w = out.write
+    for ev in events:
+        if ev[0] == "close":
+            level -= 1
+            if ev[1] is not None:
+                w(_line(ev[1], level + 1, data))
+            continue
+        w(_line(ev[1], level, data))
+        if ev[0] == "open":
+            level += 1
+        prog(reader.src.offset)
+
+
+def _line(rec, level, data):
+    f = rec.fields()
+    parts = " ".join(f"{k}={_fmt(v)}" for k, v in f.items())
+    s = f"{rec.offset:>12} {'  ' * level}{rec.kind} {parts}\n"
+    if data:
+        raw = getattr(rec, "data", None)
+        if isinstance(raw, (bytes, bytearray)):
+            s += f"{'':>12} {'  ' * level}  data {bytes(raw).hex()}\n"
+    return s
+
+
+def _fmt(v):
+    if isinstance(v, str):
+        return repr(v) if (" " in v or not v) else v
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
