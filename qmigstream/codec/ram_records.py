@@ -42,33 +42,61 @@ class RamBlockInfo:
         return d
 
 
-class RamMemSize(Record):
-    """MEM_SIZE: total size and the block list (``ram_save_setup``)."""
+def _block_entry_bytes(b) -> bytes:
+    schema = W.mem_size_block(b.page_size is not None, b.mr_addr is not None,
+                              b.mapped_ram is not None)
+    d = dict(name=b.name, used_length=b.used_length)
+    if b.page_size is not None:
+        d["page_size"] = b.page_size
+    if b.mr_addr is not None:
+        d["mr_addr"] = b.mr_addr
+    if b.mapped_ram is not None:
+        d["mapped_ram"] = b.mapped_ram
+    return schema.build(d)
 
-    __slots__ = ("flags", "total", "blocks")
+
+class RamMemSize(Record):
+    """MEM_SIZE: total size and the block list (``ram_save_setup``).
+
+    With mapped-ram each block's entry is followed in the file by that block's
+    bitmap and page area, so the entries are separate :class:`RamBlockEntry`
+    records and this record (``inline=False``) is the word alone.
+    """
+
+    __slots__ = ("flags", "total", "blocks", "inline")
     kind = "ram_mem_size"
 
-    def __init__(self, total, blocks, flags=RamFlag.MEM_SIZE, offset=None, depth=0):
+    def __init__(self, total, blocks, flags=RamFlag.MEM_SIZE, offset=None, depth=0, inline=True):
         self.total, self.blocks, self.flags = total, list(blocks), int(flags)
-        self.offset, self.depth = offset, depth
+        self.offset, self.depth, self.inline = offset, depth, inline
 
     def encode(self):
         out = [_U64.pack(self.total | self.flags)]
-        for b in self.blocks:
-            schema = W.mem_size_block(b.page_size is not None, b.mr_addr is not None,
-                                      b.mapped_ram is not None)
-            d = dict(name=b.name, used_length=b.used_length)
-            if b.page_size is not None:
-                d["page_size"] = b.page_size
-            if b.mr_addr is not None:
-                d["mr_addr"] = b.mr_addr
-            if b.mapped_ram is not None:
-                d["mapped_ram"] = b.mapped_ram
-            out.append(schema.build(d))
+        if self.inline:
+            out += [_block_entry_bytes(b) for b in self.blocks]
         return b"".join(out)
 
     def fields(self):
-        return {"total": self.total, "blocks": [b.to_json() for b in self.blocks]}
+        d = {"total": self.total, "blocks": [b.to_json() for b in self.blocks]}
+        if not self.inline:
+            d["entries"] = "separate (mapped-ram)"
+        return d
+
+
+class RamBlockEntry(Record):
+    """One block-list entry written on its own (mapped-ram layout)."""
+
+    __slots__ = ("info",)
+    kind = "ram_block_entry"
+
+    def __init__(self, info, offset=None, depth=0):
+        self.info, self.offset, self.depth = info, offset, depth
+
+    def encode(self):
+        return _block_entry_bytes(self.info)
+
+    def fields(self):
+        return self.info.to_json()
 
 
 class _PageRecord(Record):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import struct
 
-from ...errors import LimitExceeded, StreamError
+from ...errors import LimitExceeded, StreamError, Truncated
 from ...wire import ram as W
 from ...wire.ram import RamFlag
-from ..ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockInfo, RamCompressed,
+from ..ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry, RamBlockInfo,
+                           RamCompressed,
                            RamEos, RamHook, RamMemSize, RamMultifdFlush, RamPage, RamXbzrle,
                            RamZero, RamZeroRun)
 from . import register
@@ -55,9 +56,12 @@ class RamSection:
 
     # -- block list ---------------------------------------------------------
     @staticmethod
-    def read_mem_size(reader, src, word, off, depth):
+    def mem_size_records(reader, src, depth):
+        """MEM_SIZE and the block list; with mapped-ram also each block's areas."""
         st = reader.ram
         ps = reader.page_size
+        off = src.offset
+        word = src.be64("RAM record word")
         flags = word & (ps - 1)
         total = word & ~(ps - 1)
         caps = reader.capabilities
@@ -65,6 +69,10 @@ class RamSection:
         mapped = "mapped-ram" in caps or reader.options.get("mapped_ram", False)
         postcopy = reader.postcopy_advised
         blocks = []
+        if mapped:
+            # Entries and areas are interleaved in the file: yield the word
+            # first and fill its block list while walking the entries.
+            yield RamMemSize(total, blocks, flags=flags, offset=off, depth=depth, inline=False)
         acc = 0
         while acc < total:
             boff = src.offset
@@ -82,33 +90,55 @@ class RamSection:
             if mapped:
                 hoff = src.offset
                 raw = src.read(W.MappedRamHeader.sizeof(), "mapped-ram header")
-                mhdr = dict(W.MappedRamHeader.parse(raw))
-                mhdr.pop("_io", None)
-                if mhdr["version"] != W.MAPPED_RAM_HDR_VERSION:
-                    raise _err("unsupported mapped-ram header version", hoff + 0,
-                               expected=W.MAPPED_RAM_HDR_VERSION, found=mhdr["version"])
+                mhdr = {k: v for k, v in W.MappedRamHeader.parse(raw).items()
+                        if not k.startswith("_")}
+                if mhdr["version"] > W.MAPPED_RAM_HDR_VERSION:
+                    raise _err("unsupported mapped-ram header version", hoff,
+                               expected=f"<= {W.MAPPED_RAM_HDR_VERSION}", found=mhdr["version"])
             info = RamBlockInfo(name, used, page_size, addr, mhdr)
             blocks.append(info)
+            st.blocks[name] = info
             if len(blocks) > 65536:
                 raise LimitExceeded("more than 65536 RAM blocks", boff, section="ram")
             acc += used
-            if mhdr is not None:
-                # The block's bitmap and page area follow its header in the file.
-                pass
-        if acc != total:
-            raise _err("RAM block lengths do not add up to MEM_SIZE", off,
-                       expected=total, found=acc)
+            if acc > total:
+                raise _err("RAM block lengths exceed MEM_SIZE", boff, expected=total, found=acc)
+            if mapped:
+                yield RamBlockEntry(info, boff, depth)
+                yield from RamSection._mapped_area(src, info, ps, depth)
         st.blocks = {b.name: b for b in blocks}
         st.last_block = None
         st.mem_size_seen = True
-        return RamMemSize(total, blocks, flags=flags, offset=off, depth=depth)
+        if not mapped:
+            yield RamMemSize(total, blocks, flags=flags, offset=off, depth=depth)
 
     @staticmethod
-    def read_mapped_areas(reader, src, rec, depth):
-        """After a MEM_SIZE with mapped-ram: each block's bitmap and pages."""
-        # The areas are interleaved with the block list in the file; the
-        # reader calls this per block (see read_mem_size_mapped).
-        raise AssertionError("not used")
+    def _mapped_area(src, info, ps, depth):
+        """Bitmap, padding and page area of one block (ram.c mapped_ram_setup_ramblock)."""
+        h = info.mapped_ram
+        name = info.name
+        if h["bitmap_offset"] == 0 and h["pages_offset"] == 0:
+            return          # 11.0+: an ignored (shared) block has no area
+        here = src.offset
+        if h["bitmap_offset"] != here:
+            raise _err(f"mapped-ram bitmap of block {name!r} is not right after its header",
+                       here - 16, expected=here, found=h["bitmap_offset"])
+        tps = h["page_size"] or ps
+        if tps & (tps - 1) or tps < 512:
+            raise _err("mapped-ram page size is not a power of two", here - 20, found=tps)
+        pages = info.used_length // tps
+        bmap_size = (pages + 63) // 64 * 8
+        if h["pages_offset"] < here + bmap_size:
+            raise _err(f"mapped-ram pages of block {name!r} overlap its bitmap", here - 8,
+                       expected=f">= {here + bmap_size}", found=h["pages_offset"])
+        left = src.remaining_known()
+        need = h["pages_offset"] + info.used_length - here
+        if left is not None and need > left:
+            raise Truncated(f"stream ends inside the mapped-ram area of block {name!r}",
+                            here, needed=need, available=left)
+        yield MappedRamBitmap(name, src.read(bmap_size, "mapped-ram bitmap"), here, depth)
+        yield from _chunks(src, name, "padding", h["pages_offset"] - src.offset, depth)
+        yield from _chunks(src, name, "pages", info.used_length, depth)
 
     # -- one record via the schemas ----------------------------------------
     @staticmethod
@@ -120,8 +150,8 @@ class RamSection:
         flags = word & (ps - 1)
         addr = word & ~(ps - 1)
         kind = flags & ~F_CONT
-        if flags & F_MEM and kind == F_MEM:
-            return RamSection.read_mem_size(reader, src, word, off, depth), False
+        if kind == F_MEM:
+            raise AssertionError("MEM_SIZE is read by mem_size_records")
         if flags & PAGE_BITS:
             block = RamSection._block(reader, src, flags, off)
             RamSection._check_addr(reader, block, addr, off)
@@ -195,24 +225,14 @@ class RamSection:
                     if done:
                         return
                     continue
+            w = src.peek(8)
+            if len(w) == 8 and (_U64.unpack(w)[0] & (reader.page_size - 1)) & ~F_CONT == F_MEM:
+                yield from self.mem_size_records(reader, src, depth)
+                continue
             rec, done = self.read_record_schema(reader, src, depth)
             yield rec
-            if isinstance(rec, RamMemSize) and mapped:
-                yield from self._mapped_areas(reader, src, rec, depth)
             if done:
                 return
-
-    def _mapped_areas(self, reader, src, rec, depth):
-        """mapped-ram: the bitmap and page area that follow each block header.
-
-        The MEM_SIZE record was read whole, but in the file each block's area
-        sits right after that block's header.  We re-split: the records are
-        yielded in file order by re-reading from the recorded offsets.
-        """
-        # read_mem_size read the headers back to back, which is only right when
-        # areas are not interleaved; mapped-ram streams are handled by
-        # MappedRamMemSize in read_record_schema instead.
-        return iter(())
 
     def _fast_batch(self, reader, src, depth, compact):
         """Parse as many whole records as the buffered window holds.
@@ -326,3 +346,18 @@ def _zero_run(buf, pos, end, word, ps, block_len) -> int:
         idx = int(bad.argmax())
         n = idx if bad[idx] else limit
     return n
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _chunks(src, block, area, length, depth, size=1 << 20):
+    """Read ``length`` bytes as MappedRamChunk records; all-zero pieces become holes."""
+    start = 0
+    while start < length:
+        n = min(size, length - start)
+        off = src.offset
+        data = src.read(n, f"mapped-ram {area}")
+        hole = data == _ZEROS[:n]
+        yield MappedRamChunk(block, area, start, n, None if hole else data, off, depth)
+        start += n
