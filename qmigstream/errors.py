@@ -62,9 +62,11 @@ class Truncated(StreamError):
                  available: int | None = None):
         self.needed = needed
         self.available = available
-        super().__init__(message, offset, section=section,
-                         expected=(f"{needed} more bytes" if needed is not None else None),
-                         found=(f"{available}" if available is not None else None))
+        super().__init__(message, offset, section=section)
+        if needed is not None:
+            self.expected = f"{needed} bytes"
+            self.found = f"{available} available" if available is not None else None
+            self.args = (self._render(),)
 
 
 class BadMagic(StreamError):

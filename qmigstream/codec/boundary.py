@@ -59,7 +59,7 @@ def _printable(b: bytes) -> bool:
 
 
 def plausible_record(buf: bytes, q: int, ids, at_end: bool, depth: int) -> bool:
-    """Could a top-level record start at ``buf[q]``?  ``at_end``: input ends at q.
+    """Could a top-level record start at ``buf[q]``?  ``at_end``: ``buf`` ends where the input ends.
 
     ``ids`` is a :class:`SectionIds`: PART/END must name an open iterative
     section, START/FULL must not reuse the id of another section.
@@ -73,8 +73,8 @@ def plausible_record(buf: bytes, q: int, ids, at_end: bool, depth: int) -> bool:
             return at_end
         if depth == 0 and buf[q + 1] == SectionType.VMDESCRIPTION and rest >= 5:
             n = _BE32.unpack_from(buf, q + 2)[0]
-            return rest >= 6 and (buf[q + 6:q + 7] == b"{" if rest > 5 else True) \
-                and (not at_end or rest == 5 + n)
+            # Bytes after the trailer are allowed (QEMU never reads them).
+            return rest >= 6 and buf[q + 6:q + 7] == b"{" and (not at_end or rest >= 5 + n)
         return False
     if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
         if len(buf) - q < 7:
@@ -140,8 +140,7 @@ def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: i
             i = view.find(pat, start_scan)
             while i >= 0:
                 if i + 5 + 16 <= len(view) or at_end:
-                    if plausible_record(view, i + 5, known_ids, at_end and i + 5 == len(view), depth) \
-                            or (at_end and i + 5 == len(view)):
+                    if plausible_record(view, i + 5, known_ids, at_end, depth):
                         return i, "footer"
                 else:
                     break  # need more bytes to judge this candidate

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 
 from ..errors import (BadMagic, LimitExceeded, StreamError, Truncated,
                       UnsupportedVersion)
@@ -73,7 +72,6 @@ class StreamReader:
         self._desc_cursor = 0
         self._desc_searched = False
         self._states = {}
-        self._spool = None
         self.header = None
         desc = options.get("description")
         if desc is not None:
@@ -112,8 +110,12 @@ class StreamReader:
 
     def _set_description(self, obj):
         if isinstance(obj, VmDescription):
+            try:
+                parsed = obj.obj
+            except ValueError:
+                return          # damaged trailer: bytes are kept, nothing learnt
             self.description = obj
-            obj = obj.obj
+            obj = parsed
         devs = obj.get("devices") if isinstance(obj, dict) else None
         self._desc_devices = devs if isinstance(devs, list) else []
         if self.page_size is None and isinstance(obj, dict) and \
@@ -125,53 +127,18 @@ class StreamReader:
         self._desc_searched = True
         src = self.src
         if not (src.seekable and src.size is not None):
-            self._spool_rest()
-            src = self.src
+            src.spool()
         end = src.size
         if end is None:
             return
         start = max(src.offset, end - TAIL_BYTES)
-        tail = self._read_at(start, end - start)
+        tail = src.read_at(start, end - start)
         if tail is None:
             return
         found = locate_trailer(tail, start)
         if found:
             off, raw, obj = found
             self._set_description(VmDescription(raw, off))
-
-    def _read_at(self, start, n):
-        src = self.src
-        if src._f is None:                      # bytes source
-            rel = start - src._base
-            return src._buf[rel:rel + n]
-        f = src._f
-        here = f.tell()
-        try:
-            f.seek(start - src._origin)
-            data = f.read(n)
-        finally:
-            f.seek(here)
-        return data
-
-    def _spool_rest(self):
-        """A pipe: copy the rest to a temporary file so the trailer can be read first."""
-        src = self.src
-        if src._f is None:
-            return
-        tmp = tempfile.TemporaryFile()
-        buffered = src._buf[src._pos:]
-        tmp.write(buffered)
-        while True:
-            chunk = src._f.read(1 << 20)
-            if not chunk:
-                break
-            tmp.write(chunk)
-        size = src.offset + tmp.tell()
-        tmp.seek(0)
-        new = Source(tmp, base=src.offset, size=size, name=src.name)
-        self._spool = tmp
-        self.src = new
-        self._src_swapped = True
 
     # -- the stream ----------------------------------------------------------
     def records(self):
@@ -180,7 +147,7 @@ class StreamReader:
         off = src.offset
         raw = src.peek(8)
         if len(raw) < 4 or raw[:4] != b"QEVM":
-            if len(raw) < 4 and b"QEVM".startswith(raw):
+            if 0 < len(raw) < 4 and b"QEVM".startswith(raw):
                 raise Truncated("stream ends inside the file header", off,
                                 needed=8, available=len(raw))
             raise BadMagic("not a QEMU migration stream (bad magic)", off,
@@ -336,6 +303,9 @@ class StreamReader:
                 self.footers = True
             yield SectionFooter(sid, foff, depth)
         else:
+            if self.footers is True and not nxt:
+                raise Truncated("stream ends before the section footer", foff, section=name,
+                                needed=5, available=0)
             if self.footers is True:
                 raise StreamError("missing section footer", foff, section=name,
                                   expected=0x7E, found=nxt[0] if nxt else "end of stream")

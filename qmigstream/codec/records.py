@@ -290,7 +290,10 @@ class VmDescription(Record):
     def obj(self):
         if self._parsed is None:
             import json
-            self._parsed = json.loads(self.json_bytes.decode("utf-8", "surrogateescape"))
+            try:
+                self._parsed = json.loads(self.json_bytes.decode("utf-8", "surrogateescape"))
+            except RecursionError:
+                raise ValueError("VMDESCRIPTION JSON nested too deeply") from None
         return self._parsed
 
     def fields(self):

@@ -152,6 +152,43 @@ class Source:
         n = self.u8(what + " length")
         return self.read(n, what).decode("latin-1")
 
+    def spool(self) -> None:
+        """Copy the rest of a pipe to a temporary file, so it can be read ahead.
+
+        The source keeps its position; afterwards it is seekable and its size
+        known.  Used to read a stream's trailer before its device sections.
+        """
+        if self._f is None or self.seekable:
+            return
+        import tempfile
+        tmp = tempfile.TemporaryFile()
+        tmp.write(self._buf[self._pos:])
+        while True:
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                break
+            tmp.write(chunk)
+        here = self.offset
+        self.size = here + tmp.tell()
+        tmp.seek(0)
+        self._f = tmp
+        self._buf, self._pos, self._base = b"", 0, here
+        self._eof = False
+        self.seekable = True
+        self._origin = here
+
+    def read_at(self, start: int, n: int) -> bytes:
+        """Bytes at an absolute offset ahead of the position (seekable sources)."""
+        if self._f is None:
+            rel = start - self._base
+            return self._buf[rel:rel + n]
+        here = self._f.tell()
+        try:
+            self._f.seek(start - self._origin)
+            return self._f.read(n)
+        finally:
+            self._f.seek(here)
+
     # -- fast-path access -------------------------------------------------
     def window(self, need: int = 0):
         """Return ``(buf, pos)``: the buffered bytes and the current index.

@@ -81,9 +81,7 @@ class RamSection:
                 raise _err("empty RAM block name in the block list", boff)
             used = src.be64("RAM block length")
             page_size = None
-            if postcopy and src.peek(1) == b"\x00":
-                # A block name is never empty, so a 0 byte here starts the
-                # be64 page size that postcopy adds for huge-page blocks.
+            if postcopy and _page_size_follows(src.peek(24), mr_addr, acc + used >= total):
                 page_size = src.be64("RAM block page size")
             addr = src.be64("RAM block address") if mr_addr else None
             mhdr = None
@@ -361,3 +359,33 @@ def _chunks(src, block, area, length, depth, size=1 << 20):
         hole = data == _ZEROS[:n]
         yield MappedRamChunk(block, area, start, n, None if hole else data, off, depth)
         start += n
+
+
+def _is_page_size(v: int) -> bool:
+    return 0x1000 <= v <= 1 << 40 and not v & (v - 1)
+
+
+def _page_size_follows(ahead: bytes, mr_addr: bool, last: bool) -> bool:
+    """Does a be64 page size follow this block's length?
+
+    The saver writes it only for blocks whose page size differs from the
+    host's, and the loader knows its own blocks; a decoder has to tell from
+    the bytes.  A block name starts with its length (never 0), a guest address
+    (x-ignore-shared) is below 2**56 so starts with 0, and the record after
+    the last block is a bare EOS/MULTIFD_FLUSH word.
+    """
+    if len(ahead) < 8:
+        return False
+    a = int.from_bytes(ahead[:8], "big")
+    if not _is_page_size(a):
+        return False
+    if not last:
+        # Without the page size, a name length (never 0) comes 8 bytes
+        # earlier than with it: at 0 (no address field) or at 8.
+        return ahead[8:9] == b"\x00" if mr_addr else ahead[0:1] == b"\x00"
+    # Last block: what follows the extras must be a bare RAM word.
+    follow = ahead[16:24] if mr_addr else ahead[8:16]
+    if len(follow) < 8:
+        return True
+    w = int.from_bytes(follow, "big")
+    return w in (F_EOS, F_FLUSH, F_EOS | F_CONT) or w < 0x1000
