@@ -355,7 +355,7 @@ def test_packaged_nests_a_stream():
          "fields": [{"name": "t", "type": "int64", "size": 8}]}]})
     kinds = [(r.kind, r.depth) for r in recs]
     i = kinds.index(("command", 0), 5)
-    assert kinds[i + 1:i + 8] == [("command", 1), ("section", 1), ("payload", 1), ("footer", 1),
+    assert kinds[i + 1:i + 8] == [("command", 1), ("section", 1), ("device_state", 1), ("footer", 1),
                                   ("command", 1), ("command", 1), ("packaged_end", 1)]
     assert encode_records(recs) == data
     # PACKAGED claiming more than the input holds: truncation, not a huge read.

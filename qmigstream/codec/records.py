@@ -330,12 +330,13 @@ class OpaquePayload(Record):
     next section header; streams without footers or trailer).
     """
 
-    __slots__ = ("data", "how", "section")
+    __slots__ = ("data", "how", "section", "reason")
     kind = "payload"
 
-    def __init__(self, data, how=None, offset=None, depth=0, section=None):
+    def __init__(self, data, how=None, offset=None, depth=0, section=None, reason=None):
         self.data, self.how, self.offset, self.depth = bytes(data), how, offset, depth
         self.section = section
+        self.reason = reason      # why the payload was not decoded further
 
     def encode(self):
         return self.data
@@ -345,4 +346,7 @@ class OpaquePayload(Record):
         return len(self.data)
 
     def fields(self):
-        return {"length": len(self.data), "bounded_by": self.how}
+        d = {"length": len(self.data), "bounded_by": self.how}
+        if self.reason:
+            d["opaque_because"] = self.reason
+        return d

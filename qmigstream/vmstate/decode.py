@@ -245,24 +245,24 @@ class _Decoder:
             bodies = inline_vmsds(f)
             return [self.exact(self.list_items(name, bodies, p, p + size, depth, where),
                                p, size, where)
-                    for p in range(pos, pos + n * size, size)]
+                    for p in _starts(pos, n, size)]
         if type_ == T.GTREE:
             bodies = inline_vmsds(f)
             return [self.exact(self.gtree(name, bodies, p, p + size, depth, where),
                                p, size, where)
-                    for p in range(pos, pos + n * size, size)]
+                    for p in _starts(pos, n, size)]
         if type_ == T.BITMAP:
             if size % 8:
                 raise DescriptionError(f"{where}: bitmap of {size} bytes is not whole "
                                        "be64 words", base + pos)
             words = size // 8
             codec = T.array_codec("Q", words)
-            return [list(codec.unpack_from(buf, p)) for p in range(pos, pos + n * size, size)]
+            return [list(codec.unpack_from(buf, p)) for p in _starts(pos, n, size)]
         if type_ == T.FD and size in (0, 4):
             if size == 0:
                 return [None] * n
             return list(T.array_codec("i", n).unpack_from(buf, pos))
-        return [bytes(buf[p:p + size]) for p in range(pos, pos + n * size, size)]
+        return [bytes(buf[p:p + size]) for p in _starts(pos, n, size)]
 
     def structs(self, name, body, n, size, pos, depth, where) -> list:
         out = []
@@ -374,6 +374,11 @@ class _Decoder:
                               self.base + pos)
         raise StreamError(f"{path}: {end - pos} bytes after the described fields",
                           self.base + pos, expected="end of payload", found=bytes(buf[pos:pos + 8]))
+
+
+def _starts(pos: int, n: int, size: int):
+    """Start positions of ``n`` consecutive elements of ``size`` bytes (size may be 0)."""
+    return [pos + k * size for k in range(n)]
 
 
 def inline_vmsds(f: dict) -> list:

@@ -1,9 +1,44 @@
-"""Device sections: payloads the codec keeps as bytes, bounded as boundary.py says."""
+"""Device sections: vmstate payloads, decoded field by field when the stream describes them.
+
+A device section carries no length on the wire.  Its end is found as
+:mod:`qmigstream.codec.boundary` explains (preferably from the stream's own
+VMDESCRIPTION entry).  When the entry is known and agrees with the bytes, the
+payload is decoded through it (:mod:`qmigstream.vmstate`) into a
+:class:`DeviceState` record whose bytes are rebuilt from the decoded values;
+otherwise it stays an :class:`OpaquePayload` whose ``reason`` says why.
+"""
 
 from __future__ import annotations
 
+from ...errors import StreamError
+from ... import vmstate
 from ..boundary import description_size, scan_for_end
 from ..records import OpaquePayload
+
+
+class DeviceState(OpaquePayload):
+    """A device section payload decoded through its VMDESCRIPTION entry.
+
+    ``tree`` is the :class:`qmigstream.vmstate.Vmsd` of the payload; ``encode()``
+    rebuilds the bytes from the decoded values (not from a saved copy).
+    """
+
+    __slots__ = ("tree", "entry")
+    kind = "device_state"
+
+    def __init__(self, data, tree, entry, offset=None, depth=0, section=None):
+        super().__init__(data, "description", offset, depth, section)
+        self.tree, self.entry = tree, entry
+
+    def encode(self):
+        return vmstate.encode(self.tree)
+
+    def fields(self):
+        d = super().fields()
+        d["vmsd_name"] = self.tree.vmsd_name
+        d["version"] = self.tree.version
+        d["state"] = vmstate.to_json(self.tree)
+        return d
 
 
 class DeviceSection:
@@ -12,18 +47,39 @@ class DeviceSection:
 
     def read(self, reader, src, header):
         sec = reader.sections.get(header.section_id)
+        idstr = sec.idstr if sec else None
         length = how = None
+        reason = None
         entry = reader.description_entry(header) if header.type_name == "FULL" else None
         if entry is not None:
             try:
                 n = description_size(entry)
-            except (ValueError, TypeError, KeyError):
-                n = None
-            if n is not None and reader.check_end_at(src, n, header.section_id):
-                length, how = n, "description"
+            except (ValueError, TypeError, KeyError, StreamError):
+                n, reason = None, "its description is malformed"
+            if n is not None:
+                if reader.check_end_at(src, n, header.section_id):
+                    length, how = n, "description"
+                else:
+                    reason = f"its description ({n} bytes) does not end at a footer"
+        elif header.type_name != "FULL":
+            reason = "iterative section of a handler the codec does not model"
+        elif reader.description is None and reader._desc_devices is None:
+            reason = "the stream has no VMDESCRIPTION trailer"
+        else:
+            reason = "not described in the VMDESCRIPTION trailer"
         if length is None:
             length, how = scan_for_end(src, header.section_id, reader.footers,
                                        reader.ids, header.depth)
         off = src.offset
         data = src.read(length, "device section payload")
-        yield OpaquePayload(data, how, off, header.depth, section=sec.idstr if sec else None)
+        if how == "description" and reader.options.get("vmstate", True):
+            try:
+                tree = vmstate.decode(entry, data, off)
+            except StreamError as e:
+                reason = f"vmstate decoding failed: {e.one_line()}"
+            else:
+                yield DeviceState(data, tree, entry, off, header.depth, section=idstr)
+                return
+        rec = OpaquePayload(data, how, off, header.depth, section=idstr)
+        rec.reason = reason
+        yield rec
