@@ -30,7 +30,7 @@ def handler_for(idstr: str):
 
 
 def _load():
-    from . import ram, block, dirty_bitmap, device  # noqa: F401  (registration)
+    from . import ram, block, dirty_bitmap, device, vfio  # noqa: F401  (registration)
 
 
 _load()
