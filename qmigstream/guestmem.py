@@ -1,0 +1,687 @@
+"""Guest memory: replay a stream's RAM records into one sparse file per RAM block.
+
+What the destination's RAM loader (``ram_load_precopy`` in migration/ram.c)
+does with each record, done to a file instead of guest memory:
+
+* ``PAGE`` writes the page;
+* ``ZERO`` sets every byte of the page to its fill byte (``ram_handle_compressed``:
+  QEMU memsets only when the fill is non-zero or the page is not zero already);
+  :class:`~qmigstream.codec.ram_records.RamZeroRun` is a run of those;
+* ``XBZRLE`` applies the delta to the *current* content of the page
+  (``load_xbzrle`` decodes straight into guest memory);
+* ``COMPRESS_PAGE`` inflates one zlib stream into the page; the result must be
+  exactly one page (:class:`CompressedPageError` otherwise);
+* mapped-ram areas: page *i* of a block is at ``pages_offset + i*page_size`` in
+  the file and holds data when bit *i* of the block's bitmap is set
+  (``parse_ramblock_mapped_ram``); clear bits leave the page as it was (zero).
+
+Iterations are counted on the RAM section: the START section (setup) is
+iteration 0, the k-th PART section iteration k, the END section (completion)
+the one after the last PART.  ``until_iteration=N`` stops after iteration N,
+giving memory as the destination holds it at that point.
+
+Files stay sparse: all-zero pages are never written (they become holes, and a
+page that was data and is zeroed later is punched back into a hole), pages that
+follow each other are written with one ``pwritev``, and no block is ever held
+in memory.  Memory use is bounded by one byte per page of bookkeeping.
+
+File names are never taken from the stream: :func:`safe_file_names` maps block
+names (``pc.ram``, ``/rom@etc/acpi/tables``, or a hostile ``../../x``) to
+unique, readable names made of ``[A-Za-z0-9._+@-]`` only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import re
+import zlib
+
+import numpy as np
+
+from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
+                                RamCompressed, RamMemSize, RamPage, RamXbzrle, RamZero,
+                                RamZeroRun)
+from .codec.reader import StreamReader
+from .codec.records import SectionHeader
+from .errors import QmigstreamError, StreamError
+from .wire.header import SectionType as T
+from . import xbzrle
+
+#: Page kinds counted per block (manifest ``pages``).
+PAGE_KINDS = ("page", "zero", "xbzrle", "compressed", "mapped_ram")
+#: Most buffers in one ``pwritev`` call (Linux IOV_MAX is 1024).
+MAX_IOV = 1024
+#: File names reserved inside an extraction directory.
+RESERVED_NAMES = ("manifest.json", "physical.img")
+_SAFE = re.compile(r"[^A-Za-z0-9._+@-]")
+_NAME_MAX = 96
+
+
+class CompressedPageError(StreamError):
+    """A COMPRESS_PAGE record whose zlib data does not inflate to exactly one page."""
+
+
+class ExtractError(QmigstreamError):
+    """The output directory or a requested view cannot be made."""
+
+
+# -- file names -----------------------------------------------------------------
+
+def safe_file_name(block_name: str) -> str:
+    """The readable part of a block's file name (before uniqueness is settled).
+
+    Every character outside ``[A-Za-z0-9._+@-]`` becomes ``_``; leading ``.``,
+    ``_`` and ``-`` are dropped (no hidden files, no ``..``); the result is cut
+    to 96 characters; an empty result becomes ``block``; ``.img`` is appended.
+    """
+    s = _SAFE.sub("_", block_name).lstrip("._-")[:_NAME_MAX].rstrip(".")
+    return (s or "block") + ".img"
+
+
+def safe_file_names(block_names, taken=()) -> dict:
+    """Map each block name to a unique safe file name, in list order.
+
+    A name that is taken already (compared without regard to case, so the
+    files are distinct on case-insensitive file systems too, and including
+    :data:`RESERVED_NAMES`) gets ``-2``, ``-3``, ... before ``.img``.
+    """
+    used = {n.lower() for n in (*RESERVED_NAMES, *taken)}
+    out = {}
+    for name in block_names:
+        if name in out:
+            continue
+        base = safe_file_name(name)
+        cand, k = base, 1
+        while cand.lower() in used:
+            k += 1
+            cand = f"{base[:-4]}-{k}.img"
+        used.add(cand.lower())
+        out[name] = cand
+    return out
+
+
+# -- sparse file helpers ----------------------------------------------------------
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = None
+
+
+def _fallocate():
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fn = lib.fallocate
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            fn.restype = ctypes.c_int
+            _libc = fn
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Make ``[offset, offset+length)`` read as zeros, as a hole where the FS can."""
+    fn = _fallocate()
+    if fn and fn(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return
+    while length:
+        n = min(length, len(_ZERO_CHUNK))
+        os.pwrite(fd, _ZERO_CHUNK[:n], offset)
+        offset += n
+        length -= n
+
+
+def data_ranges(fd: int, start: int, end: int):
+    """Yield ``(s, e)`` ranges of ``[start, end)`` that may hold data (not holes)."""
+    pos = start
+    while pos < end:
+        try:
+            s = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            yield pos, end          # no SEEK_DATA here: treat everything as data
+            return
+        if s >= end:
+            return
+        try:
+            e_ = os.lseek(fd, s, os.SEEK_HOLE)
+        except OSError:
+            e_ = end
+        yield s, min(e_, end)
+        pos = e_
+
+
+def sha256_file(path: str, length: int | None = None) -> str:
+    """sha256 of a (sparse) file, feeding holes from a zero buffer instead of reading them."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size if length is None else length
+        pos = 0
+        for s, e in data_ranges(fd, 0, size):
+            _hash_zeros(h, s - pos)
+            while s < e:
+                n = min(e - s, 8 << 20)
+                chunk = os.pread(fd, n, s)
+                if not chunk:
+                    break
+                h.update(chunk)
+                s += len(chunk)
+            pos = s
+        _hash_zeros(h, size - pos)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _hash_zeros(h, n):
+    while n > 0:
+        k = min(n, len(_ZERO_CHUNK))
+        h.update(_ZERO_CHUNK[:k] if k < len(_ZERO_CHUNK) else _ZERO_CHUNK)
+        n -= k
+
+
+# -- one block ------------------------------------------------------------------
+
+class BlockImage:
+    """The memory image of one RAM block, kept in a sparse file.
+
+    ``written`` has one byte per page: 1 when the page may hold non-zero data
+    (it was written), 0 when it is a hole.  ``pages`` counts the records that
+    touched the block, by kind (:data:`PAGE_KINDS`).
+    """
+
+    def __init__(self, name: str, path: str, used_length: int, page_size: int):
+        self.name = name
+        self.path = path
+        self.file = os.path.basename(path)
+        self.page_size = page_size
+        self.used_length = 0
+        self.pages = dict.fromkeys(PAGE_KINDS, 0)
+        self.written = np.zeros(0, dtype=np.uint8)
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | \
+            getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(path, flags, 0o644)
+        self.resize(used_length)
+
+    def resize(self, used_length: int):
+        """Set the block's length (MEM_SIZE may name it again with another length)."""
+        ps = self.page_size
+        n = -(-used_length // ps)
+        if n != len(self.written):
+            w = np.zeros(n, dtype=np.uint8)
+            k = min(n, len(self.written))
+            w[:k] = self.written[:k]
+            self.written = w
+        os.ftruncate(self.fd, used_length)
+        self.used_length = used_length
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def to_json(self, sha256: str | None = None) -> dict:
+        d = {"name": self.name, "file": self.file, "used_length": self.used_length,
+             "page_size": self.page_size, "pages": dict(self.pages),
+             "data_pages": int(np.count_nonzero(self.written))}
+        if sha256 is not None:
+            d["sha256"] = sha256
+        return d
+
+
+# -- the replay -------------------------------------------------------------------
+
+class GuestMemory:
+    """Replay RAM records into :class:`BlockImage` files inside ``outdir``.
+
+    Feed every record of a stream to :meth:`feed` (it returns False once
+    ``until_iteration`` has passed and RAM records are no longer wanted), then
+    call :meth:`close`.  ``blocks`` maps block names to their images in block
+    list order.
+    """
+
+    def __init__(self, outdir: str, *, page_size: int = 4096, until_iteration: int | None = None,
+                 reserved=()):
+        if until_iteration is not None and until_iteration < 0:
+            raise ValueError("until_iteration must be >= 0")
+        self.outdir = outdir
+        self.page_size = page_size
+        self.until = until_iteration
+        self.reserved = tuple(reserved)
+        self.blocks: dict[str, BlockImage] = {}
+        self.ram_section_id = None
+        self.iteration = None        # iteration of the RAM section being read
+        self.parts = 0               # PART sections applied
+        self.setup_seen = False
+        self.last_iteration = None
+        self.end_seen = False
+        self.stopped = False
+        self._names = {}
+        self._pend_block = None      # pending contiguous PAGE run
+        self._pend_start = 0
+        self._pend_next = 0
+        self._pend_bufs = []
+        self._mr_bits = {}           # mapped-ram bitmaps: block -> bool array
+        self._zero_page = bytes(page_size)
+
+    # -- bookkeeping ------------------------------------------------------
+    def _declare(self, info, offset):
+        b = self.blocks.get(info.name)
+        if b is not None:
+            self._flush()
+            b.resize(info.used_length)
+            return
+        if info.used_length % self.page_size:
+            raise StreamError(f"RAM block {info.name!r} length is not a whole number of pages",
+                              offset, section="ram", found=info.used_length)
+        taken = set(self._names.values()) | set(self.reserved)
+        fname = safe_file_names([info.name], taken)[info.name]
+        self._names[info.name] = fname
+        self.blocks[info.name] = BlockImage(info.name, os.path.join(self.outdir, fname),
+                                            info.used_length, self.page_size)
+
+    def _block(self, name, offset):
+        b = self.blocks.get(name)
+        if b is None:
+            raise StreamError(f"page of RAM block {name!r} before the block list names it",
+                              offset, section="ram")
+        return b
+
+    # -- records --------------------------------------------------------------
+    def feed(self, rec) -> bool:
+        """Apply one record; False once the wanted iterations are all applied."""
+        if self.stopped:
+            return False
+        if isinstance(rec, SectionHeader):
+            return self._section(rec)
+        if self.iteration is None:
+            return True
+        if isinstance(rec, RamPage):
+            self._page(rec)
+        elif isinstance(rec, RamZeroRun):
+            b = self._block(rec.block, rec.offset)
+            b.pages["zero"] += rec.count
+            self._zero(b, rec.addr, rec.count)
+        elif isinstance(rec, RamZero):
+            b = self._block(rec.block, rec.offset)
+            b.pages["zero"] += 1
+            if rec.fill:
+                self._write_other(b, rec.addr, bytes((rec.fill,)) * self.page_size)
+            else:
+                self._zero(b, rec.addr, 1)
+        elif isinstance(rec, RamXbzrle):
+            self._xbzrle(rec)
+        elif isinstance(rec, RamCompressed):
+            self._compressed(rec)
+        elif isinstance(rec, RamMemSize):
+            for info in rec.blocks:
+                self._declare(info, rec.offset)
+        elif isinstance(rec, RamBlockEntry):
+            self._declare(rec.info, rec.offset)
+        elif isinstance(rec, MappedRamBitmap):
+            self._bitmap(rec)
+        elif isinstance(rec, MappedRamChunk):
+            if rec.area == "pages":
+                self._mapped_pages(rec)
+        return True
+
+    def _section(self, h) -> bool:
+        if h.type in (T.SECTION_START, T.SECTION_FULL):
+            if h.idstr != "ram":
+                self.iteration = None
+                return True
+            self.ram_section_id = h.section_id
+            nxt = 0
+        elif h.section_id == self.ram_section_id:
+            nxt = self.parts + 1
+        else:
+            self.iteration = None
+            return True
+        if self.until is not None and nxt > self.until:
+            self._flush()
+            self.iteration = None
+            self.stopped = True
+            return False
+        self.iteration = self.last_iteration = nxt
+        if h.type == T.SECTION_PART:
+            self.parts += 1
+        elif h.type == T.SECTION_END:
+            self.end_seen = True
+        else:
+            self.setup_seen = True
+        return True
+
+    def _page(self, rec):
+        name = rec.block
+        addr = rec.addr
+        data = rec.data
+        if self._pend_block is not None and (self._pend_block.name != name or
+                                             addr != self._pend_next or
+                                             len(self._pend_bufs) >= MAX_IOV):
+            self._flush()
+        b = self._pend_block or self._block(name, rec.offset)
+        b.pages["page"] += 1
+        idx = addr // self.page_size
+        if data == self._zero_page:
+            if b.written[idx]:
+                self._flush()
+                self._punch(b, addr, 1)
+            return
+        if self._pend_block is None:
+            self._pend_block, self._pend_start = b, addr
+        self._pend_bufs.append(data)
+        self._pend_next = addr + self.page_size
+        b.written[idx] = 1
+
+    def _flush(self):
+        b = self._pend_block
+        if b is None:
+            return
+        bufs, start = self._pend_bufs, self._pend_start
+        self._pend_block, self._pend_bufs = None, []
+        if len(bufs) == 1:
+            os.pwrite(b.fd, bufs[0], start)
+            return
+        total = len(bufs) * self.page_size
+        done = os.pwritev(b.fd, bufs, start)
+        if done != total:        # short write: finish the rest plainly
+            os.pwrite(b.fd, b"".join(bufs)[done:], start + done)
+
+    def _zero(self, b, addr, count):
+        i = addr // self.page_size
+        w = b.written[i:i + count]
+        if not w.any():
+            return
+        self._flush()
+        self._punch(b, addr, count)
+
+    def _punch(self, b, addr, count):
+        i = addr // self.page_size
+        punch_hole(b.fd, addr, count * self.page_size)
+        b.written[i:i + count] = 0
+
+    def _write_other(self, b, addr, page):
+        """Write one page outside the PAGE fast path (flushing the pending run first)."""
+        self._flush()
+        if page == self._zero_page:
+            if b.written[addr // self.page_size]:
+                self._punch(b, addr, 1)
+            return
+        os.pwrite(b.fd, page, addr)
+        b.written[addr // self.page_size] = 1
+
+    def _current(self, b, addr) -> bytes:
+        if not b.written[addr // self.page_size]:
+            return self._zero_page
+        self._flush()
+        return os.pread(b.fd, self.page_size, addr)
+
+    def _xbzrle(self, rec):
+        b = self._block(rec.block, rec.offset)
+        b.pages["xbzrle"] += 1
+        head = 8 if rec.continued else 9 + len(rec.block.encode("latin-1"))
+        new = xbzrle.decode(rec.data, self._current(b, rec.addr),
+                            offset=None if rec.offset is None else rec.offset + head + 3)
+        self._write_other(b, rec.addr, new)
+
+    def _compressed(self, rec):
+        b = self._block(rec.block, rec.offset)
+        b.pages["compressed"] += 1
+        ps = self.page_size
+        d = zlib.decompressobj()
+        try:
+            page = d.decompress(rec.data, ps + 1)
+        except zlib.error as e:
+            raise CompressedPageError(f"compressed page does not inflate: {e}", rec.offset,
+                                      section="ram") from None
+        if len(page) != ps or not d.eof:
+            found = f"more than {ps} bytes" if len(page) > ps else (
+                f"{len(page)} bytes" if d.eof else f"{len(page)} bytes, zlib stream unfinished")
+            raise CompressedPageError("compressed page does not inflate to one page",
+                                      rec.offset, section="ram", expected=f"{ps} bytes",
+                                      found=found)
+        self._write_other(b, rec.addr, page)
+
+    # -- mapped-ram ------------------------------------------------------------
+    def _bitmap(self, rec):
+        b = self._block(rec.block, rec.offset)
+        pages = b.used_length // self.page_size
+        # Host unsigned longs, little-endian on x86: bit i is byte i//8, bit i%8.
+        bits = np.unpackbits(np.frombuffer(rec.data, dtype=np.uint8), bitorder="little")
+        self._mr_bits[rec.block] = bits[:pages].astype(bool)
+
+    def _mapped_pages(self, rec):
+        b = self._block(rec.block, rec.offset)
+        ps = self.page_size
+        if rec.start % ps or rec.length % ps:
+            raise StreamError("mapped-ram page area piece not page aligned", rec.offset,
+                              section="ram", found=f"start {rec.start} length {rec.length}")
+        bits = self._mr_bits.get(rec.block)
+        if bits is None:
+            raise StreamError(f"mapped-ram pages of block {rec.block!r} before its bitmap",
+                              rec.offset, section="ram")
+        first = rec.start // ps
+        sel = bits[first:first + rec.length // ps]
+        n = int(np.count_nonzero(sel))
+        if not n:
+            return
+        b.pages["mapped_ram"] += n
+        if rec.data is None:
+            for s, e in _runs(sel):
+                self._zero(b, (first + s) * ps, e - s)
+            return
+        self._flush()
+        mv = memoryview(rec.data)
+        for s, e in _runs(sel):
+            piece = mv[s * ps:e * ps]
+            if len(piece) <= len(_ZERO_CHUNK) and piece == _ZERO_CHUNK[:len(piece)]:
+                self._zero(b, (first + s) * ps, e - s)
+                continue
+            os.pwrite(b.fd, piece, rec.start + s * ps)
+            b.written[first + s:first + e] = 1
+
+    # -- end ---------------------------------------------------------------------
+    def close(self):
+        self._flush()
+        for b in self.blocks.values():
+            b.close()
+
+    def iterations(self) -> dict:
+        """Which RAM sections were applied: setup, how many PARTs, END, the last one."""
+        return {"setup": self.setup_seen, "parts": self.parts, "end": self.end_seen,
+                "last_applied": self.last_iteration, "stopped_early": self.stopped}
+
+
+def _runs(mask):
+    """``(start, end)`` of each run of True in a bool array."""
+    m = np.concatenate(([False], np.asarray(mask, dtype=bool), [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return list(zip(d[0::2].tolist(), d[1::2].tolist()))
+
+
+# -- guest-physical view (pc, q35) ---------------------------------------------------
+
+GiB = 1 << 30
+#: pc_memory_init (hw/i386/pc.c): with an AMD vCPU on a 7.1+ machine type, RAM
+#: above 4G moves to 1 TiB once the highest used address reaches this.
+AMD_HT_START = 0xfd00000000
+_PC_OLD = re.compile(r"^pc-i440fx-(\d+)\.(\d+)$")
+
+
+def ram_split(machine: str, ram_size: int, *, machine_type: str | None = None,
+              max_ram_below_4g: int | None = None) -> tuple:
+    """``(below_4g_mem_size, above_4g_mem_size)`` as QEMU 7.2 computes them.
+
+    ``machine`` is ``pc`` (``pc_init1``, hw/i386/pc_piix.c lines 133-157) or
+    ``q35`` (``pc_q35_init``, hw/i386/pc_q35.c lines 150-180); ``machine_type``
+    the versioned name from the stream's configuration (pc machine types up to
+    ``pc-i440fx-1.7`` have ``gigabyte_align`` false, pc_piix.c line 810);
+    ``max_ram_below_4g`` the machine property (not in the stream; QEMU's
+    default when None).
+    """
+    if machine == "pc":
+        limit = max_ram_below_4g or 0xe0000000
+        lowmem = limit
+        if ram_size >= limit and _gigabyte_align(machine_type):
+            lowmem = min(lowmem, 0xc0000000)
+    elif machine == "q35":
+        lowmem = 0x80000000 if ram_size >= 0xb0000000 else 0xb0000000
+        limit = max_ram_below_4g or 4 * GiB
+        lowmem = min(lowmem, limit)
+    else:
+        raise ValueError(f"no physical layout for machine {machine!r} (pc or q35)")
+    if ram_size >= lowmem:
+        return lowmem, ram_size - lowmem
+    return ram_size, 0
+
+
+def _gigabyte_align(machine_type) -> bool:
+    m = _PC_OLD.match(machine_type or "")
+    return not (m and (int(m.group(1)), int(m.group(2))) <= (1, 7))
+
+
+def physical_map(machine: str, ram_size: int, **kw) -> list:
+    """The pieces of the main RAM block in guest-physical space.
+
+    ``[{"gpa", "block_offset", "length", "region"}]``: ``ram-below-4g`` maps
+    block offset 0 at address 0, ``ram-above-4g`` maps the rest at 4 GiB
+    (``pc_memory_init``, hw/i386/pc.c lines 991-1007; ``above_4g_mem_start``
+    is 4 GiB, hw/i386/x86.c line 1434).
+    """
+    below, above = ram_split(machine, ram_size, **kw)
+    out = [{"region": "ram-below-4g", "gpa": 0, "block_offset": 0, "length": below}]
+    if above:
+        out.append({"region": "ram-above-4g", "gpa": 4 * GiB, "block_offset": below,
+                    "length": above})
+    return out
+
+
+def write_physical(block_path: str, out_path: str, pieces: list) -> int:
+    """Write the sparse guest-physical image; return its size."""
+    size = max(p["gpa"] + p["length"] for p in pieces)
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    src = os.open(block_path, os.O_RDONLY)
+    dst = os.open(out_path, flags, 0o644)
+    try:
+        os.ftruncate(dst, size)
+        for p in pieces:
+            lo, hi = p["block_offset"], p["block_offset"] + p["length"]
+            delta = p["gpa"] - lo
+            for s, e in data_ranges(src, lo, hi):
+                _copy_range(src, dst, s, s + delta, e - s)
+    finally:
+        os.close(src)
+        os.close(dst)
+    return size
+
+
+def _copy_range(src, dst, soff, doff, n):
+    while n:
+        k = min(n, 8 << 20)
+        chunk = os.pread(src, k, soff)
+        if not chunk:
+            break
+        os.pwrite(dst, chunk, doff)
+        soff += len(chunk)
+        doff += len(chunk)
+        n -= len(chunk)
+
+
+# -- one call ----------------------------------------------------------------------
+
+def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=(),
+           on_record=None, **reader_options) -> tuple:
+    """Read ``stream`` and replay its RAM into ``outdir``.
+
+    Returns ``(memory, reader)``; ``memory`` is closed.  ``on_record(rec)`` is
+    called for every record read (the diff collects device state through it);
+    without it reading stops as soon as the wanted iterations are applied.
+    """
+    reader = StreamReader(stream, **reader_options)
+    mem = None
+    try:
+        for rec in reader.records():
+            if mem is None and isinstance(rec, SectionHeader):
+                # The reader knows the target page size once sections start.
+                mem = GuestMemory(outdir, page_size=reader.page_size,
+                                  until_iteration=until_iteration, reserved=reserved)
+            more = mem.feed(rec) if mem is not None else True
+            if on_record is not None:
+                on_record(rec)
+            elif not more:
+                break
+    finally:
+        if mem is not None:
+            mem.close()
+    if mem is None:
+        mem = GuestMemory(outdir, until_iteration=until_iteration, reserved=reserved)
+    return mem, reader
+
+
+def extract(stream, outdir: str, *, until_iteration: int | None = None,
+            physical: str | None = None, max_ram_below_4g: int | None = None,
+            hash: bool = True) -> dict:
+    """Extract every RAM block of ``stream`` into ``outdir``; return the manifest.
+
+    Writes one sparse file per block (names from :func:`safe_file_names`),
+    ``physical.img`` when ``physical`` is ``pc`` or ``q35``, and
+    ``manifest.json``.
+    """
+    if physical not in (None, "pc", "q35"):
+        raise ValueError("physical must be None, 'pc' or 'q35'")
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise ExtractError(f"cannot create {outdir}: {e.strerror}") from None
+    mem, reader = replay(stream, outdir, until_iteration=until_iteration)
+    cfg = reader.configuration
+    machine_type = cfg.machine.decode("latin-1") if cfg is not None else None
+    manifest = {
+        "format": "qmigstream-ram-extract/1",
+        "stream": stream if isinstance(stream, str) else None,
+        "machine_type": machine_type,
+        "page_size": mem.page_size,
+        "until_iteration": until_iteration,
+        "iterations": mem.iterations(),
+        "blocks": [b.to_json(sha256_file(b.path, b.used_length) if hash else None)
+                   for b in mem.blocks.values()],
+    }
+    if physical:
+        manifest["physical"] = _physical(mem, outdir, physical, machine_type,
+                                         max_ram_below_4g, hash)
+    tmp = os.path.join(outdir, ".manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(outdir, "manifest.json"))
+    return manifest
+
+
+def _physical(mem, outdir, machine, machine_type, max_below, hash):
+    b = mem.blocks.get("pc.ram")
+    if b is None:
+        raise ExtractError(f"--physical {machine}: the stream has no RAM block 'pc.ram' "
+                           f"(blocks: {', '.join(mem.blocks) or 'none'})")
+    pieces = physical_map(machine, b.used_length, machine_type=machine_type,
+                          max_ram_below_4g=max_below)
+    out = os.path.join(outdir, "physical.img")
+    size = write_physical(b.path, out, pieces)
+    d = {"file": "physical.img", "machine": machine, "block": "pc.ram", "size": size,
+         "max_ram_below_4g": max_below, "map": pieces}
+    if 4 * GiB + b.used_length >= AMD_HT_START:
+        d["note"] = ("with an AMD vCPU on a 7.1+ machine type QEMU would place RAM above 4G "
+                     "at 1 TiB instead (pc_memory_init); this image uses 4 GiB")
+    if hash:
+        d["sha256"] = sha256_file(out, size)
+    return d
