@@ -12,6 +12,8 @@ import sys
 from ..codec.ram_records import RamZeroRun
 from ..codec.reader import StreamReader
 from ..codec.records import OpaquePayload
+from ..codec.sections.device import DeviceState
+from ..vmstate.node import Vmsd
 from ..codec.tree import tree_events
 from .progress import Progress, file_size
 
@@ -115,6 +117,8 @@ def write_text(out, events, data, prog, reader):
 
 
 def _line(rec, level, data):
+    if isinstance(rec, DeviceState):
+        return _device_lines(rec, level, data)
     f = rec.fields()
     parts = " ".join(f"{k}={_fmt(v)}" for k, v in f.items())
     s = f"{rec.offset:>12} {'  ' * level}{rec.kind} {parts}\n"
@@ -130,4 +134,49 @@ def _fmt(v):
         return repr(v) if (" " in v or not v) else v
     if isinstance(v, (list, dict)):
         return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def _device_lines(rec, level, data):
+    """A decoded device section: one line per field, nested vmsds indented."""
+    t = rec.tree
+    out = [f"{rec.offset:>12} {'  ' * level}device_state vmsd={t.vmsd_name} "
+           f"version={t.version} length={len(rec.data)}\n"]
+    _vmsd_lines(t, level + 1, out, data)
+    return "".join(out)
+
+
+def _vmsd_lines(node, level, out, data):
+    pad = "  " * level
+    for f in node.fields:
+        shape = f"[{f.array_len}]" if f.array_len is not None else (
+            f"#{f.index}" if f.index is not None else "")
+        nested = list(f.nested())
+        if nested:
+            out.append(f"{f.offset:>12} {pad}{f.name}{shape} ({f.type})\n")
+            for k, child in enumerate(nested):
+                out.append(f"{child.offset:>12} {pad}  [{k}] {child.vmsd_name}\n")
+                _vmsd_lines(child, level + 2, out, data)
+            continue
+        out.append(f"{f.offset:>12} {pad}{f.name}{shape} ({f.type}) = "
+                   f"{_value_text(f.value, data)}\n")
+    for s in node.subsections:
+        out.append(f"{s.offset:>12} {pad}subsection {s.vmsd_name} version={s.version}\n")
+        _vmsd_lines(s, level + 1, out, data)
+
+
+def _value_text(v, data):
+    if isinstance(v, (bytes, bytearray)):
+        b = bytes(v)
+        if data or len(b) <= 32:
+            return b.hex() if b else "''"
+        return f"{b[:32].hex()}... ({len(b)} bytes)"
+    if isinstance(v, list):
+        items = [_value_text(x, data) for x in v[:16]]
+        more = f", ... ({len(v)} elements)" if len(v) > 16 else ""
+        return "[" + ", ".join(items) + more + "]"
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v} (0x{v:x})" if v > 9 else str(v)
     return str(v)
