@@ -67,11 +67,17 @@ class Qemu:
     """
 
     def __init__(self, machine_args, *, incoming: str | None = None, binary: str | None = None,
-                 timeout: float = 30.0, base_args=None):
+                 timeout: float = 30.0, base_args=None, workdir: str | None = None):
         self.binary = binary or qemu_binary()
         if not self.binary:
             raise QemuError("qemu-system-x86_64 not found")
-        self.dir = tempfile.mkdtemp(prefix="qmigstream-qemu-")
+        # A fixed ``workdir`` keeps the command line (QMP socket path) the same run after run.
+        self._own_dir = workdir is None
+        if workdir is None:
+            self.dir = tempfile.mkdtemp(prefix="qmigstream-qemu-")
+        else:
+            self.dir = workdir
+            os.makedirs(workdir, exist_ok=True)
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
         base = list(BASE_ARGS if base_args is None else base_args)
         self.argv = [self.binary, *base, *machine_args,
@@ -103,6 +109,7 @@ class Qemu:
                     raise QemuError("QEMU's QMP socket did not come up", self.stderr()) from None
 
     def stderr(self) -> str:
+        """Everything QEMU wrote to stderr so far."""
         try:
             with open(self._stderr_path, "rb") as f:
                 return f.read().decode("utf-8", "replace")
@@ -150,7 +157,14 @@ class Qemu:
             self.kill()
             if self.qmp is not None:
                 self.qmp.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self._own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            else:
+                for leftover in (self.qmp_path, self._stderr_path):
+                    try:
+                        os.unlink(leftover)
+                    except OSError:
+                        pass
 
     def __enter__(self):
         try:
