@@ -224,7 +224,7 @@ def s_noconfig(c):
 
 @scenario("pc-7.2-devices", reproducible=True,
           exercises="many vmstate shapes: PCI devices (e1000, rtl8139, virtio-net, virtio-blk, "
-                    "virtio-serial, virtio-balloon, virtio-rng), USB (UHCI, xHCI, tablet, kbd), "
+                    "virtio-serial, virtio-balloon, virtio-rng, virtio-iommu with its GTREEs), USB (UHCI, xHCI, tablet, kbd), "
                     "isa-serial, VGA; subsections, arrays of structs, timers, virtqueues")
 def s_devices(c):
     """pc, 64 MiB, a zoo of devices that 7.2 migrates, with a tiny raw drive."""
@@ -243,6 +243,7 @@ def s_devices(c):
               "-device", "virtserialport,chardev=c0,name=org.qmigstream.0",
               "-device", "virtio-balloon-pci",
               "-device", "virtio-rng-pci",
+              "-device", "virtio-iommu-pci",
               "-chardev", "null,id=s0",
               "-device", "isa-serial,chardev=s0",
               "-device", "piix3-usb-uhci",
