@@ -335,7 +335,7 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
         raise _Truncated("stream ends inside a VFIO config record", base + pos, section=section,
                          needed=4 + PCI_CONFIG_SPACE_SIZE + 16 + 8, available=end - pos)
     version_id = _BE32.unpack_from(buf, pos)[0]
-    need_max = 0
+    need_first = None
     for size, n in _layouts(buf, pos):
         p = pos + 4 + size + 16
         if n:
@@ -345,7 +345,8 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
                 bytes(buf[p:p + len(_DISPLAY_HEADER) - 4]) == _DISPLAY_HEADER[:-4]:
             disp_at = p
             p += len(_DISPLAY_HEADER) + RAMFB_CFG_SIZE
-        need_max = max(need_max, p + 8 - pos)
+        if need_first is None:
+            need_first = p + 8 - pos
         if p + 8 > end or bytes(buf[p:p + 8]) != END_OF_STATE_BYTES:
             continue
         q = pos + 4
@@ -366,9 +367,10 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
             display = bytes(buf[disp_at + len(_DISPLAY_HEADER):p])
         st = PciConfigState(config, irq, table, pba, display, version_id, dver)
         return st, p - pos
-    if end - pos < need_max:
+    if end - pos < need_first:
+        # The layout the config space describes runs past the input.
         raise _Truncated("stream ends inside a VFIO config record", base + pos, section=section,
-                         needed=need_max, available=end - pos)
+                         needed=need_first, available=end - pos)
     raise _StreamError("VFIO config record does not end with END_OF_STATE where its config "
                        "space says it ends", base + pos, section=section,
                        expected="END_OF_STATE after PCIDevice (+ MSI-X table/PBA)",
