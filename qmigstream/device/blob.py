@@ -1,0 +1,285 @@
+"""The emulated device's migration data: a sequence of versioned, CRC-checked blobs.
+
+What a saving device streams (over the v2 data fd or through the v1 region
+window) and a resuming device consumes is a concatenation of blobs::
+
+    off  size  field
+    0    4     magic      b"QMDV"
+    4    2     version    1
+    6    1     kind       1 = FULL (payload is the whole device image)
+                          2 = DELTA (payload is a list of patches to the image)
+    7    1     flags      bit 0 = LAST (the stream ends after this blob)
+    8    4     profile    profile id of the device that wrote it
+    12   4     seq        0, 1, 2, ... within one data session
+    16   8     length     payload length in bytes
+    24   n     payload
+    24+n 4     crc        CRC-32C (crcmod ``crc-32c``) of bytes 0 .. 24+n
+
+All integers little-endian (the device's native order on x86 hosts; the data is
+opaque to the user, who must only preserve byte order and never re-segment
+meaning into it).  A DELTA payload is ``u32 count`` then ``count`` patches of
+``u64 offset, u32 length, length bytes``.  A data session is FULL (pre-copy's
+initial bytes, or the whole state in a stop-and-copy without pre-copy), then
+zero or more DELTAs (pre-copy's dirty bytes), the last blob flagged LAST.
+
+:class:`BlobAssembler` is the resuming side: it takes writes of any size,
+checks each header as soon as it is complete and each blob as soon as its CRC
+is in, and keeps the staged image; nothing reaches the device until
+:meth:`BlobAssembler.finish` succeeds (called when the device leaves
+RESUMING).  Rejections are :class:`~qmigstream.errors.DeviceError` with the
+errno a kernel driver returns (see :class:`Rejects`).
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import struct
+from dataclasses import dataclass
+
+import construct as c
+import crcmod.predefined
+
+from ..errors import DeviceError
+
+MAGIC = b"QMDV"
+VERSION = 1
+KIND_FULL = 1
+KIND_DELTA = 2
+FLAG_LAST = 0x01
+
+crc32c = crcmod.predefined.mkCrcFun("crc-32c")
+
+#: The blob header, described once.
+BlobHeader = c.Struct(
+    "magic" / c.Bytes(4),
+    "version" / c.Int16ul,
+    "kind" / c.Int8ul,
+    "flags" / c.Int8ul,
+    "profile" / c.Int32ul,
+    "seq" / c.Int32ul,
+    "length" / c.Int64ul,
+)
+HEADER_SIZE = BlobHeader.sizeof()  # 24
+CRC_SIZE = 4
+BLOB_OVERHEAD = HEADER_SIZE + CRC_SIZE
+
+#: A DELTA payload, described once.
+DeltaPatch = c.Struct("offset" / c.Int64ul, "length" / c.Int32ul,
+                      "data" / c.Bytes(c.this.length))
+DeltaPayload = c.Struct("count" / c.Int32ul, "patches" / c.Array(c.this.count, DeltaPatch))
+PATCH_OVERHEAD = 12
+_PATCH_HEAD = struct.Struct("<QI")
+
+
+@dataclass(frozen=True)
+class Rejects:
+    """The errno a device driver returns for each kind of bad input.
+
+    Defaults follow the in-tree drivers: a header (magic, version, identity)
+    that does not match -> ``bad_header`` (mtty returns EFAULT, most drivers
+    EINVAL); more data than the device can hold -> ENOMEM (mtty, mlx5);
+    corrupt or inconsistent data -> EINVAL; data that ends short when the
+    device leaves RESUMING -> EINVAL (mtty_load_state).
+    """
+
+    bad_header: int = _errno.EINVAL
+    oversized: int = _errno.ENOMEM
+    corrupt: int = _errno.EINVAL
+    short: int = _errno.EINVAL
+
+
+def build_blob(kind: int, payload, *, profile: int, seq: int, last: bool) -> bytes:
+    head = BlobHeader.build(dict(magic=MAGIC, version=VERSION, kind=kind,
+                                 flags=FLAG_LAST if last else 0, profile=profile,
+                                 seq=seq, length=len(payload)))
+    crc = crc32c(payload, crc32c(head))
+    return b"".join((head, bytes(payload), struct.pack("<I", crc)))
+
+
+def build_delta_payload(patches) -> bytes:
+    """``patches``: iterable of ``(offset, bytes)``."""
+    parts = [b""]
+    n = 0
+    for off, data in patches:
+        parts.append(_PATCH_HEAD.pack(off, len(data)))
+        parts.append(bytes(data))
+        n += 1
+    parts[0] = struct.pack("<I", n)
+    return b"".join(parts)
+
+
+def delta_size(page_lengths) -> int:
+    """Size of the DELTA blob holding patches of these lengths."""
+    return BLOB_OVERHEAD + 4 + sum(PATCH_OVERHEAD + n for n in page_lengths)
+
+
+def parse_blobs(data: bytes) -> list:
+    """Decode a whole saved stream into header dicts (with ``payload``); for inspection."""
+    out = []
+    pos = 0
+    mv = memoryview(data)
+    while pos < len(data):
+        if len(data) - pos < HEADER_SIZE:
+            raise DeviceError(f"blob header truncated at {pos}", _errno.EINVAL)
+        h = BlobHeader.parse(bytes(mv[pos:pos + HEADER_SIZE]))
+        end = pos + HEADER_SIZE + h.length + CRC_SIZE
+        if end > len(data):
+            raise DeviceError(f"blob at {pos} truncated", _errno.EINVAL)
+        payload = bytes(mv[pos + HEADER_SIZE:end - CRC_SIZE])
+        out.append(dict(offset=pos, magic=h.magic, version=h.version, kind=h.kind,
+                        flags=h.flags, profile=h.profile, seq=h.seq, length=h.length,
+                        payload=payload,
+                        crc=struct.unpack_from("<I", data, end - CRC_SIZE)[0]))
+        pos = end
+    return out
+
+
+class BlobAssembler:
+    """Resuming side: stage written bytes, validate blob by blob, build the new image.
+
+    ``image_size`` is the exact size of the device image a FULL blob must carry;
+    ``validate_image(image)`` (optional) checks a complete FULL image and raises
+    DeviceError itself.  Nothing is applied anywhere: :meth:`finish` returns
+    the new image, or raises.
+    """
+
+    def __init__(self, *, profile: int, image_size: int, rejects: Rejects = Rejects(),
+                 validate_image=None):
+        self.profile = profile
+        self.image_size = image_size
+        self.rejects = rejects
+        self.validate_image = validate_image
+        # Largest payload a blob may carry: a FULL image, or a DELTA patching
+        # every byte of the image in one patch per 4 KiB page.
+        pages = max(1, -(-image_size // 4096))
+        self.max_payload = max(image_size, 4 + image_size + PATCH_OVERHEAD * pages)
+        self._buf = bytearray()
+        self._header = None
+        self._image = None
+        self._seq = 0
+        self.done = False
+        self.blobs = 0
+        self.bytes_in = 0
+
+    # -- incremental input -------------------------------------------------
+    def write(self, data) -> int:
+        """Accept ``data``; returns its length.  A rejected write consumes nothing."""
+        data = bytes(data)
+        if not data:
+            return 0
+        if self.done:
+            raise DeviceError("data after the last blob of the session", self.rejects.corrupt)
+        saved = (len(self._buf), self._header)
+        self._buf += data
+        try:
+            self._drain()
+        except DeviceError:
+            del self._buf[saved[0]:]
+            self._header = saved[1]
+            raise
+        self.bytes_in += len(data)
+        return len(data)
+
+    def _drain(self):
+        while True:
+            if self._header is None:
+                if len(self._buf) < HEADER_SIZE:
+                    return
+                self._header = self._check_header(bytes(self._buf[:HEADER_SIZE]))
+            h = self._header
+            need = HEADER_SIZE + h.length + CRC_SIZE
+            if len(self._buf) < need:
+                return
+            blob = memoryview(self._buf)[:need]
+            try:
+                self._accept(h, blob)
+            finally:
+                blob.release()
+            del self._buf[:need]
+            self._header = None
+            if self.done:
+                if self._buf:
+                    raise DeviceError("data after the last blob of the session",
+                                      self.rejects.corrupt)
+                return
+
+    def _check_header(self, raw: bytes):
+        h = BlobHeader.parse(raw)
+        r = self.rejects
+        if h.magic != MAGIC:
+            raise DeviceError(f"bad blob magic {h.magic!r}", r.bad_header)
+        if h.version != VERSION:
+            raise DeviceError(f"unsupported blob version {h.version}", r.bad_header)
+        if h.profile != self.profile:
+            raise DeviceError(f"blob from device profile 0x{h.profile:08x}, this device is "
+                              f"0x{self.profile:08x}", r.bad_header)
+        if h.kind not in (KIND_FULL, KIND_DELTA) or h.flags & ~FLAG_LAST:
+            raise DeviceError(f"bad blob kind {h.kind} / flags 0x{h.flags:x}", r.corrupt)
+        if h.seq != self._seq:
+            raise DeviceError(f"blob sequence {h.seq}, expected {self._seq}", r.corrupt)
+        if (h.kind == KIND_FULL) != (self._image is None):
+            raise DeviceError("a session is one FULL blob followed by DELTA blobs", r.corrupt)
+        if h.length > self.max_payload:
+            raise DeviceError(f"blob payload of {h.length} bytes exceeds the device's "
+                              f"{self.max_payload}", r.oversized)
+        return h
+
+    def _accept(self, h, blob: memoryview):
+        r = self.rejects
+        body = blob[:HEADER_SIZE + h.length]
+        (crc,) = struct.unpack_from("<I", blob, HEADER_SIZE + h.length)
+        if crc32c(body) != crc:
+            raise DeviceError(f"blob {h.seq} CRC mismatch", r.corrupt)
+        payload = blob[HEADER_SIZE:HEADER_SIZE + h.length]
+        if h.kind == KIND_FULL:
+            if h.length != self.image_size:
+                raise DeviceError(f"device image of {h.length} bytes, expected "
+                                  f"{self.image_size}",
+                                  r.oversized if h.length > self.image_size else r.short)
+            image = bytearray(payload)
+            if self.validate_image is not None:
+                self.validate_image(image)
+            self._image = image
+        else:
+            patches = self._parse_delta(payload)
+            for off, data in patches:
+                self._image[off:off + len(data)] = data
+        self._seq += 1
+        self.blobs += 1
+        if h.flags & FLAG_LAST:
+            self.done = True
+
+    def _parse_delta(self, payload: memoryview) -> list:
+        r = self.rejects
+        n = len(payload)
+        if n < 4:
+            raise DeviceError("DELTA payload too short", r.corrupt)
+        (count,) = struct.unpack_from("<I", payload, 0)
+        pos = 4
+        out = []
+        for _ in range(count):
+            if n - pos < PATCH_OVERHEAD:
+                raise DeviceError("DELTA patch header truncated", r.corrupt)
+            off, ln = _PATCH_HEAD.unpack_from(payload, pos)
+            pos += PATCH_OVERHEAD
+            if ln > n - pos:
+                raise DeviceError("DELTA patch data truncated", r.corrupt)
+            if off + ln > self.image_size:
+                raise DeviceError(f"DELTA patch [{off}, {off + ln}) outside the "
+                                  f"{self.image_size}-byte image", r.corrupt)
+            out.append((off, payload[pos:pos + ln]))
+            pos += ln
+        if pos != n:
+            raise DeviceError("DELTA payload has trailing bytes", r.corrupt)
+        return out
+
+    # -- end of session ----------------------------------------------------
+    def finish(self) -> bytes:
+        """The staged image, if the session is complete; else DeviceError (``short``)."""
+        if not self.done:
+            what = ("partial blob" if self._buf else
+                    "no data" if self._image is None else "no LAST blob")
+            raise DeviceError(f"incomplete device data ({what})", self.rejects.short)
+        if self.validate_image is not None:
+            self.validate_image(self._image)
+        return bytes(self._image)
