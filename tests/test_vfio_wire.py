@@ -126,7 +126,8 @@ def test_config_state_errors_name_offsets():
     body = PciConfigState.make(pci_config()).encode()
     with pytest.raises(StreamError) as e:
         W.parse_config_state(b"\0" * 8 + body + b"\0" * 8, 8, base=1000)
-    assert e.value.offset == 1008 and not isinstance(e.value, Truncated)
+    assert e.value.offset == 1008 + 276 and not isinstance(e.value, Truncated)
+    assert e.value.found == bytes(8)
     with pytest.raises(Truncated) as e:
         W.parse_config_state(b"\0" * 8 + body[:100], 8, base=1000)
     assert e.value.offset == 1008 and e.value.available == 100

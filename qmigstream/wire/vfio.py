@@ -346,7 +346,7 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
             disp_at = p
             p += len(_DISPLAY_HEADER) + RAMFB_CFG_SIZE
         if need_first is None:
-            need_first = p + 8 - pos
+            need_first, end_first = p + 8 - pos, p
         if p + 8 > end or bytes(buf[p:p + 8]) != END_OF_STATE_BYTES:
             continue
         q = pos + 4
@@ -372,6 +372,5 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
         raise _Truncated("stream ends inside a VFIO config record", base + pos, section=section,
                          needed=need_first, available=end - pos)
     raise _StreamError("VFIO config record does not end with END_OF_STATE where its config "
-                       "space says it ends", base + pos, section=section,
-                       expected="END_OF_STATE after PCIDevice (+ MSI-X table/PBA)",
-                       found="no layout fits")
+                       "space says it ends", base + end_first, section=section,
+                       expected=END_OF_STATE_BYTES, found=bytes(buf[end_first:end_first + 8]))
