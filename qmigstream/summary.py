@@ -15,6 +15,10 @@ from .codec.records import (Command, Configuration, EndOfStream, OpaquePayload, 
 from .wire.commands import MigCmd
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
+_ZERO_RUN = "zero run"
+#: Exact record types counted on the hot path of StreamSummary.feed.
+_PAGE_KINDS = {R.RamZero: "zero", R.RamPage: "normal", R.RamXbzrle: "xbzrle",
+               R.RamCompressed: "compressed", R.RamZeroRun: _ZERO_RUN}
 
 
 class SectionSummary:
@@ -61,6 +65,27 @@ class StreamSummary:
 
     # -- gathering ---------------------------------------------------------------
     def feed(self, rec, reader=None):
+        kind = _PAGE_KINDS.get(type(rec))
+        if kind is not None:
+            # The hot path (page records and zero runs): same effect as the
+            # general path below, with the size computed once.
+            size = rec.size
+            end = (rec.offset or 0) + size
+            if end > self.size:
+                self.size = end
+            cur = self._cur
+            if cur is not None:
+                cur.bytes += size
+                cur.payload_bytes += size
+            n = rec.count if kind is _ZERO_RUN else 1
+            kind = "zero" if kind is _ZERO_RUN else kind
+            self.pages[kind] += n
+            self.ram_bytes[kind] += size
+            per = self.pages_per_block.get(rec.block)
+            if per is None:
+                per = self.pages_per_block[rec.block] = Counter()
+            per[kind] += n
+            return
         end = (rec.offset or 0) + rec.size
         if end > self.size:
             self.size = end

@@ -11,15 +11,23 @@ from .records import Record
 
 _U64 = struct.Struct(">Q")
 _ZERO = struct.Struct(">QB")
+_CONT = int(RamFlag.CONTINUE)     # plain int: IntFlag operators are slow on the hot path
 
 
 def _page_header(flags: int, addr: int, block: str | None) -> bytes:
     """Fast form of :data:`qmigstream.wire.ram.page_header` (tested equal)."""
     word = _U64.pack(addr | flags)
-    if flags & RamFlag.CONTINUE:
+    if flags & _CONT:
         return word
     b = block.encode("latin-1")
     return word + bytes((len(b),)) + b
+
+
+def _page_header_size(flags: int, block: str | None) -> int:
+    """``len(_page_header(...))`` without building it."""
+    if flags & _CONT:
+        return 8
+    return 9 + len(block.encode("latin-1"))
 
 
 class RamBlockInfo:
@@ -104,10 +112,15 @@ class _PageRecord(Record):
 
     @property
     def continued(self) -> bool:
-        return bool(self.flags & RamFlag.CONTINUE)
+        return bool(self.flags & _CONT)
 
     def header_bytes(self) -> bytes:
         return _page_header(self.flags, self.addr, self.block)
+
+    @property
+    def size(self) -> int:
+        """``len(self.encode())``, computed from the fields (tested equal)."""
+        return _page_header_size(self.flags, self.block) + self._body_size()
 
     def fields(self):
         return {"block": self.block, "addr": self.addr, "continue": self.continued}
@@ -124,9 +137,12 @@ class RamZero(_PageRecord):
         self.offset, self.depth = offset, depth
 
     def encode(self):
-        if self.flags & RamFlag.CONTINUE:
+        if self.flags & _CONT:
             return _ZERO.pack(self.addr | self.flags, self.fill)
         return self.header_bytes() + bytes((self.fill,))
+
+    def _body_size(self):
+        return 1
 
     def fields(self):
         d = super().fields()
@@ -183,6 +199,13 @@ class RamPage(_PageRecord):
     def encode(self):
         return self.header_bytes() + bytes(self.data)
 
+    def encode_parts(self):
+        """The encoding as (page header, page bytes): no copy of the page."""
+        return self.header_bytes(), self.data
+
+    def _body_size(self):
+        return len(self.data)
+
     def fields(self):
         d = super().fields()
         d["length"] = len(self.data)
@@ -205,6 +228,9 @@ class RamXbzrle(_PageRecord):
         return self.header_bytes() + W.XbzrleBody.build(
             dict(length=len(self.data), data=bytes(self.data)))
 
+    def _body_size(self):
+        return 3 + len(self.data)
+
     def fields(self):
         d = super().fields()
         d["length"] = len(self.data)
@@ -224,6 +250,9 @@ class RamCompressed(_PageRecord):
     def encode(self):
         return self.header_bytes() + W.CompressBody.build(
             dict(length=len(self.data), data=bytes(self.data)))
+
+    def _body_size(self):
+        return 4 + len(self.data)
 
     def fields(self):
         d = super().fields()

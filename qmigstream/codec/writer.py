@@ -22,10 +22,12 @@ class StreamWriter:
             self.f.seek(rec.length, 1)
             self.offset += rec.length
             return rec.length
-        data = rec.encode()
-        self.f.write(data)
-        self.offset += len(data)
-        return len(data)
+        n = 0
+        for part in record_chunks(rec):
+            self.f.write(part)
+            n += len(part)
+        self.offset += n
+        return n
 
     def write_all(self, records) -> int:
         for r in records:
@@ -44,6 +46,20 @@ def _seekable(f) -> bool:
         return bool(f.seekable())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def record_chunks(rec):
+    """A record's bytes as a sequence of bytes-like parts, in order.
+
+    Page records give their header and their page bytes as two parts, so a
+    writer or a comparison can pass the page through without copying it into
+    a new ``header + page`` object; every other record is one part,
+    ``encode()``.  ``b"".join(record_chunks(r)) == r.encode()`` (tested).
+    """
+    parts = getattr(rec, "encode_parts", None)
+    if parts is not None:
+        return parts()
+    return (rec.encode(),)
 
 
 def encode_records(records) -> bytes:

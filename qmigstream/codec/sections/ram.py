@@ -318,12 +318,8 @@ def _small_enough(buf, pos, end, mask) -> bool:
     return False
 
 
-_np = None
-
-
 def _zero_run(buf, pos, end, word, ps, block_len) -> int:
     """How many ZERO|CONTINUE records with fill 0 and consecutive pages start at pos."""
-    global _np
     # Probe a few records in Python first: short runs are common in busy guests.
     n = 1
     limit = min((end - pos) // 9, (block_len - (word & ~(ps - 1))) // ps)
@@ -333,17 +329,68 @@ def _zero_run(buf, pos, end, word, ps, block_len) -> int:
             return n
         n += 1
     if n < limit:
-        if _np is None:
-            import numpy
-            _np = numpy
-        np = _np
-        dt = np.dtype([("w", ">u8"), ("f", "u1")])
-        arr = np.frombuffer(buf, dtype=dt, count=limit, offset=pos)
-        expect = np.arange(limit, dtype=np.uint64) * np.uint64(ps) + np.uint64(word)
-        bad = (arr["w"] != expect) | (arr["f"] != 0)
-        idx = int(bad.argmax())
-        n = idx if bad[idx] else limit
+        n = _zero_run_bulk(buf, pos, n, limit, word, ps)
     return n
+
+
+_RUN_TEMPLATES = {}
+
+
+def _run_template(ps, flags):
+    """The wire bytes of ZERO records (fill 0) for pages 0..M-1 of a block.
+
+    ``M = 2**m`` is chosen so that ``m + log2(ps)`` is a multiple of 8: the
+    page number's bits above ``m`` then fill whole leading bytes of the word,
+    and the records of any ``M``-aligned group of pages are this template
+    with those leading bytes set.  Returns ``(template, M, leading)``.
+    """
+    key = (ps, flags)
+    t = _RUN_TEMPLATES.get(key)
+    if t is None:
+        b = ps.bit_length() - 1
+        m = 8 + (-b) % 8
+        count = 1 << m
+        rec = struct.Struct(">" + "Qx" * count)
+        t = (rec.pack(*range(flags, flags + count * ps, ps)), count, 8 - (m + b) // 8)
+        _RUN_TEMPLATES[key] = t
+    return t
+
+
+def _zero_run_bulk(buf, pos, n, limit, word, ps) -> int:
+    """Extend a verified run of ``n`` records towards ``limit`` (bulk compares).
+
+    Same answer as checking record by record that record ``i`` is
+    ``be64(word + i*ps) + b"\0"``, but compares whole groups of records
+    against :func:`_run_template` (tests check it against the record loop).
+    """
+    flags = word & (ps - 1)
+    tmpl, count, lead = _run_template(ps, flags)
+    page0 = word // ps
+    i = n
+    while i < limit:
+        page = page0 + i
+        r = page % count
+        k = min(count - r, limit - i)
+        got = buf[pos + 9 * i:pos + 9 * (i + k)]
+        want = tmpl[9 * r:9 * (r + k)]
+        high = page // count
+        if high:
+            want = bytearray(want)
+            for j, v in enumerate(high.to_bytes(lead, "big")):
+                if v:
+                    want[j::9] = bytes((v,)) * k
+        if got != want:
+            # Find the first differing record: bisect on equal prefixes.
+            lo, hi = 0, k          # the first lo records match, the first hi do not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if got[:9 * mid] == want[:9 * mid]:
+                    lo = mid
+                else:
+                    hi = mid
+            return i + lo
+        i += k
+    return limit
 
 
 _ZEROS = bytes(1 << 20)

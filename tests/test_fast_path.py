@@ -1,0 +1,159 @@
+"""The RAM fast path is an optimisation of the schema path: equal record by record.
+
+``qmigstream.codec.sections.ram`` parses RAM records two ways: the construct
+schemas (``fast=False``) and a memoryview/struct walk with bulk compares for
+ZERO runs (the default).  These tests build streams with every RAM record kind
+and check both give the same records (type, offset, fields, bytes), that a
+record's ``size`` is the length of its encoding, and that the bulk run check
+answers exactly what a record-by-record loop answers.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import pytest
+
+from qmigstream.codec.build import StreamBuilder
+from qmigstream.codec.ram_records import (RamCompressed, RamEos, RamHook, RamMultifdFlush,
+                                          RamPage, RamZero, RamZeroRun)
+from qmigstream.codec.reader import StreamReader, read_records
+from qmigstream.codec.sections.ram import _zero_run
+from qmigstream.codec.source import Source
+from qmigstream.codec.writer import encode_records, record_chunks
+from qmigstream.summary import StreamSummary
+from qmigstream.wire.header import SectionType as T
+from qmigstream.wire.ram import RamFlag
+
+ZC = int(RamFlag.ZERO | RamFlag.CONTINUE)
+
+
+def every_kind_stream(ps=4096, run=300):
+    """Header, configuration, MEM_SIZE, then every RAM record kind over three blocks,
+    with long ZERO runs broken in every way a run can end."""
+    b = StreamBuilder(page_size=ps)
+    b.header()
+    b.configuration("pc-i440fx-7.2", target_page_bits=ps.bit_length() - 1)
+    blocks = [("pc.ram", 4 * run * ps), ("pc.rom", 8 * ps), ("/rom@etc/acpi/tables", 4 * ps)]
+    b.section(T.SECTION_START, "ram", b.ram_setup_records(blocks), version_id=4)
+    recs = []
+    page = lambda blk, i, v: b.ram_page_record(blk, i * ps, bytes([v]) * ps)  # noqa: E731
+    zero = lambda blk, i: b.ram_page_record(blk, i * ps, zero=True)  # noqa: E731
+    recs += [zero("pc.ram", i) for i in range(run)]                  # a long run
+    recs.append(page("pc.ram", run, 7))                              # ended by a PAGE
+    recs += [zero("pc.ram", i) for i in range(run + 1, 2 * run)]
+    recs += [zero("pc.ram", i) for i in range(2 * run + 5, 3 * run)]  # a gap in addresses
+    recs.append(zero("pc.rom", 0))                                   # block change
+    recs += [zero("pc.rom", i) for i in range(1, 8)]                 # run to the block end
+    recs.append(page("pc.rom", 3, 1))
+    recs.append(RamZero("pc.rom", 4 * ps, ZC, 0x5a))                 # fill byte not 0
+    recs.append(RamZero("pc.rom", 5 * ps, ZC, 0))
+    recs.append(b.ram_page_record("/rom@etc/acpi/tables", 0, xbzrle=b"\x01\x02\x03"))
+    b.last_block = "/rom@etc/acpi/tables"
+    recs.append(RamCompressed("/rom@etc/acpi/tables", ps, b"x\x9c\x03\x00",
+                              RamFlag.COMPRESS_PAGE | RamFlag.CONTINUE))
+    recs.append(RamMultifdFlush())
+    recs.append(zero("/rom@etc/acpi/tables", 2))
+    recs.append(RamHook())
+    recs.append(zero("/rom@etc/acpi/tables", 3))
+    recs += [zero("pc.ram", i) for i in range(3 * run, 4 * run)]
+    recs.append(RamEos())
+    b.section(T.SECTION_PART, "ram", recs)
+    # CONTINUE carries across sections; a run starts the next section.
+    b.section(T.SECTION_PART, "ram", [RamZero("pc.ram", 0, ZC), RamZero("pc.ram", ps, ZC),
+                                      RamPage("pc.ram", 2 * ps, bytes(ps), RamFlag.PAGE | RamFlag.CONTINUE),
+                                      RamEos()])
+    b.section(T.SECTION_END, "ram", [RamEos()])
+    b.eof()
+    return b.encode()
+
+
+def key(r):
+    return (type(r).__name__, r.offset, r.depth, r.fields(), r.encode())
+
+
+def flat(recs):
+    for r in recs:
+        if isinstance(r, RamZeroRun):
+            yield from r.expand()
+        else:
+            yield r
+
+
+@pytest.mark.parametrize("ps", [1024, 4096, 16384, 65536])
+def test_fast_and_schema_paths_agree_on_every_record_kind(ps):
+    data = every_kind_stream(ps)
+    schema = list(read_records(data, fast=False, compact=False))
+    kinds = {r.kind for r in schema}
+    assert {"ram_mem_size", "ram_zero", "ram_page", "ram_xbzrle", "ram_compressed",
+            "ram_multifd_flush", "ram_hook", "ram_eos"} <= kinds
+    fast = list(read_records(data, compact=False))
+    assert [key(r) for r in fast] == [key(r) for r in schema]
+    compact = list(read_records(data))
+    assert any(isinstance(r, RamZeroRun) and r.count > 100 for r in compact)
+    assert [key(r) for r in flat(compact)] == [key(r) for r in schema]
+    assert encode_records(compact) == data
+    for r in schema + compact:
+        assert r.size == len(r.encode()), r
+        assert b"".join(bytes(p) for p in record_chunks(r)) == r.encode()
+    # The same through small read chunks (records straddle the window's end).
+    for chunk in (9, 4099, 65536 + 3):
+        got = StreamReader(Source(io.BytesIO(data), chunk=chunk), compact=False).records()
+        assert [key(r) for r in got] == [key(r) for r in schema]
+
+
+def test_summary_counts_runs_as_their_records():
+    data = every_kind_stream()
+    a, b = StreamSummary(), StreamSummary()
+    for r in read_records(data):
+        a.feed(r)
+    for r in read_records(data, fast=False, compact=False):
+        b.feed(r)
+    assert a.to_json() == b.to_json()
+    assert a.to_json()["ram"]["pages"]["zero"] > 1000
+
+
+def naive_run(buf, pos, end, word, ps, block_len):
+    n = 0
+    while pos + 9 * (n + 1) <= end and (word & ~(ps - 1)) + n * ps < block_len:
+        w, f = struct.unpack_from(">QB", buf, pos + 9 * n)
+        if w != word + n * ps or f != 0:
+            break
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("ps", [1024, 4096, 16384, 65536, 1 << 21])
+@pytest.mark.parametrize("first_page", [0, 5, 255, 4090, 16380, (1 << 20) - 7, (1 << 33) + 11])
+def test_bulk_zero_run_check_equals_the_record_loop(ps, first_page):
+    count = 9000
+    word = first_page * ps | ZC
+    rec = struct.Struct(">" + "QB" * count)
+    base = bytearray(rec.pack(*[x for i in range(count) for x in (word + i * ps, 0)]))
+    big_len = (first_page + count) * ps
+    assert _zero_run(bytes(base), 0, len(base), word, ps, big_len) == count
+    # Break the run at many places, in every way, and with every limit.
+    for at in (1, 15, 16, 17, 255, 256, 257, 4095, 4096, 4097, 5000, count - 1):
+        for how in ("fill", "flag", "addr", "high", "low"):
+            buf = bytearray(base)
+            o = 9 * at
+            if how == "fill":
+                buf[o + 8] = 1
+            elif how == "flag":
+                buf[o + 7] ^= 0x08
+            elif how == "addr":
+                buf[o:o + 8] = struct.pack(">Q", word + (at + 1) * ps)
+            elif how == "high":
+                buf[o] ^= 0x80
+            else:
+                buf[o + 5] ^= 0x01
+            buf = bytes(buf)
+            assert _zero_run(buf, 0, len(buf), word, ps, big_len) == at
+        for end_page in (first_page + at, first_page + at + 1):
+            assert _zero_run(bytes(base), 0, len(base), word, ps, end_page * ps) == \
+                naive_run(base, 0, len(base), word, ps, end_page * ps)
+    # A window that ends inside a record, and a run that starts mid-buffer.
+    assert _zero_run(bytes(base), 0, 9 * 4100 + 4, word, ps, big_len) == 4100
+    w2 = word + 3 * ps
+    assert _zero_run(bytes(base), 27, len(base), w2, ps, big_len) == count - 3
