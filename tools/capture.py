@@ -224,8 +224,8 @@ def s_noconfig(c):
 
 @scenario("pc-7.2-devices", reproducible=True,
           exercises="many vmstate shapes: PCI devices (e1000, rtl8139, virtio-net, virtio-blk, "
-                    "virtio-serial, virtio-balloon, virtio-rng, virtio-iommu with its GTREEs), USB (UHCI, xHCI, tablet, kbd), "
-                    "isa-serial, VGA; subsections, arrays of structs, timers, virtqueues")
+                    "virtio-serial, virtio-balloon, virtio-rng, virtio-iommu, whose GTREEs travel inside the opaque virtio field), USB (UHCI, xHCI, tablet, kbd), "
+                    "isa-serial, VGA; subsections, arrays of structs, timers, msix and pci config, virtio")
 def s_devices(c):
     """pc, 64 MiB, a zoo of devices that 7.2 migrates, with a tiny raw drive."""
     disk = c.path("disk.raw")
