@@ -38,7 +38,9 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 import zlib
 
 import numpy as np
@@ -126,6 +128,7 @@ def _fallocate():
 
 
 _ZERO_CHUNK = bytes(1 << 20)
+_BIG_ZEROS = bytes(16 << 20)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -184,11 +187,112 @@ def sha256_file(path: str, length: int | None = None) -> str:
     return h.hexdigest()
 
 
-def _hash_zeros(h, n):
+def _hash_zeros(h, n, zeros=_ZERO_CHUNK):
+    z = memoryview(zeros)
     while n > 0:
-        k = min(n, len(_ZERO_CHUNK))
-        h.update(_ZERO_CHUNK[:k] if k < len(_ZERO_CHUNK) else _ZERO_CHUNK)
+        k = min(n, len(zeros))
+        h.update(z[:k])
         n -= k
+
+
+class _RunningHash:
+    """sha256 of a block computed while it is written, as long as writes only move forward.
+
+    Every byte below ``cursor`` is final as far as the writes so far go and has
+    been queued for hashing; every byte at or above it is still zero.  A write
+    below the cursor (a page sent again in a later iteration) makes the hash
+    ``valid = False``; the file is then hashed at the end instead.
+    """
+
+    __slots__ = ("h", "cursor", "valid", "worker", "batch", "batched")
+
+    #: Bytes collected before they go to the hashing thread in one piece.
+    BATCH = 16 << 20
+
+    def __init__(self, worker):
+        self.h = hashlib.sha256()
+        self.cursor = 0
+        self.valid = True
+        self.worker = worker
+        self.batch = []
+        self.batched = 0
+
+    def wrote(self, addr: int, bufs, length: int):
+        """``length`` bytes at ``addr`` now hold ``bufs`` (a list; None for zeros)."""
+        if not self.valid:
+            return
+        if addr < self.cursor:
+            self.valid = False
+            self.batch = []
+            return
+        if addr > self.cursor:
+            self._zeros(addr - self.cursor)
+        if bufs is None:
+            self._zeros(length)
+        else:
+            self.batch.extend(bufs)
+            self.batched += length
+            if self.batched >= self.BATCH:
+                self.send()
+        self.cursor = addr + length
+
+    def _zeros(self, n):
+        self.send()
+        self.worker.put(self.h, n)
+
+    def send(self):
+        if self.batch:
+            self.worker.put(self.h, b"".join(self.batch))
+            self.batch, self.batched = [], 0
+
+
+class _HashWorker:
+    """One thread that feeds queued pieces to sha256 (hashlib drops the GIL while hashing)."""
+
+    def __init__(self):
+        self.q = queue.Queue(maxsize=32)
+        self.error = None
+        self.t = threading.Thread(target=self._run, name="qmigstream-hash", daemon=True)
+        self.t.start()
+
+    def put(self, h, item):
+        self.q.put((h, item))
+
+    def _run(self):
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            h, item = job
+            try:
+                if isinstance(item, int):
+                    _hash_zeros(h, item, _BIG_ZEROS)
+                else:
+                    h.update(item)
+            except BaseException as e:  # reported by close()
+                self.error = e
+
+    def close(self):
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None:
+            raise self.error
+
+
+def create_file(path: str) -> int:
+    """Open a new empty file at ``path`` for writing, replacing a file already there.
+
+    An existing file is unlinked rather than truncated (truncating a big file and
+    rewriting it makes ext4 flush it on close), and a symlink there is replaced,
+    never followed.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
+    return os.open(path, flags, 0o644)
 
 
 # -- one block ------------------------------------------------------------------
@@ -209,9 +313,9 @@ class BlockImage:
         self.used_length = 0
         self.pages = dict.fromkeys(PAGE_KINDS, 0)
         self.written = np.zeros(0, dtype=np.uint8)
-        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | \
-            getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(path, flags, 0o644)
+        self.running = None          # _RunningHash while the block is written
+        self.sha256 = None           # hex digest once known
+        self.fd = create_file(path)
         self.resize(used_length)
 
     def resize(self, used_length: int):
@@ -223,20 +327,29 @@ class BlockImage:
             k = min(n, len(self.written))
             w[:k] = self.written[:k]
             self.written = w
+        if self.running is not None and used_length < self.running.cursor:
+            self.running.valid = False
         os.ftruncate(self.fd, used_length)
         self.used_length = used_length
+        self.sha256 = None
 
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
 
-    def to_json(self, sha256: str | None = None) -> dict:
+    def digest(self) -> str:
+        """sha256 of the block's contents (from the running hash, else from the file)."""
+        if self.sha256 is None:
+            self.sha256 = sha256_file(self.path, self.used_length)
+        return self.sha256
+
+    def to_json(self, hash: bool = True) -> dict:
         d = {"name": self.name, "file": self.file, "used_length": self.used_length,
              "page_size": self.page_size, "pages": dict(self.pages),
              "data_pages": int(np.count_nonzero(self.written))}
-        if sha256 is not None:
-            d["sha256"] = sha256
+        if hash:
+            d["sha256"] = self.digest()
         return d
 
 
@@ -252,7 +365,7 @@ class GuestMemory:
     """
 
     def __init__(self, outdir: str, *, page_size: int = 4096, until_iteration: int | None = None,
-                 reserved=()):
+                 reserved=(), hash: bool = True):
         if until_iteration is not None and until_iteration < 0:
             raise ValueError("until_iteration must be >= 0")
         self.outdir = outdir
@@ -268,12 +381,15 @@ class GuestMemory:
         self.end_seen = False
         self.stopped = False
         self._names = {}
-        self._pend_block = None      # pending contiguous PAGE run
+        self._pend_block = None      # pending run of PAGE records at consecutive addresses
+        self._pend_name = None
         self._pend_start = 0
-        self._pend_next = 0
+        self._pend_next = -1
+        self._pend_room = 0
         self._pend_bufs = []
         self._mr_bits = {}           # mapped-ram bitmaps: block -> bool array
         self._zero_page = bytes(page_size)
+        self._hasher = _HashWorker() if hash else None
 
     # -- bookkeeping ------------------------------------------------------
     def _declare(self, info, offset):
@@ -288,8 +404,11 @@ class GuestMemory:
         taken = set(self._names.values()) | set(self.reserved)
         fname = safe_file_names([info.name], taken)[info.name]
         self._names[info.name] = fname
-        self.blocks[info.name] = BlockImage(info.name, os.path.join(self.outdir, fname),
-                                            info.used_length, self.page_size)
+        b = BlockImage(info.name, os.path.join(self.outdir, fname), info.used_length,
+                       self.page_size)
+        if self._hasher is not None:
+            b.running = _RunningHash(self._hasher)
+        self.blocks[info.name] = b
 
     def _block(self, name, offset):
         b = self.blocks.get(name)
@@ -301,6 +420,9 @@ class GuestMemory:
     # -- records --------------------------------------------------------------
     def feed(self, rec) -> bool:
         """Apply one record; False once the wanted iterations are all applied."""
+        if type(rec) is RamPage and self.iteration is not None:
+            self._page(rec)
+            return True
         if self.stopped:
             return False
         if isinstance(rec, SectionHeader):
@@ -363,53 +485,63 @@ class GuestMemory:
         return True
 
     def _page(self, rec):
-        name = rec.block
-        addr = rec.addr
         data = rec.data
-        if self._pend_block is not None and (self._pend_block.name != name or
-                                             addr != self._pend_next or
-                                             len(self._pend_bufs) >= MAX_IOV):
-            self._flush()
-        b = self._pend_block or self._block(name, rec.offset)
-        b.pages["page"] += 1
-        idx = addr // self.page_size
+        addr = rec.addr
+        if addr == self._pend_next and self._pend_room and rec.block == self._pend_name \
+                and data != self._zero_page:
+            # The common case: the next page of a run being collected.
+            self._pend_bufs.append(data)
+            self._pend_next = addr + self.page_size
+            self._pend_room -= 1
+            return
+        self._flush()
+        b = self._block(rec.block, rec.offset)
         if data == self._zero_page:
-            if b.written[idx]:
-                self._flush()
+            b.pages["page"] += 1
+            if b.written[addr // self.page_size]:
                 self._punch(b, addr, 1)
             return
-        if self._pend_block is None:
-            self._pend_block, self._pend_start = b, addr
-        self._pend_bufs.append(data)
+        self._pend_block, self._pend_name, self._pend_start = b, b.name, addr
+        self._pend_bufs = [data]
         self._pend_next = addr + self.page_size
-        b.written[idx] = 1
+        self._pend_room = MAX_IOV - 1
 
     def _flush(self):
+        """Write the pending run of pages (one ``pwritev``)."""
         b = self._pend_block
         if b is None:
             return
         bufs, start = self._pend_bufs, self._pend_start
-        self._pend_block, self._pend_bufs = None, []
-        if len(bufs) == 1:
+        self._pend_block = self._pend_name = None
+        self._pend_bufs, self._pend_next, self._pend_room = [], -1, 0
+        n = len(bufs)
+        b.pages["page"] += n
+        i = start // self.page_size
+        b.written[i:i + n] = 1
+        if b.running is not None:
+            b.running.wrote(start, bufs, n * self.page_size)
+        if n == 1:
             os.pwrite(b.fd, bufs[0], start)
             return
-        total = len(bufs) * self.page_size
+        total = n * self.page_size
         done = os.pwritev(b.fd, bufs, start)
         if done != total:        # short write: finish the rest plainly
             os.pwrite(b.fd, b"".join(bufs)[done:], start + done)
 
     def _zero(self, b, addr, count):
+        if self._pend_block is b:
+            self._flush()           # ``written`` covers pending pages once flushed
         i = addr // self.page_size
-        w = b.written[i:i + count]
-        if not w.any():
+        if not b.written[i:i + count].any():
             return
-        self._flush()
         self._punch(b, addr, count)
 
     def _punch(self, b, addr, count):
         i = addr // self.page_size
         punch_hole(b.fd, addr, count * self.page_size)
         b.written[i:i + count] = 0
+        if b.running is not None:
+            b.running.wrote(addr, None, count * self.page_size)
 
     def _write_other(self, b, addr, page):
         """Write one page outside the PAGE fast path (flushing the pending run first)."""
@@ -420,11 +552,14 @@ class GuestMemory:
             return
         os.pwrite(b.fd, page, addr)
         b.written[addr // self.page_size] = 1
+        if b.running is not None:
+            b.running.wrote(addr, [page], self.page_size)
 
     def _current(self, b, addr) -> bytes:
+        if self._pend_block is b:
+            self._flush()
         if not b.written[addr // self.page_size]:
             return self._zero_page
-        self._flush()
         return os.pread(b.fd, self.page_size, addr)
 
     def _xbzrle(self, rec):
@@ -490,12 +625,29 @@ class GuestMemory:
                 continue
             os.pwrite(b.fd, piece, rec.start + s * ps)
             b.written[first + s:first + e] = 1
+            if b.running is not None:
+                b.running.wrote(rec.start + s * ps, [bytes(piece)], len(piece))
 
     # -- end ---------------------------------------------------------------------
     def close(self):
-        self._flush()
-        for b in self.blocks.values():
-            b.close()
+        """Write what is pending, finish the running hashes, close the files."""
+        try:
+            self._flush()
+            if self._hasher is not None:
+                for b in self.blocks.values():
+                    r = b.running
+                    if r is not None and r.valid:
+                        r.wrote(b.used_length, None, 0)
+                        r.send()
+                self._hasher.close()
+                for b in self.blocks.values():
+                    r, b.running = b.running, None
+                    if r is not None and r.valid and r.cursor == b.used_length:
+                        b.sha256 = r.h.hexdigest()
+                self._hasher = None
+        finally:
+            for b in self.blocks.values():
+                b.close()
 
     def iterations(self) -> dict:
         """Which RAM sections were applied: setup, how many PARTs, END, the last one."""
@@ -570,9 +722,8 @@ def physical_map(machine: str, ram_size: int, **kw) -> list:
 def write_physical(block_path: str, out_path: str, pieces: list) -> int:
     """Write the sparse guest-physical image; return its size."""
     size = max(p["gpa"] + p["length"] for p in pieces)
-    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     src = os.open(block_path, os.O_RDONLY)
-    dst = os.open(out_path, flags, 0o644)
+    dst = create_file(out_path)
     try:
         os.ftruncate(dst, size)
         for p in pieces:
@@ -601,7 +752,7 @@ def _copy_range(src, dst, soff, doff, n):
 # -- one call ----------------------------------------------------------------------
 
 def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=(),
-           on_record=None, **reader_options) -> tuple:
+           on_record=None, hash: bool = True, **reader_options) -> tuple:
     """Read ``stream`` and replay its RAM into ``outdir``.
 
     Returns ``(memory, reader)``; ``memory`` is closed.  ``on_record(rec)`` is
@@ -615,7 +766,8 @@ def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=
             if mem is None and isinstance(rec, SectionHeader):
                 # The reader knows the target page size once sections start.
                 mem = GuestMemory(outdir, page_size=reader.page_size,
-                                  until_iteration=until_iteration, reserved=reserved)
+                                  until_iteration=until_iteration, reserved=reserved,
+                                  hash=hash)
             more = mem.feed(rec) if mem is not None else True
             if on_record is not None:
                 on_record(rec)
@@ -625,7 +777,8 @@ def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=
         if mem is not None:
             mem.close()
     if mem is None:
-        mem = GuestMemory(outdir, until_iteration=until_iteration, reserved=reserved)
+        mem = GuestMemory(outdir, until_iteration=until_iteration, reserved=reserved,
+                          hash=False)
     return mem, reader
 
 
@@ -644,7 +797,7 @@ def extract(stream, outdir: str, *, until_iteration: int | None = None,
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:
         raise ExtractError(f"cannot create {outdir}: {e.strerror}") from None
-    mem, reader = replay(stream, outdir, until_iteration=until_iteration)
+    mem, reader = replay(stream, outdir, until_iteration=until_iteration, hash=hash)
     cfg = reader.configuration
     machine_type = cfg.machine.decode("latin-1") if cfg is not None else None
     manifest = {
@@ -654,8 +807,7 @@ def extract(stream, outdir: str, *, until_iteration: int | None = None,
         "page_size": mem.page_size,
         "until_iteration": until_iteration,
         "iterations": mem.iterations(),
-        "blocks": [b.to_json(sha256_file(b.path, b.used_length) if hash else None)
-                   for b in mem.blocks.values()],
+        "blocks": [b.to_json(hash) for b in mem.blocks.values()],
     }
     if physical:
         manifest["physical"] = _physical(mem, outdir, physical, machine_type,
