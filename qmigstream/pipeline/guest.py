@@ -1,0 +1,284 @@
+"""The guest RAM model: RAM blocks, a dirty log, a CPU workload, and loading records into it.
+
+Each :class:`RamBlock` is an anonymous memory mapping of its ``used_length``:
+the kernel gives pages only when they are first written, so the model is
+**sparse** — an untouched 16 GiB guest costs nothing, and its resident size
+grows with the pages actually written.  ``pages`` is a numpy view
+(``pages x page_size`` bytes) used for vectorised zero detection.
+
+Guest-physical addresses (:meth:`GuestRam.write`, what a device's DMA engine
+writes) map onto the first block (``pc.ram`` on pc/q35) one to one, which is
+how QEMU lays out RAM below the PCI hole; the pipeline keeps DMA there.
+
+The dirty log is one boolean per page, set by every write, read and cleared
+by the saver at each pass (QEMU's ``migration_bitmap_sync``).
+
+:class:`RamLoader` applies the RAM records of a stream to the model, the way
+``ram_load_precopy`` (migration/ram.c) applies them to guest memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import struct
+import zlib
+
+import numpy as np
+
+from .. import xbzrle
+from ..codec import ram_records as R
+from ..errors import QmigstreamError, StreamError
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """One SplitMix64 step: the same numbers on every machine and Python."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """``n`` deterministic pseudo-random bytes for ``seed``, the same on every machine.
+
+    Small amounts come from SHAKE-128; large ones from numpy's PCG64 bit
+    generator (``random_raw``), whose output numpy keeps stable across releases.
+    """
+    if n <= 0:
+        return b""
+    if n < 1 << 16:
+        return hashlib.shake_128(struct.pack("<Q", seed & MASK64)).digest(n)
+    words = np.random.PCG64(seed & MASK64).random_raw(-(-n // 8))
+    return words.astype("<u8", copy=False).tobytes()[:n]
+
+
+class RamBlock:
+    def __init__(self, name: str, used_length: int, page_size: int, info=None):
+        if used_length % page_size:
+            raise QmigstreamError(f"RAM block {name!r}: length {used_length} is not a "
+                                  f"multiple of the page size {page_size}")
+        self.name = name
+        self.used_length = used_length
+        self.page_size = page_size
+        self.info = info                     # the template's RamBlockInfo (extras kept)
+        self.npages = used_length // page_size
+        self.mem = mmap.mmap(-1, max(used_length, page_size))
+        self.pages = np.frombuffer(self.mem, dtype=np.uint8,
+                                   count=used_length).reshape(self.npages, page_size) \
+            if used_length else np.zeros((0, page_size), np.uint8)
+        self.dirty = np.zeros(self.npages, dtype=bool)
+
+    def write(self, offset: int, data) -> None:
+        n = len(data)
+        if offset < 0 or offset + n > self.used_length:
+            raise QmigstreamError(f"write of {n} bytes at 0x{offset:x} outside RAM block "
+                                  f"{self.name!r} ({self.used_length} bytes)")
+        self.mem[offset:offset + n] = data
+        if n:
+            ps = self.page_size
+            self.dirty[offset // ps:(offset + n - 1) // ps + 1] = True
+
+    def page(self, index: int) -> memoryview:
+        ps = self.page_size
+        return memoryview(self.mem)[index * ps:(index + 1) * ps]
+
+    def nonzero(self, indices) -> np.ndarray:
+        """For each page index, whether the page has a non-zero byte."""
+        if len(indices) == 0:
+            return np.zeros(0, dtype=bool)
+        words = self.pages.view(np.uint64) if self.page_size % 8 == 0 else self.pages
+        return words[indices].any(axis=1)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.mem[:self.used_length]).hexdigest()
+
+    def close(self):
+        self.pages = None
+        self.mem.close()
+
+
+class GuestRam:
+    """RAM blocks in MEM_SIZE order.  ``blocks``: [(name, used_length[, RamBlockInfo])]."""
+
+    def __init__(self, blocks, page_size: int = 4096):
+        self.page_size = page_size
+        self.blocks = {}
+        for b in blocks:
+            name, length = b[0], b[1]
+            info = b[2] if len(b) > 2 else None
+            if name in self.blocks:
+                raise QmigstreamError(f"RAM block {name!r} twice")
+            self.blocks[name] = RamBlock(name, length, page_size, info)
+        if not self.blocks:
+            raise QmigstreamError("a guest needs at least one RAM block")
+        self.main = next(iter(self.blocks.values()))
+
+    def __iter__(self):
+        return iter(self.blocks.values())
+
+    def block(self, name: str) -> RamBlock:
+        try:
+            return self.blocks[name]
+        except KeyError:
+            raise QmigstreamError(f"no RAM block {name!r}") from None
+
+    def write(self, gpa: int, data) -> None:
+        """A guest-physical write (DMA): the main block, offset = gpa."""
+        self.main.write(gpa, data)
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return bytes(self.main.mem[gpa:gpa + n])
+
+    @property
+    def total(self) -> int:
+        return sum(b.used_length for b in self)
+
+    def digests(self) -> dict:
+        return {b.name: b.digest() for b in self}
+
+    def resident_pages(self) -> int:
+        return sum(int(b.nonzero(np.arange(b.npages)).sum()) for b in self)
+
+    def clear_dirty(self):
+        for b in self:
+            b.dirty[:] = False
+
+    def close(self):
+        for b in self:
+            b.close()
+
+
+class CpuWorkload:
+    """A guest CPU that dirties pages: ``rate`` stores per second of modelled time.
+
+    Each store writes ``store_size`` pseudo-random bytes at a pseudo-random
+    page and offset of the main block (within ``[start, start+length)``), so a
+    dirtied page changes in a few bytes — what makes XBZRLE worth it.  Every
+    choice comes from SplitMix64 over ``seed``: the same seed dirties the same
+    pages with the same bytes on every machine.
+    """
+
+    def __init__(self, ram: GuestRam, *, seed: int = 0, rate: int = 0, store_size: int = 64,
+                 start: int = 0, length: int | None = None):
+        self.ram = ram
+        self.rate = rate
+        self.store_size = store_size
+        self.start = start
+        blk = ram.main
+        self.length = (blk.used_length - start) if length is None else length
+        if self.length <= 0 or start + self.length > blk.used_length:
+            raise QmigstreamError("workload range outside the main RAM block")
+        self.state = splitmix64(seed ^ 0xC0FFEE)
+        self.stores = 0
+        self._carry = 0
+
+    def run_stores(self, n: int) -> int:
+        blk = self.ram.main
+        ps = blk.page_size
+        span_pages = max(1, self.length // ps)
+        size = min(self.store_size, ps)
+        for _ in range(n):
+            self.state = splitmix64(self.state)
+            r = self.state
+            page = (r % span_pages)
+            off = ((r >> 32) % (ps - size + 1)) & ~7
+            addr = self.start + page * ps + off
+            blk.write(addr, pattern(r, size))
+        self.stores += n
+        return n
+
+    def run_for(self, nanoseconds: int) -> int:
+        """Run for a stretch of modelled time (integer arithmetic: deterministic)."""
+        total = self.rate * nanoseconds + self._carry
+        n, self._carry = divmod(total, 1_000_000_000)
+        return self.run_stores(n)
+
+
+def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: float = 0.05):
+    """Give a synthetic guest something to migrate: ``fraction`` of the main block's
+    pages hold pseudo-random data, ``uniform`` hold one repeated non-zero byte, the
+    rest stay zero.  Deterministic for ``seed``."""
+    blk = ram.main
+    state = splitmix64(seed ^ 0xF111)
+    n_data = int(blk.npages * fraction)
+    n_uni = int(blk.npages * uniform)
+    if not n_data and not n_uni:
+        return
+    # choose pages by a deterministic stride walk (no numpy RNG: portable)
+    step = 2 * (blk.npages // 3) + 1
+    while np.gcd(step, blk.npages) != 1:
+        step += 2
+    idx = (np.arange(n_data + n_uni, dtype=np.int64) * step + (state % blk.npages)) % blk.npages
+    ps = blk.page_size
+    data = pattern(seed, n_data * ps)
+    for k, page in enumerate(idx[:n_data].tolist()):
+        blk.mem[page * ps:(page + 1) * ps] = data[k * ps:(k + 1) * ps]
+    for k, page in enumerate(idx[n_data:].tolist()):
+        fill = 1 + (splitmix64(state + k) % 255)
+        blk.mem[page * ps:(page + 1) * ps] = bytes((fill,)) * ps
+    ram.clear_dirty()
+
+
+class RamLoader:
+    """Applies RAM records to a :class:`GuestRam` (``ram_load_precopy``).
+
+    ``iteration`` counts RAM sections (START = 0, each PART +1, END last).
+    """
+
+    def __init__(self, ram: GuestRam):
+        self.ram = ram
+        self.pages = 0
+
+    def feed(self, rec) -> None:
+        ram = self.ram
+        if isinstance(rec, R.RamZeroRun):
+            blk = ram.block(rec.block)
+            start = rec.addr // blk.page_size
+            self._bounds(blk, rec.addr + (rec.count - 1) * blk.page_size, rec)
+            blk.pages[start:start + rec.count] = 0
+            self.pages += rec.count
+        elif isinstance(rec, R.RamZero):
+            blk = ram.block(rec.block)
+            self._bounds(blk, rec.addr, rec)
+            blk.pages[rec.addr // blk.page_size] = rec.fill
+            self.pages += 1
+        elif isinstance(rec, R.RamPage):
+            blk = ram.block(rec.block)
+            self._bounds(blk, rec.addr, rec)
+            blk.mem[rec.addr:rec.addr + blk.page_size] = rec.data
+            self.pages += 1
+        elif isinstance(rec, R.RamXbzrle):
+            blk = ram.block(rec.block)
+            self._bounds(blk, rec.addr, rec)
+            old = bytes(blk.page(rec.addr // blk.page_size))
+            blk.mem[rec.addr:rec.addr + blk.page_size] = xbzrle.decode(
+                bytes(rec.data), old, offset=rec.offset)
+            self.pages += 1
+        elif isinstance(rec, R.RamCompressed):
+            blk = ram.block(rec.block)
+            self._bounds(blk, rec.addr, rec)
+            try:
+                d = zlib.decompressobj()
+                out = d.decompress(bytes(rec.data), blk.page_size + 1)
+            except zlib.error as e:
+                raise StreamError(f"compressed page does not inflate: {e}", rec.offset,
+                                  section="ram") from None
+            if len(out) != blk.page_size:
+                raise StreamError("compressed page does not inflate to one page", rec.offset,
+                                  section="ram", expected=blk.page_size, found=len(out))
+            blk.mem[rec.addr:rec.addr + blk.page_size] = out
+            self.pages += 1
+        elif isinstance(rec, R.MappedRamChunk) and rec.area == "pages" and rec.data is not None:
+            blk = ram.block(rec.block)
+            blk.mem[rec.start:rec.start + rec.length] = rec.data
+
+    @staticmethod
+    def _bounds(blk, addr, rec):
+        if addr >= blk.used_length:
+            raise StreamError(f"page offset beyond the end of RAM block {blk.name!r}",
+                              rec.offset, section="ram", expected=f"< 0x{blk.used_length:x}",
+                              found=addr)

@@ -1,0 +1,410 @@
+"""The source side: emulated VFIO devices and guest RAM migrated into the stream a QEMU release writes.
+
+Order of the stream (``migration_thread`` in migration/migration.c, savevm.c):
+
+1. header and configuration record (the template's, or the profile's machine);
+2. with switchover-ack: ``OPEN_RETURN_PATH`` and ``PING(1)`` (the return path);
+3. setup: ``START`` of ``ram`` (MEM_SIZE, EOS), then ``START`` of each VFIO device;
+4. iterations: each round a ``PART`` of ``ram`` (one pass over the dirty pages),
+   then a ``PART`` of each VFIO device whose release has an iterate handler and
+   that is still in pre-copy; between rounds the CPU workload and the devices'
+   DMA run for the modelled time the round took (bytes / bandwidth), and the
+   dirty log is synced (CPU writes plus the devices' own dirty tracking);
+5. the VM stops: 10.0+ ``SWITCHOVER_START`` (machine types >= 10.0), then ``END``
+   of ``ram`` (the last dirty pages) and of each device (stop-and-copy data;
+   5.2 also its config record);
+6. ``FULL`` sections: the template's devices in their order, each VFIO device's
+   config section (6.0+) before ``acpi_build``/``globalstate``;
+7. ``EOF`` and the VMDESCRIPTION trailer describing every FULL section, in the
+   profile's JSON style (8.2+: with the configuration description first).
+
+Convergence: after each round, stop when the round count reaches
+``iterations`` (if given), else when the remaining dirty bytes can be sent
+within ``downtime`` at ``bandwidth`` (and, with switchover-ack, every device
+has sent its initial data), or at ``max_iterations``.  All choices come from
+the seed: the same configuration gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from .. import __version__, vmdesc
+from ..codec.ram_records import RamEos, RamMemSize, RamBlockInfo
+from ..codec.records import (Command, Configuration, EndOfStream, FileHeader, SectionFooter,
+                             SectionHeader, VmDescription)
+from ..codec.writer import StreamWriter
+from ..device.pci_device import PAGE, EmulatedPciDevice
+from ..errors import QmigstreamError
+from ..vfio import builder as VB
+from ..vfio import family as VF
+from ..wire.commands import MigCmd
+from ..wire.header import SectionType as T
+from ..wire.vfio import PciConfigState
+from . import profiles as P
+from .guest import CpuWorkload, GuestRam, fill_initial
+from .ramsave import RamSaver
+from .template import load_template
+from .vfiodev import SourceV1, SourceV2
+
+NS = 1_000_000_000
+
+
+@dataclass
+class DeviceSpec:
+    """One emulated VFIO device: its state profile, seed, DMA rate (pages/s), v2 features."""
+    profile: str = "sized:64K"
+    seed: int = 1
+    dma_rate: int = 0
+    features: str = "p2p,pre_copy"
+    address: str | None = None          # PCI address; default 0000:00:1N.0
+
+    @classmethod
+    def parse(cls, text: str, index: int = 0) -> "DeviceSpec":
+        """``PROFILE[,seed=N][,dma=RATE][,features=a+b][,addr=0000:00:05.0]``."""
+        parts = text.split(",")
+        spec = cls(profile=parts[0] or "sized:64K", seed=index + 1)
+        for p in parts[1:]:
+            k, _, v = p.partition("=")
+            if k == "seed":
+                spec.seed = int(v, 0)
+            elif k == "dma":
+                spec.dma_rate = int(v, 0)
+            elif k == "features":
+                spec.features = v.replace("+", ",")
+            elif k == "addr":
+                spec.address = v
+            else:
+                raise QmigstreamError(f"device option {k!r}: one of seed, dma, features, addr")
+        return spec
+
+
+@dataclass
+class MigrateConfig:
+    profile: str = P.DEFAULT_PROFILE
+    template: str | None = None
+    devices: list = field(default_factory=lambda: [DeviceSpec()])
+    seed: int = 0
+    ram_size: int = 64 << 20
+    initial_fraction: float = 0.25
+    iterations: int | None = None
+    max_iterations: int = 30
+    bandwidth: int = 1 << 30              # bytes per second
+    downtime_ms: int = 300
+    dirty_rate: int = 0                   # CPU stores per second
+    store_size: int = 64
+    xbzrle: bool = False
+    xbzrle_cache: int = 64 << 20
+    switchover_ack: bool = False
+    v1_layout: str = "rfc"
+    v1_window: int = 64 * 1024
+    v1_bitmap_bits: int | None = None
+
+    def to_json(self):
+        d = asdict(self)
+        d["devices"] = [asdict(x) for x in self.devices]
+        return d
+
+
+@dataclass
+class MigrationResult:
+    path: str
+    profile: str
+    size: int = 0
+    sha256: str = ""
+    rounds: int = 0
+    phases: dict = field(default_factory=dict)        # phase -> bytes
+    pages: dict = field(default_factory=dict)
+    devices: list = field(default_factory=list)
+    ram: dict = field(default_factory=dict)           # block -> sha256 of final memory
+    converged: str = ""
+    config: dict = field(default_factory=dict)
+
+    def to_json(self):
+        return asdict(self)
+
+
+class _Out:
+    """Writes records, remembers each section's bytes per phase."""
+
+    def __init__(self, f, footers):
+        self.w = StreamWriter(f)
+        self.footers = footers
+        self.phase = "header"
+        self.phases = {}
+        self.h = hashlib.sha256()
+
+    def rec(self, r):
+        n = self.w.write(r)
+        data = r.encode()
+        self.h.update(data)
+        self.phases[self.phase] = self.phases.get(self.phase, 0) + n
+        return n
+
+    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1):
+        n = self.rec(SectionHeader(type_, sid, idstr, instance_id, version_id)
+                     if type_ in (T.SECTION_START, T.SECTION_FULL) else SectionHeader(type_, sid))
+        for r in payload:
+            n += self.rec(r)
+        if self.footers:
+            n += self.rec(SectionFooter(sid))
+        return n
+
+
+def _pci_address(i: int, spec: DeviceSpec) -> str:
+    return spec.address or f"0000:00:{0x10 + i:02x}.0"
+
+
+class _Device:
+    """One VFIO device on the source: the emulated device and QEMU's side of its interface."""
+
+    def __init__(self, i, spec, prof, cfg, ram):
+        self.spec = spec
+        self.idstr = f"{_pci_address(i, spec)}/vfio"
+        main = ram.main
+        dma_pages = max(1, min(256, main.npages - 0x100000 // PAGE)) \
+            if main.used_length > 0x100000 else max(1, main.npages // 2)
+        dma_base = 0x100000 if main.used_length > 0x100000 + PAGE else 0
+        self.device = EmulatedPciDevice(spec.profile, seed=spec.seed, memory=ram,
+                                        dma_base=dma_base, dma_pages=dma_pages)
+        self.family = VF.get(prof.vfio_family)
+        if prof.interface == "v1":
+            self.src = SourceV1(self.device, layout=cfg.v1_layout, window_size=cfg.v1_window,
+                                bitmap_bits=cfg.v1_bitmap_bits)
+        else:
+            self.src = SourceV2(self.device, features=spec.features,
+                                precopy=prof.v2_precopy, ram_bytes=main.used_length)
+        self.precopy_active = self.family.has_part and self.src.precopy
+        self.init_sent = False
+        self.data_bytes = 0
+        self.chunks = 0
+        self._carry = 0
+        self.digest_before = self.device.state_digest()
+
+    def run_for(self, ns):
+        if not self.spec.dma_rate:
+            return
+        total = self.spec.dma_rate * ns + self._carry
+        ticks, self._carry = divmod(total, NS)
+        if ticks:
+            self.device.run(ticks)
+
+    def config_state(self):
+        dev = self.device
+        table = bytes(dev.msix_table) if len(dev.msix_table) else None
+        return PciConfigState.make(dev.config_space(), msix_table=table)
+
+
+def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
+    """Write the stream to ``out_path``; return what was written and the source's final state."""
+    prof = P.get(cfg.profile)
+    tpl = load_template(cfg.template) if cfg.template else None
+    if tpl is not None:
+        ram = tpl.ram
+        footers = tpl.footers
+        conf = tpl.configuration
+        machine = tpl.machine or prof.machine
+    else:
+        ram = GuestRam([("pc.ram", cfg.ram_size)])
+        fill_initial(ram, seed=cfg.seed, fraction=cfg.initial_fraction)
+        footers = True
+        machine = prof.machine
+        conf = Configuration(machine.encode("latin-1"))
+    if cfg.switchover_ack and prof.interface != "v2":
+        raise QmigstreamError(f"{prof.name}: switchover-ack needs the v2 interface (8.1+)")
+    if cfg.switchover_ack and not VF.get(prof.vfio_family).init_data_sent:
+        raise QmigstreamError(f"{prof.name}: this release has no switchover-ack")
+    devices = [_Device(i, s, prof, cfg, ram) for i, s in enumerate(cfg.devices)]
+    ram_sid = tpl.ram_section_id if tpl else 2
+    next_sid = (tpl.max_section_id if tpl else ram_sid) + 1
+    for d in devices:
+        d.sid = next_sid
+        next_sid += 1
+    workload = CpuWorkload(ram, seed=cfg.seed, rate=cfg.dirty_rate, store_size=cfg.store_size,
+                           start=0x100000 if ram.main.used_length > 0x200000 else 0)
+    saver = RamSaver(ram, xbzrle_on=cfg.xbzrle, cache_size=cfg.xbzrle_cache)
+    total_pfns = ram.main.npages
+    res = MigrationResult(str(out_path), prof.name, config=cfg.to_json())
+    with open(out_path, "wb") as f:
+        out = _Out(f, footers)
+        out.rec(FileHeader())
+        if conf is not None:
+            out.rec(Configuration(conf.machine, conf.subsections))
+        if cfg.switchover_ack:
+            out.phase = "commands"
+            out.rec(Command(MigCmd.OPEN_RETURN_PATH))
+            out.rec(Command(MigCmd.PING, {"value": 1}))
+        # -- setup -----------------------------------------------------------------
+        out.phase = "setup"
+        blocks = [b.info if b.info is not None else RamBlockInfo(b.name, b.used_length)
+                  for b in ram]
+        saver.setup()
+        out.section(T.SECTION_START, ram_sid, [RamMemSize(ram.total, blocks), RamEos()],
+                    "ram", 0, 4)
+        for d in devices:
+            d.src.setup()
+            out.section(T.SECTION_START, d.sid, VB.start_records(d.family), d.idstr, 0, 1)
+        # -- iterations ------------------------------------------------------------
+        rounds = 0
+        reason = ""
+        while True:
+            out.phase = f"iteration {rounds + 1}"
+            saver.sync()
+            _merge_device_dirty(devices, ram, total_pfns)
+            before = out.w.offset
+            recs = list(saver.pass_records())
+            out.section(T.SECTION_PART, ram_sid, recs + [RamEos()])
+            for d in devices:
+                if not d.precopy_active:
+                    continue
+                chunk = d.src.precopy_chunk()
+                init = False
+                if cfg.switchover_ack and not d.init_sent and d.src.initial_bytes() == 0:
+                    init = d.init_sent = True
+                if chunk:
+                    d.data_bytes += len(chunk)
+                    d.chunks += 1
+                payload = VB.part_records(d.family, chunk or None, init_data_sent=init)
+                out.section(T.SECTION_PART, d.sid, payload)
+                if d.family.protocol == "v1" and not chunk and d.src.precopy_done():
+                    d.precopy_active = False      # v1: "DATA 0" ends its iteration
+            rounds += 1
+            elapsed = (out.w.offset - before) * NS // max(1, cfg.bandwidth)
+            workload.run_for(elapsed)
+            for d in devices:
+                d.run_for(elapsed)
+            if progress:
+                progress(out.w.offset)
+            reason = _converged(cfg, rounds, saver, devices)
+            if reason:
+                break
+        res.rounds = rounds
+        res.converged = reason
+        # -- stop and copy -----------------------------------------------------------
+        out.phase = "completion"
+        if prof.sends_switchover_start(machine):
+            out.rec(Command(MigCmd.SWITCHOVER_START))
+        saver.sync()
+        finals = []
+        for d in devices:
+            finals.append(d.src.stop_and_copy())
+        _merge_device_dirty(devices, ram, total_pfns)
+        out.section(T.SECTION_END, ram_sid, list(saver.pass_records(last_stage=True))
+                    + [RamEos()])
+        fulls = {}
+        for d, (chunks, zero) in zip(devices, finals):
+            d.data_bytes += sum(len(c) for c in chunks)
+            d.chunks += len(chunks)
+            cstate = d.config_state()
+            out.section(T.SECTION_END, d.sid, VB.end_records(d.family, chunks, cstate,
+                                                             zero_terminator=zero))
+            fulls[d.idstr] = VB.full_records(d.family, cstate)
+            d.src.finish()
+        # -- device state ------------------------------------------------------------
+        out.phase = "devices"
+        entries = []
+        tdevs = tpl.devices if tpl else []
+        vfio_at = _vfio_position(tdevs)
+        for i, td in enumerate(tdevs + [None]):
+            if i == vfio_at:
+                for d in devices:
+                    payload = fulls[d.idstr]
+                    if payload is None:
+                        continue
+                    out.section(T.SECTION_FULL, d.sid, payload, d.idstr, 0, 1)
+                    entries.append(VB.vmdesc_entry(d.idstr, payload))
+            if td is None:
+                break
+            out.section(T.SECTION_FULL, td.section_id, td.payload, td.idstr,
+                        td.instance_id, td.version_id)
+            if td.entry is not None:
+                entries.append(td.entry)
+        out.rec(EndOfStream())
+        out.phase = "trailer"
+        if tpl is None or tpl.description is not None:
+            out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
+        res.size = out.w.offset
+        res.sha256 = out.h.hexdigest()
+        res.phases = out.phases
+    res.pages = dict(saver.counts)
+    res.ram = ram.digests()
+    for d in devices:
+        res.devices.append({"idstr": d.idstr, "interface": d.src.interface,
+                            "family": d.family.name, "profile": d.spec.profile,
+                            "seed": d.spec.seed, "features": d.spec.features,
+                            "v1_layout": cfg.v1_layout if d.src.interface == "v1" else None,
+                            "data_bytes": d.data_bytes, "chunks": d.chunks,
+                            "state_digest": d.device.state_digest(),
+                            "image_digest": d.device.image_digest(),
+                            "config": d.device.config_space().hex()})
+    return res
+
+
+def _merge_device_dirty(devices, ram, total_pfns):
+    """Pages the devices wrote by DMA, from their own dirty tracking, into the RAM dirty log."""
+    main = ram.main
+    for d in devices:
+        for pfn in d.src.dirty_pages(total_pfns):
+            if pfn < main.npages:
+                main.dirty[pfn] = True
+
+
+def _converged(cfg, rounds, saver, devices) -> str:
+    acks = all(d.init_sent for d in devices if d.precopy_active) \
+        if cfg.switchover_ack else True
+    if cfg.iterations is not None:
+        if rounds >= cfg.iterations and acks:
+            return f"fixed iteration count ({cfg.iterations})"
+        if rounds >= cfg.max_iterations + cfg.iterations:
+            return "switchover-ack never arrived within the iteration limit"
+        return ""
+    pending = saver.dirty_bytes()
+    for d in devices:
+        if d.precopy_active:
+            pending += d.device.stop_copy_length()
+    if acks and pending * 1000 <= cfg.downtime_ms * cfg.bandwidth:
+        return (f"remaining {pending} bytes fit in the downtime limit "
+                f"({cfg.downtime_ms} ms at {cfg.bandwidth} B/s)")
+    if rounds >= cfg.max_iterations:
+        return f"iteration limit ({cfg.max_iterations}) reached"
+    return ""
+
+
+def _vfio_position(tdevs) -> int:
+    for i, td in enumerate(tdevs):
+        if td.idstr in ("acpi_build", "globalstate"):
+            return i
+    return len(tdevs)
+
+
+def _config_description(conf: Configuration) -> dict:
+    """The 8.2+ trailer's description of the configuration record (vmstate "configuration")."""
+    d = vmdesc.JsonObject([
+        ("vmsd_name", "configuration"), ("version", 1),
+        ("fields", [
+            vmdesc.JsonObject([("name", "len"), ("type", "uint32"), ("size", 4)]),
+            vmdesc.JsonObject([("name", "name"), ("type", "buffer"),
+                               ("size", len(conf.machine))]),
+        ])])
+    if conf.subsections:
+        raise QmigstreamError("describing configuration subsections in an 8.2+ trailer "
+                              "is not supported; use a template without capabilities")
+    return d
+
+
+def _trailer(prof, tpl, conf, page_size, entries) -> bytes:
+    members = []
+    if prof.vmdesc_configuration and conf is not None:
+        members.append(("configuration", _config_description(conf)))
+    members.append(("page_size", page_size))
+    members.append(("devices", entries))
+    return vmdesc.dump(vmdesc.JsonObject(members), prof.json_style)
+
+
+def write_manifest(res: MigrationResult, path) -> None:
+    with open(path, "w") as f:
+        json.dump({"format": "qmigstream-migration", "generator": f"qmigstream {__version__}",
+                   **res.to_json()}, f, indent=2, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,109 @@
+"""QEMU release profiles: what a given release writes, as data.
+
+A profile is the handful of facts in which releases' streams differ; the
+migration pipeline (:mod:`qmigstream.pipeline.migrate`) reads them and does
+nothing version-specific of its own.  Each row names the QEMU source it
+follows:
+
+* ``vfio_family`` — how VFIO sections frame device data
+  (:mod:`qmigstream.vfio.family`, from ``hw/vfio/migration.c``);
+* ``json_style`` — the VMDESCRIPTION writer (``migration/qjson.c`` up to 5.2,
+  ``qobject/json-writer.c`` from 6.0);
+* ``vmdesc_configuration`` — 8.2+ describes the configuration record in the
+  trailer (``qemu_savevm_state_header``);
+* ``switchover_start`` — 10.0+ sends ``MIG_CMD_SWITCHOVER_START`` after the VM
+  stops, for machine types from 10.0 on (``hw_compat_9_2`` turns
+  ``send-switchover-start`` off for older ones);
+* ``v2_precopy`` — 8.1+ runs a v2 device in PRE_COPY during iterations (8.0
+  has no iterate handler);
+* ``compress_page`` — the ``compress`` capability exists (removed in 9.1);
+* ``multifd_flush`` — the ``MULTIFD_FLUSH`` RAM flag exists (8.1+).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..vmdesc import JSONWRITER, QJSON
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    release: str                  # the QEMU release modelled
+    vfio_family: str              # qmigstream.vfio.family name
+    interface: str                # "v1" migration region, "v2" state machine
+    json_style: str
+    vmdesc_configuration: bool
+    switchover_start: bool
+    v2_precopy: bool
+    compress_page: bool
+    multifd_flush: bool
+    machine: str                  # default machine type (no --template)
+    notes: str = ""
+
+    def machine_version(self, machine: str):
+        m = re.search(r"-(\d+)\.(\d+)$", machine)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    def sends_switchover_start(self, machine: str) -> bool:
+        """``send-switchover-start`` for this machine type (off for <= 9.2 machines)."""
+        if not self.switchover_start:
+            return False
+        v = self.machine_version(machine)
+        return v is None or v >= (10, 0)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _p(name, release, family, interface, style, vcfg, sws, pre, comp, flush, machine, **kw):
+    return Profile(name, release, family, interface, style, vcfg, sws, pre, comp, flush,
+                   machine, **kw)
+
+
+PROFILES = {p.name: p for p in (
+    _p("qemu-5.2", "5.2", "5.2", "v1", QJSON, False, False, False, True, False,
+       "pc-i440fx-5.2", notes="v1 migration region; config record inside the END section; "
+       "QJSON trailer"),
+    _p("qemu-6.0", "6.0", "6.0-7.2", "v1", JSONWRITER, False, False, False, True, False,
+       "pc-i440fx-6.0", notes="v1; config record as its own FULL section; JSONWriter trailer"),
+    _p("qemu-7.2", "7.2", "6.0-7.2", "v1", JSONWRITER, False, False, False, True, False,
+       "pc-i440fx-7.2", notes="as 6.0 (the QEMU Debian 12 ships)"),
+    _p("qemu-8.0", "8.0", "8.0", "v2", JSONWRITER, False, False, False, True, False,
+       "pc-i440fx-8.0", notes="v2 state machine; no pre-copy iterations for VFIO"),
+    _p("qemu-8.1", "8.1", "8.1-9.x", "v2", JSONWRITER, False, False, True, True, True,
+       "pc-i440fx-8.1", notes="v2 PRE_COPY iterations; switchover-ack DEV_INIT_DATA_SENT; "
+       "MULTIFD_FLUSH exists"),
+    _p("qemu-8.2", "8.2", "8.1-9.x", "v2", JSONWRITER, True, False, True, True, True,
+       "pc-i440fx-8.2", notes="as 8.1; the trailer describes the configuration record"),
+    _p("qemu-9.2", "9.2", "8.1-9.x", "v2", JSONWRITER, True, False, True, False, True,
+       "pc-i440fx-9.2", notes="as 8.2; COMPRESS_PAGE gone (9.1)"),
+    _p("qemu-10.0", "10.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
+       "pc-i440fx-10.0", notes="SWITCHOVER_START command (machine types >= 10.0); "
+       "VFIO on the main channel (multifd device-state transfer off)"),
+    _p("qemu-10.1", "10.1", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
+       "pc-i440fx-10.1", notes="as 10.0"),
+    _p("qemu-11.0", "11.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
+       "pc-i440fx-11.0", notes="as 10.1"),
+)}
+
+DEFAULT_PROFILE = "qemu-7.2"
+
+
+def get(name) -> Profile:
+    if isinstance(name, Profile):
+        return name
+    key = name if name.startswith("qemu-") else f"qemu-{name}"
+    try:
+        return PROFILES[key]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; one of {', '.join(PROFILES)}") from None
+
+
+def differences(a: Profile, b: Profile) -> dict:
+    """The facts in which two profiles differ: {field: (a's, b's)}."""
+    skip = {"name", "release", "notes", "machine"}
+    return {k: (getattr(a, k), getattr(b, k)) for k in a.__dataclass_fields__
+            if k not in skip and getattr(a, k) != getattr(b, k)}
