@@ -34,6 +34,7 @@ EXPECTED = {
     "pc-7.2-paused", "q35-7.2-paused", "pc-7.2-loader", "pc-i440fx-2.2-paused",
     "pc-7.2-noconfig", "pc-7.2-devices", "pc-7.2-running-xbzrle", "pc-7.2-compress",
     "pc-7.2-ignore-shared-uuid", "pc-7.2-postcopy-advised", "pc-7.2-multifd", "pc-7.2-savevm",
+    "pc-i440fx-2.2-devices", "pc-i440fx-2.2-devices-vmdesc",
 }
 NAMES = capture_names()
 
@@ -143,7 +144,8 @@ def _record_bytes(path, cls):
 
 
 SIMPLE = ["pc-7.2-paused", "q35-7.2-paused", "pc-7.2-loader", "pc-i440fx-2.2-paused",
-          "pc-7.2-noconfig", "pc-7.2-devices", "pc-7.2-postcopy-advised", "pc-7.2-savevm"]
+          "pc-7.2-noconfig", "pc-7.2-devices", "pc-7.2-postcopy-advised", "pc-7.2-savevm",
+          "pc-i440fx-2.2-devices", "pc-i440fx-2.2-devices-vmdesc"]
 
 
 @pytest.mark.parametrize("name", [n for n in SIMPLE if n != "pc-7.2-savevm"])
@@ -295,6 +297,27 @@ def test_old_machine_has_no_configuration_footers_or_trailer(capture):
     assert reader.footers is False
     assert recs[-1].kind == "eof" or type(recs[-1]).__name__ == "EndOfStream"
     assert recs[-1].offset == path.stat().st_size - 1
+
+
+def test_sections_bounded_without_description_end_where_the_description_says(capture):
+    """pc-i440fx-2.2 suppresses the trailer; with suppress-vmdesc=off the same machine
+    writes the same bytes plus a trailer.  Without it every device section is bounded
+    by looking for the next header; the records must be the ones the description gives."""
+    bare, _ = capture("pc-i440fx-2.2-devices")
+    full, _ = capture("pc-i440fx-2.2-devices-vmdesc")
+    a, b = bare.read_bytes(), full.read_bytes()
+    assert b[:len(a)] == a and b[len(a)] == 0x06
+    ra, rb = _records(bare), _records(full)
+    assert isinstance(rb[-1], VmDescription) and rb[-1].offset == len(a)
+    assert len(ra) == len(rb) - 1
+    for x, y in zip(ra, rb):
+        # an opaque payload on one side is a decoded device state on the other
+        same_kind = x.kind == y.kind or {x.kind, y.kind} == {"payload", "device_state"}
+        assert same_kind and (x.offset, x.size) == (y.offset, y.size)
+    heads = [r for r in ra if isinstance(r, SectionHeader) and r.full]
+    assert len(heads) == len(rb[-1].obj["devices"]) + 1 == 59      # + ram
+    bounded = {h for s in _summary(bare)["sections"] for h in s.get("bounded_by", [])}
+    assert "description" not in bounded and bounded
 
 
 def test_noconfig_keeps_footers_and_trailer(capture):

@@ -101,6 +101,7 @@ LOADABLE = {
     "pc-7.2-running-xbzrle": {"xbzrle": True},
     "pc-7.2-compress": {"compress": True},
     "pc-7.2-postcopy-advised": {"postcopy-ram": True},
+    "pc-i440fx-2.2-devices": {}, "pc-i440fx-2.2-devices-vmdesc": {},
 }
 
 

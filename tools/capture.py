@@ -253,6 +253,48 @@ def s_devices(c):
     run_exec_migration(c, args, ram_bytes=64 * MiB)
 
 
+OLD_MACHINE_ZOO = [
+    "-device", "VGA", "-device", "e1000,romfile=", "-device", "rtl8139,romfile=",
+    "-device", "virtio-net-pci,romfile=", "-device", "virtio-blk-pci,drive=d0",
+    "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=c0,name=org.qmigstream.0",
+    "-device", "virtio-balloon-pci", "-device", "virtio-rng-pci", "-device", "isa-serial,chardev=s0",
+    "-device", "piix3-usb-uhci", "-device", "usb-tablet", "-device", "ich9-usb-ehci1",
+    "-device", "es1370", "-device", "AC97", "-device", "intel-hda", "-device", "hda-duplex",
+    "-device", "megasas", "-device", "lsi53c895a", "-device", "virtio-scsi-pci",
+    "-device", "pvscsi", "-device", "ne2k_pci,romfile=", "-device", "pcnet,romfile=",
+    "-device", "vmxnet3,romfile=", "-device", "i6300esb", "-device", "sdhci-pci",
+    "-device", "pci-bridge,chassis_nr=1", "-device", "nec-usb-xhci", "-device", "ich9-ahci",
+    "-device", "pvpanic", "-device", "ib700",
+]
+
+
+def old_machine_zoo(c, machine):
+    disk = c.path("disk.raw")
+    with open(disk, "wb") as f:
+        f.truncate(MiB)
+    return pc(machine, 32, "-drive", f"file={disk},if=none,id=d0,format=raw",
+              "-chardev", "null,id=c0", "-chardev", "null,id=s0", *OLD_MACHINE_ZOO)
+
+
+@scenario("pc-i440fx-2.2-devices", reproducible=True,
+          exercises="no configuration, footers or trailer, with ~60 device sections (audio, "
+                    "SCSI, NICs, USB, AHCI, bridge, watchdogs): every device section must be "
+                    "bounded without a description")
+def s_pc22_devices(c):
+    """pc-i440fx-2.2, 32 MiB, paused, OLD_MACHINE_ZOO (NIC option ROMs off)."""
+    run_exec_migration(c, old_machine_zoo(c, "pc-i440fx-2.2"), ram_bytes=32 * MiB)
+
+
+@scenario("pc-i440fx-2.2-devices-vmdesc", reproducible=True,
+          exercises="the same machine with suppress-vmdesc=off: byte for byte the stream of "
+                    "pc-i440fx-2.2-devices followed by a VMDESCRIPTION trailer, which tells "
+                    "where each device section really ends")
+def s_pc22_devices_vmdesc(c):
+    """pc-i440fx-2.2,suppress-vmdesc=off, otherwise as pc-i440fx-2.2-devices."""
+    run_exec_migration(c, old_machine_zoo(c, "pc-i440fx-2.2,suppress-vmdesc=off"),
+                       ram_bytes=32 * MiB)
+
+
 XBZRLE_PAGES = 32
 
 
