@@ -101,7 +101,7 @@ class Difference:
         extra = ""
         if "first_difference" in self.detail:
             extra = f" (first differing byte {self.detail['first_difference']})"
-        return f"{self.path}: {_val(self.a)} -> {_val(self.b)}{extra}{at}"
+        return f"{self.path}: {_val(self.a) or 'none'} -> {_val(self.b) or 'none'}{extra}{at}"
 
 
 @dataclasses.dataclass

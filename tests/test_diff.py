@@ -153,6 +153,30 @@ def test_section_order(tmp_path):
     assert order.detail["a"] == "timer" and order.detail["b"] == DEV["name"]
 
 
+def test_iterative_section_payloads_by_length_and_hash(tmp_path):
+    def one(end_payload, name):
+        b = StreamBuilder()
+        b.header()
+        b.configuration("pc-i440fx-7.2")
+        b.section(T.SECTION_START, "foo", [OpaquePayload(b"abc")], section_id=4)
+        b.section(T.SECTION_END, "foo", [OpaquePayload(end_payload)], section_id=4)
+        b.eof()
+        return write(tmp_path, b, name)
+    a, same, other = one(b"def", "a.mig"), one(b"def", "s.mig"), one(b"deg", "b.mig")
+    assert D.diff(a, same).equal
+    r = D.diff(a, other)
+    assert [(d.area, d.path, d.kind, d.a["length"], d.b["length"]) for d in r.differences] == \
+        [("device", "foo", "changed", 6, 6)]
+    assert r.differences[0].a["sha256"] == __import__("hashlib").sha256(b"abcdef").hexdigest()
+
+
+def test_missing_configuration_reads_none(tmp_path):
+    r = pair(tmp_path, b_kw={"machine": "pc-q35-7.2"})
+    assert [d.text() for d in r.differences] == ["machine: pc-i440fx-7.2 -> pc-q35-7.2"]
+    d = D.Difference("configuration", "machine", "changed", "pc-i440fx-7.2", None)
+    assert d.text() == "machine: pc-i440fx-7.2 -> none"
+
+
 def test_ram_pages_blocks_and_lengths(tmp_path):
     a_pages = [("pc.ram", i, "page", page(i)) for i in (1, 2, 3, 9)]
     b_pages = [("pc.ram", 1, "page", page(1)), ("pc.ram", 2, "page", page(99)),
