@@ -261,7 +261,7 @@ def _error_json(e) -> dict:
         return {"reason": str(e), "offset": None, "device": None, "errno": e.errno,
                 "message": str(e)}
     return {"reason": e.message, "offset": e.offset, "device": None, "errno": None,
-            "section": e.section, "message": e.one_line()}
+            "section": e.section, "message": e.one_line(), "malformed": True}
 
 
 def _verify(result, expect, dests):

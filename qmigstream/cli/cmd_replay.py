@@ -1,0 +1,53 @@
+"""``qmigstream replay FILE [--expect MANIFEST]``: load a stream into resuming devices, atomically."""
+
+from __future__ import annotations
+
+import json
+
+from ..pipeline.replay import load_expect, replay
+
+
+def register(sub):
+    p = sub.add_parser("replay", help="load a stream into resuming VFIO devices and guest RAM")
+    p.add_argument("file")
+    p.add_argument("--expect", help="source manifest (from migrate) to verify against")
+    p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    expect = load_expect(args.expect) if args.expect else None
+    res = replay(args.file, expect=expect, page_size=args.page_size)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+    else:
+        _text(res)
+    if not res.ok:
+        # 2: the input is not a usable stream; 1: a stream that does not load
+        return 2 if res.error.get("malformed") else 1
+    if res.verified is False:
+        return 1
+    return 0
+
+
+def _text(res):
+    if res.ok:
+        print(f"loaded: {res.pages:,} RAM pages, {len(res.devices)} VFIO device(s)")
+    else:
+        print(f"NOT loaded: {res.error['message']}")
+        print("  every device is as it was before the load")
+    for d in res.devices:
+        state = "restored" if res.ok else "unchanged"
+        if res.ok:
+            state = "loaded, config applied" if d["config_loaded"] else "loaded"
+        ver = {True: ", verified equal to the source", False: ", DIFFERS from the source",
+               None: ""}[d["verified"]]
+        print(f"  {d['idstr']}: {d['interface']} {d['profile']}: {d['bytes']:,} bytes in "
+              f"{d['chunks']} chunks, {state}{ver}")
+    if res.ok:
+        for name, digest in res.ram.items():
+            print(f"  RAM {name}: sha256 {digest}")
+    if res.verified is not None:
+        print("verified: source and destination are equal" if res.verified else
+              "verification FAILED:\n  " + "\n  ".join(res.mismatches))
