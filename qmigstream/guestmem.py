@@ -207,7 +207,7 @@ class _RunningHash:
     __slots__ = ("h", "cursor", "valid", "worker", "batch", "batched")
 
     #: Bytes collected before they go to the hashing thread in one piece.
-    BATCH = 16 << 20
+    BATCH = 8 << 20
 
     def __init__(self, worker):
         self.h = hashlib.sha256()
@@ -250,7 +250,7 @@ class _HashWorker:
     """One thread that feeds queued pieces to sha256 (hashlib drops the GIL while hashing)."""
 
     def __init__(self):
-        self.q = queue.Queue(maxsize=32)
+        self.q = queue.Queue(maxsize=4)
         self.error = None
         self.t = threading.Thread(target=self._run, name="qmigstream-hash", daemon=True)
         self.t.start()
@@ -708,7 +708,7 @@ def physical_map(machine: str, ram_size: int, **kw) -> list:
 
     ``[{"gpa", "block_offset", "length", "region"}]``: ``ram-below-4g`` maps
     block offset 0 at address 0, ``ram-above-4g`` maps the rest at 4 GiB
-    (``pc_memory_init``, hw/i386/pc.c lines 991-1007; ``above_4g_mem_start``
+    (``pc_memory_init``, hw/i386/pc.c lines 992-1008; ``above_4g_mem_start``
     is 4 GiB, hw/i386/x86.c line 1434).
     """
     below, above = ram_split(machine, ram_size, **kw)
