@@ -38,10 +38,11 @@ import tempfile
 
 import numpy as np
 
-from . import guestmem
+from . import guestmem, vmstate
 from .codec.records import (Command, Configuration, EndOfStream, FileHeader, OpaquePayload,
                             PackagedEnd, SectionFooter, SectionHeader, TrailingBytes,
                             VmDescription)
+from .errors import QmigstreamError
 from .vmstate.node import Vmsd
 from .vmstate.types import NULL_POINTER
 from .wire.header import SectionType as T
@@ -190,6 +191,7 @@ class DevicePayload:
     data: bytes
     tree: Vmsd | None
     why: str | None
+    entry: dict | None = None
 
 
 class StreamSnapshot:
@@ -295,7 +297,8 @@ class StreamSnapshot:
         why = None if tree is not None else (getattr(rec, "reason", None) or
                                              "not decoded")
         self.devices[base + (occ,)] = DevicePayload(base + (occ,), name, rec.offset,
-                                                    rec.data, tree, why)
+                                                    rec.data, tree, why,
+                                                    getattr(rec, "entry", None))
 
     def _iterative(self, e, rec):
         slot = self.iterative.setdefault((e.idstr, e.instance_id), [0, hashlib.sha256()])
@@ -403,11 +406,27 @@ def _sections(sa, sb, out):
         out.append(Difference("sections", "commands", "changed", sa.commands, sb.commands))
 
 
+def _borrow(da, db, side, borrowed):
+    """Decode the undecoded payload of ``db`` through ``da``'s description, if it fits."""
+    if da.tree is None or db.tree is not None or da.entry is None:
+        return db
+    try:
+        tree = vmstate.decode(da.entry, db.data, db.offset)
+    except QmigstreamError:
+        return db
+    borrowed.setdefault(f"{side} decoded through the other stream's description "
+                        f"({db.why})", []).append(db.name)
+    return dataclasses.replace(db, tree=tree)
+
+
 def _devices(sa, sb, out, notes, compared):
+    borrowed, as_bytes = {}, {}
     for key in _union(sa.devices, sb.devices):
         da, db = sa.devices.get(key), sb.devices.get(key)
         if da is None or db is None:
             continue            # reported with the section list
+        db = _borrow(da, db, "B", borrowed)
+        da = _borrow(db, da, "A", borrowed)
         if da.tree is not None and db.tree is not None:
             compared["devices_decoded"] += 1
             la, lb = flatten(da.tree, da.name), flatten(db.tree, db.name)
@@ -435,7 +454,13 @@ def _devices(sa, sb, out, notes, compared):
                                   {"first_difference": k, "length_a": len(da.data),
                                    "length_b": len(db.data), "why": f"compared as bytes: {why}"}))
         else:
-            notes.append(f"{da.name}: compared as bytes ({why})")
+            as_bytes.setdefault(why, []).append(da.name)
+    for what, names in borrowed.items():
+        notes.append(f"{len(names)} device section{'s' if len(names) > 1 else ''} {what}: "
+                     f"{', '.join(names)}")
+    for why, names in as_bytes.items():
+        notes.append(f"{len(names)} equal device section{'s' if len(names) > 1 else ''} "
+                     f"compared as bytes only ({why}): {', '.join(names)}")
     for key in _union(sa.iterative, sb.iterative):
         ia, ib = sa.iterative.get(key), sb.iterative.get(key)
         if ia is None or ib is None:

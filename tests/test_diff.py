@@ -40,7 +40,7 @@ def dev_payload(rxbuf=2048, mac=tuple(range(16)), eeprom=b"EEPROM!!", tcp=1):
 
 def build(*, machine="pc-i440fx-7.2", caps=None, dev=None, opaque=b"\x01\x02\x03\x04",
           pages=(), blocks=(("pc.ram", 16 * PS), ("pc.bios", 2 * PS)), extra_section=False,
-          ram_version=4, swap=False):
+          ram_version=4, swap=False, trailer=True):
     b = StreamBuilder()
     b.header()
     b.configuration(machine, capabilities=caps)
@@ -57,7 +57,8 @@ def build(*, machine="pc-i440fx-7.2", caps=None, dev=None, opaque=b"\x01\x02\x03
     if extra_section:
         b.section(T.SECTION_FULL, "port92", [OpaquePayload(b"\x00")], section_id=3)
     b.eof()
-    b.vmdescription(json.dumps({"page_size": PS, "devices": [DEV]}).encode())
+    if trailer:
+        b.vmdescription(json.dumps({"page_size": PS, "devices": [DEV]}).encode())
     return b
 
 
@@ -130,6 +131,17 @@ def test_opaque_section_compared_by_bytes(tmp_path):
     assert d.detail["first_difference"] == 2
     assert d.offset_a == timer.offset + 2
     assert "not described" in d.detail["why"]
+
+
+def test_stream_without_trailer_is_decoded_through_the_other_description(tmp_path):
+    mac = list(range(16))
+    mac[1] = 7
+    r = pair(tmp_path, b_kw={"trailer": False, "dev": dev_payload(mac=mac)})
+    assert [(d.path, d.a, d.b) for d in r.differences] == [("0000:00:02.0/e1000/mac_reg[1]", 1, 7)]
+    assert r.notes == ["1 device section B decoded through the other stream's description "
+                       "(the stream has no VMDESCRIPTION trailer): 0000:00:02.0/e1000",
+                       "1 equal device section compared as bytes only (not described in "
+                       "the VMDESCRIPTION trailer): timer"]
 
 
 def test_configuration_and_sections(tmp_path):
