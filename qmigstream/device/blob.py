@@ -190,11 +190,9 @@ class BlobAssembler:
             need = HEADER_SIZE + h.length + CRC_SIZE
             if len(self._buf) < need:
                 return
-            blob = memoryview(self._buf)[:need]
-            try:
-                self._accept(h, blob)
-            finally:
-                blob.release()
+            # A copy: a view of _buf would pin it (no resize) if _accept raises.
+            blob = bytes(self._buf[:need])
+            self._accept(h, memoryview(blob))
             del self._buf[:need]
             self._header = None
             if self.done:
