@@ -317,7 +317,7 @@ class MigrationRegionV1:
         """Device reset: _RUNNING, sessions dropped, error state left."""
         self._drop()
         self._fault = None
-        self._pass = None
+        self._abandon_pass()
         self.device_state = RUNNING
         self.device.running = True
 
@@ -361,7 +361,15 @@ class MigrationRegionV1:
     # -- RFC dirty-pfn protocol ------------------------------------------------------
     def _set_sticky(self, name, v):
         setattr(self, name, v)
-        self._pass = None                       # the next copied_pfns read is a new update
+        self._abandon_pass()                    # the next copied_pfns read is a new update
+
+    def _abandon_pass(self):
+        """Give pages not yet delivered by an unfinished pass back to the tracker."""
+        p = self._pass
+        if p is not None:
+            done = p["start"] + p["count"]
+            self._dirty_pages.update(pg for pg, hi in p["pages"] if hi >= done)
+        self._pass = None
 
     def _write_start_pfn(self, v):
         self._set_sticky("start_pfn", v)
@@ -372,7 +380,8 @@ class MigrationRegionV1:
     def _write_total_pfns(self, v):
         self._set_sticky("total_pfns", v)
 
-    def _dirty_pfns_in_range(self) -> list:
+    def _new_pass(self) -> dict:
+        """Snapshot (and take out of the tracker) the dirty pages of the sticky range."""
         ps, start, end = self.page_size, self.start_pfn, self.start_pfn + self.total_pfns
         pfns = set()
         taken = []
@@ -382,9 +391,9 @@ class MigrationRegionV1:
             if hi < start or lo >= end:
                 continue
             pfns.update(range(max(lo, start), min(hi, end - 1) + 1))
-            taken.append(p)
-        self._dirty_pages.difference_update(taken)   # reported: cleared
-        return sorted(pfns)
+            taken.append((p, min(hi, end - 1)))
+        self._dirty_pages.difference_update(p for p, _ in taken)
+        return {"start": start, "count": 0, "dirty": sorted(pfns), "pages": taken}
 
     def _read_copied_pfns(self) -> int:
         ps = self.page_size
@@ -394,7 +403,7 @@ class MigrationRegionV1:
             if not self.dirty_tracking:
                 self._last_produced = None
                 return ALL_ONES                  # the whole range is dirty
-            self._pass = {"count": 0, "dirty": self._dirty_pfns_in_range()}
+            self._pass = self._new_pass()
         p = self._pass
         cursor = p["count"]
         rest = [x for x in p["dirty"] if x >= self.start_pfn + cursor]
