@@ -295,13 +295,69 @@ def create_file(path: str) -> int:
     return os.open(path, flags, 0o644)
 
 
+class PageMarks:
+    """One mark per page (1: may hold data, 0: a hole), allocated 1 GiB of guest at a time.
+
+    A block of any length costs nothing until pages in it are written, so a
+    hostile MEM_SIZE naming a huge block does not allocate anything.
+    """
+
+    CHUNK = 1 << 18            # pages per piece (1 GiB of 4 KiB pages)
+
+    def __init__(self, pages: int = 0):
+        self.pages = pages
+        self._c = {}
+
+    def _pieces(self, i, n):
+        """``(piece index, start, end)`` within pieces for pages ``[i, i+n)``."""
+        C = self.CHUNK
+        end = min(i + n, self.pages)
+        while i < end:
+            k, lo = divmod(i, C)
+            hi = min(C, lo + end - i)
+            yield k, lo, hi
+            i += hi - lo
+
+    def set(self, i, n=1):
+        for k, lo, hi in self._pieces(i, n):
+            a = self._c.get(k)
+            if a is None:
+                a = self._c[k] = np.zeros(self.CHUNK, dtype=np.uint8)
+            a[lo:hi] = 1
+
+    def clear(self, i, n=1):
+        for k, lo, hi in self._pieces(i, n):
+            a = self._c.get(k)
+            if a is not None:
+                a[lo:hi] = 0
+
+    def any(self, i, n=1) -> bool:
+        for k, lo, hi in self._pieces(i, n):
+            a = self._c.get(k)
+            if a is not None and a[lo:hi].any():
+                return True
+        return False
+
+    def __getitem__(self, i) -> bool:
+        a = self._c.get(i // self.CHUNK)
+        return a is not None and bool(a[i % self.CHUNK])
+
+    def count(self) -> int:
+        return int(sum(np.count_nonzero(a) for a in self._c.values()))
+
+    def resize(self, pages: int):
+        if pages < self.pages:
+            self.clear(pages, self.pages - pages)
+        self.pages = pages
+
+
 # -- one block ------------------------------------------------------------------
 
 class BlockImage:
     """The memory image of one RAM block, kept in a sparse file.
 
-    ``written`` has one byte per page: 1 when the page may hold non-zero data
-    (it was written), 0 when it is a hole.  ``pages`` counts the records that
+    ``written`` (:class:`PageMarks`) marks the pages that may hold non-zero
+    data (they were written); the others are holes.  ``pages`` counts the records that
     touched the block, by kind (:data:`PAGE_KINDS`).
     """
 
@@ -312,7 +368,7 @@ class BlockImage:
         self.page_size = page_size
         self.used_length = 0
         self.pages = dict.fromkeys(PAGE_KINDS, 0)
-        self.written = np.zeros(0, dtype=np.uint8)
+        self.written = PageMarks()
         self.running = None          # _RunningHash while the block is written
         self.sha256 = None           # hex digest once known
         self.fd = create_file(path)
@@ -321,12 +377,7 @@ class BlockImage:
     def resize(self, used_length: int):
         """Set the block's length (MEM_SIZE may name it again with another length)."""
         ps = self.page_size
-        n = -(-used_length // ps)
-        if n != len(self.written):
-            w = np.zeros(n, dtype=np.uint8)
-            k = min(n, len(self.written))
-            w[:k] = self.written[:k]
-            self.written = w
+        self.written.resize(-(-used_length // ps))
         if self.running is not None and used_length < self.running.cursor:
             self.running.valid = False
         os.ftruncate(self.fd, used_length)
@@ -347,7 +398,7 @@ class BlockImage:
     def to_json(self, hash: bool = True) -> dict:
         d = {"name": self.name, "file": self.file, "used_length": self.used_length,
              "page_size": self.page_size, "pages": dict(self.pages),
-             "data_pages": int(np.count_nonzero(self.written))}
+             "data_pages": self.written.count()}
         if hash:
             d["sha256"] = self.digest()
         return d
@@ -517,7 +568,7 @@ class GuestMemory:
         n = len(bufs)
         b.pages["page"] += n
         i = start // self.page_size
-        b.written[i:i + n] = 1
+        b.written.set(i, n)
         if b.running is not None:
             b.running.wrote(start, bufs, n * self.page_size)
         if n == 1:
@@ -532,14 +583,14 @@ class GuestMemory:
         if self._pend_block is b:
             self._flush()           # ``written`` covers pending pages once flushed
         i = addr // self.page_size
-        if not b.written[i:i + count].any():
+        if not b.written.any(i, count):
             return
         self._punch(b, addr, count)
 
     def _punch(self, b, addr, count):
         i = addr // self.page_size
         punch_hole(b.fd, addr, count * self.page_size)
-        b.written[i:i + count] = 0
+        b.written.clear(i, count)
         if b.running is not None:
             b.running.wrote(addr, None, count * self.page_size)
 
@@ -551,7 +602,7 @@ class GuestMemory:
                 self._punch(b, addr, 1)
             return
         os.pwrite(b.fd, page, addr)
-        b.written[addr // self.page_size] = 1
+        b.written.set(addr // self.page_size)
         if b.running is not None:
             b.running.wrote(addr, [page], self.page_size)
 
@@ -624,7 +675,7 @@ class GuestMemory:
                 self._zero(b, (first + s) * ps, e - s)
                 continue
             os.pwrite(b.fd, piece, rec.start + s * ps)
-            b.written[first + s:first + e] = 1
+            b.written.set(first + s, e - s)
             if b.running is not None:
                 b.running.wrote(rec.start + s * ps, [bytes(piece)], len(piece))
 

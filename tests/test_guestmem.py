@@ -426,3 +426,36 @@ def test_q35_physical_view_matches_pmemsave(tmp_path):
                                      "length": 64 << 20}]
     img = (out / "physical.img").read_bytes()
     assert img[:0xA0000] == low and img[0x100000:64 << 20] == high
+
+
+# -- bookkeeping -----------------------------------------------------------------------------
+
+def test_page_marks_across_pieces():
+    C = guestmem.PageMarks.CHUNK
+    m = guestmem.PageMarks(3 * C)
+    m.set(C - 2, 4)                               # spans pieces 0 and 1
+    assert [m[i] for i in (C - 3, C - 2, C + 1, C + 2)] == [False, True, True, False]
+    assert m.any(C - 10, 9) and not m.any(0, C - 2) and not m.any(2 * C, C)
+    m.clear(C, 1)
+    assert m.count() == 3 and not m[C]
+    m.set(3 * C - 1, 10)                          # clipped at the end
+    assert m.count() == 4
+    m.resize(C)
+    assert m.count() == 2 and m.pages == C
+
+
+def test_huge_sparse_block_costs_only_what_is_written(tmp_path):
+    """A 1 TiB block with a page at each end: no allocation for the rest."""
+    size = 1 << 40
+    last = size // PS - 1
+    b = stream([("pc.ram", size)], [[("pc.ram", 0, "page", page(1)),
+                                     ("pc.ram", last, "page", page(2))]])
+    out = tmp_path / "out"
+    m = guestmem.extract(write(tmp_path, b), str(out), hash=False)
+    f = out / "pc.ram.img"
+    assert f.stat().st_size == size and f.stat().st_blocks * 512 <= 64 * 1024
+    with open(f, "rb") as fh:
+        assert fh.read(PS) == page(1)
+        fh.seek(size - PS)
+        assert fh.read(PS) == page(2)
+    assert m["blocks"][0]["data_pages"] == 2 and "sha256" not in m["blocks"][0]
