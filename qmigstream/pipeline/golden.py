@@ -1,0 +1,372 @@
+"""Golden vectors: deterministic streams, per profile and scenario, for comparing a patched QEMU.
+
+``generate(dir, profiles)`` writes, for every profile × scenario that applies
+to it, ``<profile>/<scenario>.mig`` (the stream), ``.decode.json`` (its record
+tree, as ``qmigstream decode --json`` prints it), ``.state.json`` (each
+device's state before the migration on the source and after the replay on the
+destination, the RAM digests) and one ``manifest.json`` listing every file with
+its size, sha256 and CRC-32 (``crcmod``'s ``crc-32``), the profile, the
+scenario's settings, the generator version and the command that regenerates
+the set.  Everything is a function of the settings: the same command writes
+the same bytes on every run and machine (no time stamps, no absolute paths).
+
+``check(dir)`` verifies a set: every file's size and digests, every stream's
+byte round trip and verified replay, and that regenerating each vector gives
+the very same bytes.  ``compare(dir, stream)`` says how another stream (e.g.
+one a patched QEMU wrote) differs from the vector it should match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import crcmod.predefined
+
+from .. import __version__
+from ..codec.reader import StreamReader, read_records
+from ..codec.tree import tree_events
+from ..codec.writer import StreamWriter
+from ..errors import QmigstreamError
+from ..vfio import family as VF
+from ..vfio.scan import scan
+from . import profiles as P
+from .migrate import DeviceSpec, MigrateConfig, migrate
+from .replay import replay
+
+crc32 = crcmod.predefined.mkCrcFun("crc-32")
+
+MIB = 1 << 20
+#: Registers (64) + blob header and CRC (28): a sized:N device's stop-copy data is N + 92.
+SIZED_OVERHEAD = 64 + 28
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    what: str
+    settings: dict
+    needs: str = ""          # "v1", "v2", "switchover-ack", "precopy" or ""
+
+    def applies(self, prof: P.Profile) -> bool:
+        if self.needs == "v1":
+            return prof.interface == "v1"
+        if self.needs == "v2":
+            return prof.interface == "v2"
+        if self.needs == "switchover-ack":
+            return VF.get(prof.vfio_family).init_data_sent
+        if self.needs == "precopy":
+            return VF.get(prof.vfio_family).has_part and (prof.interface == "v1" or
+                                                          prof.v2_precopy)
+        return True
+
+
+def _dev(profile, seed=1, dma=0, features="p2p,pre_copy"):
+    return {"profile": profile, "seed": seed, "dma_rate": dma, "features": features}
+
+
+BASE = {"ram_size": 2 * MIB, "initial_fraction": 0.125, "bandwidth": 32 * MIB, "seed": 1}
+
+SCENARIOS = [Scenario(*s) for s in (
+    ("paused", "paused guest, stop-and-copy only: one pass over RAM, no pre-copy data",
+     {"iterations": 1, "devices": [_dev("sized:64K", features="p2p")]}),
+    ("precopy", "running guest and device: several pre-copy iterations",
+     {"iterations": 4, "dirty_rate": 20000, "devices": [_dev("sized:64K", dma=1000)]},
+     "precopy"),
+    ("zero-state", "a device with zero bytes of internal state",
+     {"iterations": 1, "devices": [_dev("sized:0")]}),
+    ("data-1m", "stop-and-copy data of exactly 1 MiB",
+     {"iterations": 1, "devices": [_dev(f"sized:{MIB - SIZED_OVERHEAD}", features="p2p")]}),
+    ("data-1m-plus-1", "stop-and-copy data of 1 MiB + 1 byte (a second chunk of 1 byte on v2)",
+     {"iterations": 1, "devices": [_dev(f"sized:{MIB + 1 - SIZED_OVERHEAD}",
+                                        features="p2p")]}),
+    ("large-state", "a large device state (3 MiB): several 1 MiB chunks",
+     {"iterations": 1, "devices": [_dev("sized:3M", features="p2p")]}),
+    ("switchover-ack", "switchover-ack: DEV_INIT_DATA_SENT closes a pre-copy section",
+     {"iterations": 3, "dirty_rate": 5000, "switchover_ack": True,
+      "devices": [_dev("sized:128K", dma=2000)]}, "switchover-ack"),
+    ("v1-partial-bitmap", "v1 RFC region with a 7-pfn dirty-bitmap buffer: the copied_pfns "
+     "dialogue takes many reads per sync",
+     {"iterations": 3, "v1_bitmap_bits": 7, "devices": [_dev("sized:32K", dma=8000)]}, "v1"),
+    ("two-devices", "two VFIO devices (a mtty and a sized one)",
+     {"iterations": 2, "dirty_rate": 5000,
+      "devices": [_dev("mtty", seed=3), _dev("sized:128K", seed=4, dma=1000)]}),
+    ("xbzrle", "XBZRLE pages across iterations",
+     {"iterations": 4, "dirty_rate": 10000, "xbzrle": True,
+      "devices": [_dev("sized:16K")]}),
+)]
+
+SCENARIO_NAMES = [s.name for s in SCENARIOS]
+
+
+def scenario(name) -> Scenario:
+    for s in SCENARIOS:
+        if s.name == name:
+            return s
+    raise QmigstreamError(f"unknown scenario {name!r}; one of {', '.join(SCENARIO_NAMES)}")
+
+
+def config_for(prof: P.Profile, sc: Scenario) -> MigrateConfig:
+    s = dict(BASE)
+    s.update(sc.settings)
+    s["devices"] = [DeviceSpec(**d) for d in s["devices"]]
+    return MigrateConfig(profile=prof.name, **s)
+
+
+def regenerate_command(profiles, scenarios) -> str:
+    cmd = "qmigstream golden generate DIR"
+    if profiles is not None:
+        cmd += " --profiles " + ",".join(profiles)
+    if scenarios is not None:
+        cmd += " --scenarios " + ",".join(scenarios)
+    return cmd
+
+
+def _file_entry(path, rel) -> dict:
+    h = hashlib.sha256()
+    c = 0
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+            c = crc32(b, c)
+            n += len(b)
+    return {"file": rel, "size": n, "sha256": h.hexdigest(), "crc32": f"{c:08x}"}
+
+
+def _decode_json(stream_path, out_path):
+    from ..cli.cmd_decode import write_json
+    reader = StreamReader(str(stream_path))
+    with open(out_path, "w") as f:
+        write_json(f, tree_events(reader.records()), os.path.basename(stream_path), False,
+                   lambda off: None, reader)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def make_vector(directory, prof: P.Profile, sc: Scenario) -> dict:
+    """Write one vector into ``directory/<profile>/``; return its manifest entry."""
+    sub = os.path.join(directory, prof.name)
+    os.makedirs(sub, exist_ok=True)
+    stream = os.path.join(sub, f"{sc.name}.mig")
+    cfg = config_for(prof, sc)
+    res = migrate(stream, cfg)
+    rr = replay(stream, expect=res.to_json())
+    if not (rr.ok and rr.verified):
+        raise QmigstreamError(f"{prof.name}/{sc.name}: the vector does not replay: "
+                              f"{rr.error or rr.mismatches}")
+    _decode_json(stream, os.path.join(sub, f"{sc.name}.decode.json"))
+    state = {
+        "source_before": [{"idstr": d["idstr"], "state_digest": d["state_before"]}
+                          for d in _source_before(res, rr)],
+        "source_after": [{k: d[k] for k in ("idstr", "interface", "family", "profile", "seed",
+                                             "data_bytes", "chunks", "state_digest",
+                                             "image_digest", "config")}
+                         for d in res.devices],
+        "destination_before": [{"idstr": d["idstr"], "state_digest": d["state_before"]}
+                               for d in rr.devices],
+        "destination_after": [{"idstr": d["idstr"], "state_digest": d["state_after"],
+                               "bytes": d["bytes"], "chunks": d["chunks"],
+                               "verified": d["verified"]} for d in rr.devices],
+        "ram": res.ram, "pages": res.pages, "rounds": res.rounds, "converged": res.converged,
+        "phases": res.phases,
+    }
+    _write_json(os.path.join(sub, f"{sc.name}.state.json"), state)
+    rel = lambda name: f"{prof.name}/{name}"  # noqa: E731
+    return {"profile": prof.name, "scenario": sc.name, "what": sc.what,
+            "settings": cfg.to_json(),
+            "files": [_file_entry(os.path.join(directory, rel(f"{sc.name}{ext}")),
+                                  rel(f"{sc.name}{ext}"))
+                      for ext in (".mig", ".decode.json", ".state.json")]}
+
+
+def _source_before(res, rr):
+    from ..device.pci_device import EmulatedPciDevice
+    out = []
+    for d in res.devices:
+        dev = EmulatedPciDevice(d["profile"], seed=d["seed"])
+        out.append({"idstr": d["idstr"], "state_before": dev.state_digest()})
+    return out
+
+
+def generate(directory, profiles=None, scenarios=None, progress=None) -> dict:
+    profs = [P.get(p) for p in (profiles or list(P.PROFILES))]
+    scs = [scenario(s) for s in (scenarios or SCENARIO_NAMES)]
+    os.makedirs(directory, exist_ok=True)
+    vectors, skipped = [], []
+    for prof in profs:
+        for sc in scs:
+            if not sc.applies(prof):
+                skipped.append({"profile": prof.name, "scenario": sc.name,
+                                "why": f"needs {sc.needs}"})
+                continue
+            vectors.append(make_vector(directory, prof, sc))
+            if progress:
+                progress(f"{prof.name}/{sc.name}")
+    manifest = {"format": "qmigstream-golden", "format_version": 1,
+                "generator": f"qmigstream {__version__}",
+                "regenerate": regenerate_command(profiles and [p.name for p in profs],
+                                                 scenarios),
+                "profiles": [p.name for p in profs], "scenarios": [s.name for s in scs],
+                "vectors": vectors, "skipped": skipped}
+    _write_json(os.path.join(directory, "manifest.json"), manifest)
+    return manifest
+
+
+def load_manifest(directory) -> dict:
+    path = os.path.join(directory, "manifest.json")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise QmigstreamError(f"{path}: no manifest (not a golden vector set)") from None
+    except ValueError as e:
+        raise QmigstreamError(f"{path}: not JSON: {e}") from None
+    if m.get("format") != "qmigstream-golden":
+        raise QmigstreamError(f"{path}: not a qmigstream golden manifest")
+    return m
+
+
+@dataclass
+class CheckResult:
+    ok: bool = True
+    problems: list = field(default_factory=list)
+    checked: int = 0
+
+    def fail(self, msg):
+        self.ok = False
+        self.problems.append(msg)
+
+
+def check(directory, *, regenerate=True) -> CheckResult:
+    m = load_manifest(directory)
+    res = CheckResult()
+    for v in m["vectors"]:
+        name = f"{v['profile']}/{v['scenario']}"
+        for fe in v["files"]:
+            path = os.path.join(directory, fe["file"])
+            if not os.path.exists(path):
+                res.fail(f"{fe['file']}: missing")
+                continue
+            got = _file_entry(path, fe["file"])
+            for k in ("size", "sha256", "crc32"):
+                if got[k] != fe[k]:
+                    res.fail(f"{fe['file']}: {k} {got[k]} != manifest {fe[k]}")
+        stream = os.path.join(directory, v["files"][0]["file"])
+        if os.path.exists(stream):
+            buf = io.BytesIO()
+            w = StreamWriter(buf)
+            for r in read_records(stream):
+                w.write(r)
+            with open(stream, "rb") as f:
+                if buf.getvalue() != f.read():
+                    res.fail(f"{name}: does not round-trip byte for byte")
+        if regenerate:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    entry = make_vector(tmp, P.get(v["profile"]), scenario(v["scenario"]))
+                except QmigstreamError as e:
+                    res.fail(f"{name}: regenerating failed: {e}")
+                    continue
+                for a, b in zip(entry["files"], v["files"]):
+                    if a["sha256"] != b["sha256"]:
+                        res.fail(f"{b['file']}: regenerated bytes differ "
+                                 f"(sha256 {a['sha256']})")
+        res.checked += 1
+    return res
+
+
+# -- compare ------------------------------------------------------------------------
+
+def _vfio_shape(path):
+    devices, hints = scan(path)
+    out = {}
+    for dev in devices.values():
+        secs = []
+        for s in dev.sections:
+            tags = []
+            for r in s["records"]:
+                if r.kind == "vfio_marker":
+                    tags.append(r.marker.name)
+                elif r.kind == "vfio_data":
+                    tags.append(f"DATA[{r.data_size}]")
+                elif r.kind == "vfio_config":
+                    tags.append("CONFIG")
+            secs.append(f"{s['type']}: {' '.join(tags)}")
+        cfg = dev.config_record()
+        out[dev.idstr] = {"family": dev.family.family if dev.family else None,
+                          "sections": secs, "data_bytes": dev.data_bytes,
+                          "config": cfg.fields() if cfg is not None else None}
+    return out, hints
+
+
+def vfio_differences(expected_path, actual_path) -> list:
+    """How the VFIO sections of two streams differ, device by device (text lines)."""
+    (a, ha), (b, hb) = _vfio_shape(expected_path), _vfio_shape(actual_path)
+    out = []
+    for k in ("switchover_start", "vmdesc_configuration"):
+        if ha.get(k) != hb.get(k):
+            out.append(f"stream: {k} {ha.get(k)} in the vector, {hb.get(k)} in the stream")
+    for idstr in sorted(set(a) | set(b)):
+        if idstr not in b:
+            out.append(f"{idstr}: in the vector only")
+            continue
+        if idstr not in a:
+            out.append(f"{idstr}: in the stream only")
+            continue
+        da, db = a[idstr], b[idstr]
+        if da["family"] != db["family"]:
+            out.append(f"{idstr}: layout family {da['family']} in the vector, "
+                       f"{db['family']} in the stream")
+        sa, sb = da["sections"], db["sections"]
+        for i in range(max(len(sa), len(sb))):
+            x = sa[i] if i < len(sa) else "(none)"
+            y = sb[i] if i < len(sb) else "(none)"
+            if x != y:
+                out.append(f"{idstr}: section {i}: vector '{x}', stream '{y}'")
+        if da["data_bytes"] != db["data_bytes"]:
+            out.append(f"{idstr}: {da['data_bytes']} data bytes in the vector, "
+                       f"{db['data_bytes']} in the stream")
+        ca, cb = da["config"] or {}, db["config"] or {}
+        for key in sorted(set(ca) | set(cb)):
+            if ca.get(key) != cb.get(key):
+                out.append(f"{idstr}: config {key}: {ca.get(key)!r} in the vector, "
+                           f"{cb.get(key)!r} in the stream")
+    return out
+
+
+def compare(directory, stream, *, vector=None) -> dict:
+    """Differences between ``stream`` and a vector of the set (named, or the closest)."""
+    from ..diff import diff
+    m = load_manifest(directory)
+    cands = m["vectors"]
+    if vector is not None:
+        cands = [v for v in cands if f"{v['profile']}/{v['scenario']}" == vector
+                 or v["scenario"] == vector]
+        if not cands:
+            raise QmigstreamError(f"no vector {vector!r} in {directory}")
+    best = None
+    for v in cands:
+        path = os.path.join(directory, v["files"][0]["file"])
+        d = diff(path, stream)
+        vf = vfio_differences(path, stream)
+        score = len(d.differences) + len(vf)
+        if best is None or score < best[0]:
+            best = (score, v, d, vf)
+        if score == 0:
+            break
+    score, v, d, vf = best
+    return {"vector": f"{v['profile']}/{v['scenario']}", "equal": score == 0,
+            "differences": [x.to_json() for x in d.differences], "vfio": vf,
+            "text": d.format_text(), "chosen_from": len(cands)}
