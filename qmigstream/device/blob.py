@@ -157,26 +157,39 @@ class BlobAssembler:
         self._header = None
         self._image = None
         self._seq = 0
+        self._undo = None
         self.done = False
         self.blobs = 0
         self.bytes_in = 0
 
     # -- incremental input -------------------------------------------------
     def write(self, data) -> int:
-        """Accept ``data``; returns its length.  A rejected write consumes nothing."""
+        """Accept ``data``; returns its length.  A rejected write changes nothing."""
         data = bytes(data)
         if not data:
             return 0
         if self.done:
             raise DeviceError("data after the last blob of the session", self.rejects.corrupt)
-        saved = (len(self._buf), self._header)
+        # A write is atomic: on rejection everything is put back as it was,
+        # including blobs of this write that were accepted before the bad one.
+        saved = (self._header, self._image, self._seq, self.done, self.blobs)
+        self._pre = len(self._buf)        # staged bytes from earlier writes
+        self._pre_bytes = None            # kept once a blob of this write is accepted
+        self._undo = []
         self._buf += data
         try:
             self._drain()
         except DeviceError:
-            del self._buf[saved[0]:]
-            self._header = saved[1]
+            for off, old in reversed(self._undo):
+                self._image[off:off + len(old)] = old
+            if self._pre_bytes is None:
+                del self._buf[self._pre:]
+            else:
+                self._buf = bytearray(self._pre_bytes)
+            (self._header, self._image, self._seq, self.done, self.blobs) = saved
             raise
+        finally:
+            self._undo = None
         self.bytes_in += len(data)
         return len(data)
 
@@ -193,6 +206,8 @@ class BlobAssembler:
             # A copy: a view of _buf would pin it (no resize) if _accept raises.
             blob = bytes(self._buf[:need])
             self._accept(h, memoryview(blob))
+            if self._undo is not None and self._pre_bytes is None:
+                self._pre_bytes = blob[:self._pre]
             del self._buf[:need]
             self._header = None
             if self.done:
@@ -241,6 +256,8 @@ class BlobAssembler:
         else:
             patches = self._parse_delta(payload)
             for off, data in patches:
+                if self._undo is not None:
+                    self._undo.append((off, bytes(self._image[off:off + len(data)])))
                 self._image[off:off + len(data)] = data
         self._seq += 1
         self.blobs += 1
