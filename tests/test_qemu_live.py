@@ -102,6 +102,7 @@ LOADABLE = {
     "pc-7.2-compress": {"compress": True},
     "pc-7.2-postcopy-advised": {"postcopy-ram": True},
     "pc-i440fx-2.2-devices": {}, "pc-i440fx-2.2-devices-vmdesc": {},
+    "pc-7.2-block": {}, "pc-7.2-dirty-bitmaps": {"dirty-bitmaps": True},
 }
 
 
@@ -119,6 +120,9 @@ def test_committed_capture_loads_into_qemu(name, tmp_path, capture):
     res = load_incoming(args, str(again), 90, capabilities=LOADABLE[name], pmemsave=dumps_)
     assert res.loaded, res.stderr
     assert [m["sha256"] for m in res.memory] == [m["sha256"] for m in meta["memory"]]
+    if name == "pc-7.2-block":
+        # block migration wrote the source's disk into the (zeroed) destination disk
+        assert (tmp_path / "disk.raw").read_bytes() == capture_tool.disk_pattern()
 
 
 def test_qmp_errors_are_typed_and_qemu_is_reaped():

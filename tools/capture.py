@@ -295,6 +295,50 @@ def s_pc22_devices_vmdesc(c):
                        ram_bytes=32 * MiB)
 
 
+def disk_pattern(size: int = MiB) -> bytes:
+    """Block-device test data: 4 KiB runs of one byte each, every 8th run zero."""
+    return b"".join(bytes([0 if i % 8 == 7 else (i * 37) % 255 + 1]) * PAGE
+                    for i in range(size // PAGE))
+
+
+@scenario("pc-7.2-block", reproducible=True,
+          exercises="block migration (the block capability, removed in 9.1): the 'block' "
+                    "section with DEVICE_BLOCK records, zero blocks and progress records")
+def s_block(c):
+    """pc, 32 MiB, paused, a 1 MiB raw virtio-blk disk holding disk_pattern(), block on."""
+    disk = c.path("disk.raw")
+    with open(disk, "wb") as f:
+        f.write(disk_pattern())
+    c.meta["disk"] = {"size": MiB, "sha256": sha256_file(disk),
+                      "pattern": "tools/capture.py disk_pattern()"}
+    run_exec_migration(c, pc("pc", 32, "-drive", f"file={disk},if=none,id=d0,format=raw",
+                             "-device", "virtio-blk-pci,drive=d0"),
+                       ram_bytes=32 * MiB, capabilities={"block": True})
+
+
+@scenario("pc-7.2-dirty-bitmaps", reproducible=False,
+          exercises="the dirty-bitmaps capability: a 'dirty-bitmap' section carrying two "
+                    "block dirty bitmaps (one with set bits), alongside RAM")
+def s_dirty_bitmaps(c):
+    """pc, 32 MiB, paused, 1 MiB raw virtio-blk disk (node n0) with bitmaps bm0
+    (granularity 64 KiB) and bm1 (default), 128 KiB written through HMP qemu-io
+    so bm0/bm1 have bits set; dirty-bitmaps on, downtime-limit 10 s (else 7.2 keeps
+    iterating for thousands of empty rounds: the bitmaps count as pending postcopy data)."""
+    disk = c.path("disk.raw")
+    with open(disk, "wb") as f:
+        f.truncate(MiB)
+
+    def before(q):
+        q.execute("block-dirty-bitmap-add", node="n0", name="bm0", granularity=65536)
+        q.execute("block-dirty-bitmap-add", node="n0", name="bm1")
+        q.hmp('qemu-io d0 "write -P 0x55 64k 128k"')
+    run_exec_migration(c, pc("pc", 32, "-drive",
+                             f"file={disk},if=none,id=d0,format=raw,node-name=n0",
+                             "-device", "virtio-blk-pci,drive=d0"),
+                       ram_bytes=32 * MiB, capabilities={"dirty-bitmaps": True},
+                       parameters={"downtime-limit": 10000}, before=before)
+
+
 XBZRLE_PAGES = 32
 
 
@@ -606,6 +650,8 @@ NOT_REPRODUCIBLE = {
                              "in each depend on host timing",
     "pc-7.2-compress": "compression threads finish in host-dependent order",
     "pc-7.2-multifd": "pages are spread over channels in host-dependent order",
+    "pc-7.2-dirty-bitmaps": "the number of empty iterations before convergence depends on "
+                            "host timing",
     "pc-7.2-savevm": "the qcow2 snapshot table records the host date of the savevm; the "
                      "vmstate itself follows the same path as a paused migration",
 }
