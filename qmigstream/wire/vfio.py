@@ -22,9 +22,12 @@ All integers are big-endian, as QEMU writes them (``qemu_put_be64`` and
 
 from __future__ import annotations
 
+import struct as _struct
 from enum import IntEnum
 
 from construct import Bytes, Const, Int32ub, Int64ub, Int8ub, PascalString, Struct
+
+from ..errors import StreamError as _StreamError, Truncated as _Truncated
 
 #: register_savevm_live(..., version_id = 1, ...) in every release.
 VFIO_SECTION_VERSION = 1
@@ -172,10 +175,6 @@ VFIO_PACKET_HEADER_SIZE = 12
 
 
 # --- the config record, parsed and built ------------------------------------------
-
-import struct as _struct
-
-from ..errors import StreamError as _StreamError, Truncated as _Truncated
 
 _BE32 = _struct.Struct(">I")
 _BE64 = _struct.Struct(">Q")

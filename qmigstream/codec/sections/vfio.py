@@ -209,9 +209,7 @@ class VfioSection:
         return VfioDataChunk(data, off, depth)
 
     def _config(self, src, off, depth, name):
-        body = off + 8
-        want = 8 + W.MAX_CONFIG_BODY + 8
-        buf = src.peek(want)
+        buf = src.peek(8 + W.MAX_CONFIG_BODY + 8)
         state, n = W.parse_config_state(buf, 8, base=off, section=name)
         src.read(8 + n + 8)
         return VfioConfig(state, off, depth)
