@@ -40,6 +40,7 @@ import json
 import os
 import queue
 import re
+import struct
 import threading
 import zlib
 
@@ -55,7 +56,7 @@ from .wire.header import SectionType as T
 from . import xbzrle
 
 #: Page kinds counted per block (manifest ``pages``).
-PAGE_KINDS = ("page", "zero", "xbzrle", "compressed", "mapped_ram")
+PAGE_KINDS = ("page", "zero", "xbzrle", "compressed", "mapped_ram", "multifd")
 #: Most buffers in one ``pwritev`` call (Linux IOV_MAX is 1024).
 MAX_IOV = 1024
 #: File names reserved inside an extraction directory.
@@ -404,6 +405,94 @@ class BlockImage:
         return d
 
 
+# -- multifd channels ------------------------------------------------------------------
+
+MULTIFD_MAGIC, MULTIFD_VERSION = 0x11223344, 1
+#: MULTIFD_PACKET_SIZE (migration/multifd.h): a packet holds at most this many bytes of pages.
+MULTIFD_PACKET_SIZE = 512 * 1024
+MULTIFD_FLAG_SYNC, MULTIFD_FLAG_COMPRESSION_MASK = 0x1, 0xE
+_MF_HEAD = struct.Struct(">IIIIIIQ")          # magic .. packet_num; then 4 x u64, ramblock[256]
+_MF_FIXED = 64 + 256
+
+
+class MultifdChannel:
+    """One recorded multifd channel (QEMU 7.2-8.x, no compression), read packet by packet.
+
+    The channel starts with ``MultiFDInit_t`` (64 bytes); each packet is
+    ``MultiFDPacket_t`` with ``pages_alloc`` be64 offsets, then
+    ``normal_pages`` raw pages (``multifd_recv_unfill_packet`` and
+    ``nocomp_recv_pages``, migration/multifd.c).  Packets up to and including
+    a ``MULTIFD_FLAG_SYNC`` one form an epoch: the source syncs the channels
+    right before the EOS of every RAM section (``multifd_send_sync_main``), so
+    epoch *k* holds the normal pages of RAM iteration *k*.
+    """
+
+    def __init__(self, path, page_size: int = 4096):
+        self.name = str(path)
+        self.f = open(path, "rb")
+        self.page_size = page_size
+        self.offset = 0
+        self.epoch = 0
+        self.done = False
+        init = self._read(64, "MultiFDInit_t")
+        magic, version = struct.unpack_from(">II", init)
+        if magic != MULTIFD_MAGIC:
+            raise StreamError(f"{self.name}: not a multifd channel", 0,
+                              expected=MULTIFD_MAGIC, found=magic)
+        if version != MULTIFD_VERSION:
+            raise StreamError(f"{self.name}: unsupported multifd version", 4,
+                              expected=MULTIFD_VERSION, found=version)
+        self.channel_id = init[24]
+
+    def _read(self, n, what):
+        data = self.f.read(n)
+        if len(data) != n:
+            from .errors import Truncated
+            raise Truncated(f"{self.name}: channel ends inside {what}", self.offset,
+                            needed=n, available=len(data))
+        self.offset += n
+        return data
+
+    def epoch_packets(self):
+        """Yield ``(block, offsets, data, offset)`` for each packet of the current epoch."""
+        ps = self.page_size
+        limit = MULTIFD_PACKET_SIZE // ps
+        while not self.done:
+            off = self.offset
+            head = self.f.read(_MF_FIXED)
+            if not head:
+                self.done = True
+                return
+            if len(head) < _MF_FIXED:
+                from .errors import Truncated
+                raise Truncated(f"{self.name}: channel ends inside a packet header", off,
+                                needed=_MF_FIXED, available=len(head))
+            self.offset += _MF_FIXED
+            magic, version, flags, alloc, normal, _next, _num = _MF_HEAD.unpack_from(head)
+            if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION:
+                raise StreamError(f"{self.name}: bad multifd packet header", off,
+                                  expected=f"magic {MULTIFD_MAGIC:#x} version 1",
+                                  found=f"magic {magic:#x} version {version}")
+            if alloc > limit or normal > alloc:
+                raise StreamError(f"{self.name}: multifd packet page counts out of range", off + 12,
+                                  expected=f"normal <= pages_alloc <= {limit}",
+                                  found=f"{normal} / {alloc}")
+            if flags & MULTIFD_FLAG_COMPRESSION_MASK:
+                raise StreamError(f"{self.name}: compressed multifd packets are not supported",
+                                  off + 8, found=f"flags {flags:#x}")
+            offsets = struct.unpack(f">{alloc}Q", self._read(8 * alloc, "packet offsets"))
+            name = head[64:64 + 255].split(b"\0", 1)[0].decode("latin-1")
+            if normal:
+                data = self._read(normal * ps, "packet pages")
+                yield name, offsets[:normal], data, off
+            if flags & MULTIFD_FLAG_SYNC:
+                self.epoch += 1
+                return
+
+    def close(self):
+        self.f.close()
+
+
 # -- the replay -------------------------------------------------------------------
 
 class GuestMemory:
@@ -441,6 +530,32 @@ class GuestMemory:
         self._mr_bits = {}           # mapped-ram bitmaps: block -> bool array
         self._zero_page = bytes(page_size)
         self._hasher = _HashWorker() if hash else None
+        self.channels = []
+
+    def add_channel(self, channel: MultifdChannel):
+        """Apply this multifd channel's pages along with the stream's RAM sections."""
+        self.channels.append(channel)
+
+    def _apply_channels(self, upto):
+        """Apply every channel epoch up to iteration ``upto`` (all when None)."""
+        ps = self.page_size
+        for ch in self.channels:
+            while not ch.done and (upto is None or ch.epoch <= upto):
+                for name, offsets, data, off in ch.epoch_packets():
+                    b = self.blocks.get(name)
+                    if b is None:
+                        raise StreamError(f"{ch.name}: multifd packet for unknown RAM block "
+                                          f"{name!r}", off + 64)
+                    mv = memoryview(data)
+                    for i, a in enumerate(offsets):
+                        if a % ps or a > b.used_length - ps:
+                            raise StreamError(f"{ch.name}: multifd page offset beyond block "
+                                              f"{name!r}", off, expected=f"< {b.used_length:#x}",
+                                              found=a)
+                        self._page(RamPage(name, a, mv[i * ps:(i + 1) * ps]))
+                    # _page counts each page as "page"; these came from the channel.
+                    b.pages["page"] -= len(offsets)
+                    b.pages["multifd"] += len(offsets)
 
     # -- bookkeeping ------------------------------------------------------
     def _declare(self, info, offset):
@@ -526,6 +641,8 @@ class GuestMemory:
             self.iteration = None
             self.stopped = True
             return False
+        if self.channels and nxt:
+            self._apply_channels(nxt - 1)
         self.iteration = self.last_iteration = nxt
         if h.type == T.SECTION_PART:
             self.parts += 1
@@ -680,9 +797,22 @@ class GuestMemory:
                 b.running.wrote(rec.start + s * ps, [bytes(piece)], len(piece))
 
     # -- end ---------------------------------------------------------------------
-    def close(self):
-        """Write what is pending, finish the running hashes, close the files."""
+    def close(self, finish: bool = True):
+        """Write what is pending, finish the running hashes, close the files.
+
+        ``finish=False`` (after an error) only stops the hashing thread and
+        closes the files.
+        """
+        if not finish:
+            if self._hasher is not None:
+                h, self._hasher = self._hasher, None
+                h.close()
+            for x in (*self.blocks.values(), *self.channels):
+                x.close()
+            return
         try:
+            if self.channels:
+                self._apply_channels(self.until if self.stopped else None)
             self._flush()
             if self._hasher is not None:
                 for b in self.blocks.values():
@@ -690,15 +820,18 @@ class GuestMemory:
                     if r is not None and r.valid:
                         r.wrote(b.used_length, None, 0)
                         r.send()
-                self._hasher.close()
+                h, self._hasher = self._hasher, None
+                h.close()
                 for b in self.blocks.values():
                     r, b.running = b.running, None
                     if r is not None and r.valid and r.cursor == b.used_length:
                         b.sha256 = r.h.hexdigest()
-                self._hasher = None
         finally:
-            for b in self.blocks.values():
-                b.close()
+            if self._hasher is not None:          # an error above: stop the thread
+                h, self._hasher = self._hasher, None
+                h.close()
+            for x in (*self.blocks.values(), *self.channels):
+                x.close()
 
     def iterations(self) -> dict:
         """Which RAM sections were applied: setup, how many PARTs, END, the last one."""
@@ -803,7 +936,7 @@ def _copy_range(src, dst, soff, doff, n):
 # -- one call ----------------------------------------------------------------------
 
 def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=(),
-           on_record=None, hash: bool = True, **reader_options) -> tuple:
+           on_record=None, hash: bool = True, channels=(), **reader_options) -> tuple:
     """Read ``stream`` and replay its RAM into ``outdir``.
 
     Returns ``(memory, reader)``; ``memory`` is closed.  ``on_record(rec)`` is
@@ -819,14 +952,19 @@ def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=
                 mem = GuestMemory(outdir, page_size=reader.page_size,
                                   until_iteration=until_iteration, reserved=reserved,
                                   hash=hash)
+                for c in channels:
+                    mem.add_channel(MultifdChannel(c, reader.page_size))
             more = mem.feed(rec) if mem is not None else True
             if on_record is not None:
                 on_record(rec)
             elif not more:
                 break
-    finally:
+    except BaseException:
         if mem is not None:
-            mem.close()
+            mem.close(finish=False)
+        raise
+    if mem is not None:
+        mem.close()
     if mem is None:
         mem = GuestMemory(outdir, until_iteration=until_iteration, reserved=reserved,
                           hash=False)
@@ -835,12 +973,13 @@ def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=
 
 def extract(stream, outdir: str, *, until_iteration: int | None = None,
             physical: str | None = None, max_ram_below_4g: int | None = None,
-            hash: bool = True) -> dict:
+            hash: bool = True, channels=()) -> dict:
     """Extract every RAM block of ``stream`` into ``outdir``; return the manifest.
 
     Writes one sparse file per block (names from :func:`safe_file_names`),
     ``physical.img`` when ``physical`` is ``pc`` or ``q35``, and
-    ``manifest.json``.
+    ``manifest.json``.  ``channels``: recorded multifd channel files whose
+    pages are applied too (see :class:`MultifdChannel`).
     """
     if physical not in (None, "pc", "q35"):
         raise ValueError("physical must be None, 'pc' or 'q35'")
@@ -848,7 +987,8 @@ def extract(stream, outdir: str, *, until_iteration: int | None = None,
         os.makedirs(outdir, exist_ok=True)
     except OSError as e:
         raise ExtractError(f"cannot create {outdir}: {e.strerror}") from None
-    mem, reader = replay(stream, outdir, until_iteration=until_iteration, hash=hash)
+    mem, reader = replay(stream, outdir, until_iteration=until_iteration, hash=hash,
+                         channels=channels)
     cfg = reader.configuration
     machine_type = cfg.machine.decode("latin-1") if cfg is not None else None
     manifest = {

@@ -111,7 +111,7 @@ def test_every_record_kind_lands_on_its_page(tmp_path):
     assert block_bytes(out, m, "pc.bios") == bytes(3 * PS) + p3
     blk = {x["name"]: x for x in m["blocks"]}
     assert blk["pc.ram"]["pages"] == {"page": 3, "zero": 5, "xbzrle": 1, "compressed": 1,
-                                      "mapped_ram": 0}
+                                      "mapped_ram": 0, "multifd": 0}
     assert blk["pc.ram"]["data_pages"] == 4
     assert blk["pc.ram"]["sha256"] == hashlib.sha256(bytes(want)).hexdigest()
     assert blk["pc.bios"]["sha256"] == hashlib.sha256(bytes(3 * PS) + p3).hexdigest()
@@ -351,7 +351,8 @@ def test_physical_needs_pc_ram(tmp_path):
 
 #: Captures whose pc.ram is not all in the main stream, and why.
 NOT_IN_MAIN_STREAM = {
-    "pc-7.2-multifd": "normal pages travel on the multifd channels",
+    "pc-7.2-multifd": "normal pages travel on the multifd channels "
+                      "(test_multifd_channels_complete_the_memory)",
     "pc-7.2-ignore-shared-uuid": "shared RAM (block 'mem') is not sent with x-ignore-shared",
 }
 
@@ -459,3 +460,61 @@ def test_huge_sparse_block_costs_only_what_is_written(tmp_path):
         fh.seek(size - PS)
         assert fh.read(PS) == page(2)
     assert m["blocks"][0]["data_pages"] == 2 and "sha256" not in m["blocks"][0]
+
+
+# -- multifd channels --------------------------------------------------------------------------
+
+@pytest.fixture
+def multifd_capture(capture, tmp_path):
+    import lzma
+    import shutil
+    path, meta = capture("pc-7.2-multifd")
+    chans = []
+    for ch in meta["channels"]:
+        dst = tmp_path / ch["file"][:-3]
+        with lzma.open(CAPTURES / ch["file"]) as s, open(dst, "wb") as d:
+            shutil.copyfileobj(s, d)
+        chans.append(str(dst))
+    return path, meta, chans
+
+
+def test_multifd_channels_complete_the_memory(multifd_capture, tmp_path):
+    path, meta, chans = multifd_capture
+    out = tmp_path / "out"
+    m = guestmem.extract(str(path), str(out), channels=chans)
+    ram = (out / "pc.ram.img").read_bytes()
+    for mem in meta["memory"]:
+        assert hashlib.sha256(ram[mem["addr"]:mem["addr"] + mem["size"]]).hexdigest() == \
+            mem["sha256"]
+    blk = {b["name"]: b for b in m["blocks"]}
+    assert blk["pc.ram"]["pages"]["multifd"] == meta["loader"]["pages"] - \
+        sum(1 for k in range(meta["loader"]["pages"])
+            if not any(ram[meta["loader"]["addr"] + k * PS:meta["loader"]["addr"] + (k + 1) * PS]))
+    assert blk["pc.ram"]["pages"]["page"] == 0
+    # Epoch 0 (setup) carries no pages; the pages come with the first PART.
+    m0 = guestmem.extract(str(path), str(tmp_path / "o0"), channels=chans, until_iteration=0)
+    assert all(b["pages"]["multifd"] == 0 for b in m0["blocks"])
+    m1 = guestmem.extract(str(path), str(tmp_path / "o1"), channels=chans, until_iteration=1)
+    assert {b["name"]: b["sha256"] for b in m1["blocks"]} == \
+        {b["name"]: b["sha256"] for b in m["blocks"]}
+
+
+def test_multifd_channel_errors(multifd_capture, tmp_path):
+    path, meta, chans = multifd_capture
+    data = bytearray(open(chans[0], "rb").read())
+    bad = tmp_path / "bad.ch"
+    bad.write_bytes(b"\x00" * 4 + bytes(data[4:]))
+    with pytest.raises(StreamError, match="not a multifd channel") as e:
+        guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
+    assert e.value.offset == 0
+    # the second packet (the first with pages) claims zlib compression
+    off = 64 + 320 + 128 * 8
+    comp = bytearray(data)
+    comp[off + 11] |= 0x2
+    bad.write_bytes(bytes(comp))
+    with pytest.raises(StreamError, match="compressed multifd") as e:
+        guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
+    assert e.value.offset == off + 8
+    bad.write_bytes(bytes(data[:off + 320 + 128 * 8 + 100]))
+    with pytest.raises(StreamError, match="channel ends inside packet pages"):
+        guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])

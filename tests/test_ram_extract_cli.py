@@ -132,6 +132,29 @@ def test_committed_capture_via_cli(capture, tmp_path, capsys):
     assert {b["name"] for b in m["blocks"]} >= {"pc.ram", "pc.bios", "pc.rom"}
 
 
+def test_multifd_option(capture, tmp_path, capsys):
+    import lzma
+    import shutil
+    from conftest import CAPTURES
+    path, meta = capture("pc-7.2-multifd")
+    args = []
+    for ch in meta["channels"]:
+        dst = tmp_path / ch["file"][:-3]
+        with lzma.open(CAPTURES / ch["file"]) as s, open(dst, "wb") as d:
+            shutil.copyfileobj(s, d)
+        args += ["--multifd", str(dst)]
+    out = tmp_path / "o"
+    rc, text, _ = run(capsys, "ram", "extract", str(path), "-o", str(out), *args)
+    assert rc == 0
+    assert "multifd 48" in text
+    ram = (out / "pc.ram.img").read_bytes()
+    for mem in meta["memory"]:
+        assert hashlib.sha256(ram[mem["addr"]:mem["addr"] + mem["size"]]).hexdigest() == \
+            mem["sha256"]
+    rc, _, err = run(capsys, "ram", "extract", str(path), "-o", str(out), "--multifd", str(path))
+    assert rc == 2 and "not a multifd channel" in err
+
+
 @requires_qemu
 @pytest.mark.qemu
 def test_cli_on_a_fresh_capture(tmp_path, capsys):

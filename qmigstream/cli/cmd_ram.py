@@ -28,6 +28,9 @@ def register(sub):
     e.add_argument("--max-ram-below-4g", type=_size, metavar="SIZE",
                    help="the machine's max-ram-below-4g property, if it was set "
                         "(not in the stream)")
+    e.add_argument("--multifd", action="append", default=[], metavar="CHANNEL",
+                   help="a recorded multifd channel of the same migration (repeatable): "
+                        "its pages are applied too")
     e.add_argument("--no-sha256", action="store_true",
                    help="leave the sha256 of each block out of the manifest (faster)")
     e.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -62,7 +65,7 @@ def _size(text):
 def run_extract(args) -> int:
     m = guestmem.extract(args.file, args.output, until_iteration=args.until_iteration,
                          physical=args.physical, max_ram_below_4g=args.max_ram_below_4g,
-                         hash=not args.no_sha256)
+                         hash=not args.no_sha256, channels=args.multifd)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
