@@ -157,6 +157,12 @@ def test_configuration_and_sections(tmp_path):
     assert len(got) == 5
 
 
+def test_capabilities_subsection_in_one_stream_only(tmp_path):
+    r = pair(tmp_path, b_kw={"caps": ["x-ignore-shared"]})
+    assert [(d.path, d.kind) for d in r.differences] == [("capabilities/x-ignore-shared",
+                                                          "only_in_b")]
+
+
 def test_section_order(tmp_path):
     r = pair(tmp_path, b_kw={"swap": True})
     kinds = [(d.path, d.kind) for d in r.differences]
