@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import socket
 
 import pytest
 
@@ -15,9 +16,12 @@ from test_captures import capture_tool, meta_of
 from qmigstream.codec.reader import read_records
 from qmigstream.codec.writer import StreamWriter
 from qmigstream.qemu import QMPError, Qemu, load_incoming, migrate_to_file
-from qmigstream.qemu.runner import BASE_ARGS
+from qmigstream.qemu.runner import BASE_ARGS, UnixSink, trailer_complete
 
-pytestmark = [pytest.mark.qemu, requires_qemu]
+
+def live(fn):
+    """Runs QEMU."""
+    return pytest.mark.qemu(requires_qemu(fn))
 
 PC = ["-machine", "pc", "-m", "32"]
 LOW, HIGH = (0, 0xA0000), (0x100000, (32 << 20) - 0x100000)
@@ -36,6 +40,7 @@ def reencode(src, dst):
         w.close()
 
 
+@live
 def test_fresh_capture_roundtrips_and_loads(tmp_path, capture):
     mig = tmp_path / "fresh.mig"
     r = migrate_to_file(PC, str(mig), pmemsave=dumps(tmp_path, "src"))
@@ -63,6 +68,7 @@ def test_fresh_capture_roundtrips_and_loads(tmp_path, capture):
     assert [m["sha256"] for m in res.memory] == [m["sha256"] for m in r.memory]
 
 
+@live
 def test_loader_refuses_wrong_machine_and_truncation(tmp_path, capture):
     path, _ = capture("pc-7.2-paused")
     res = load_incoming(["-machine", "q35", "-m", "32"], str(path), 60)
@@ -106,6 +112,7 @@ LOADABLE = {
 }
 
 
+@live
 @pytest.mark.parametrize("name", sorted(LOADABLE))
 def test_committed_capture_loads_into_qemu(name, tmp_path, capture):
     """QEMU 7.2 loads each committed capture (re-encoded by qmigstream) and then holds
@@ -125,6 +132,7 @@ def test_committed_capture_loads_into_qemu(name, tmp_path, capture):
         assert (tmp_path / "disk.raw").read_bytes() == capture_tool.disk_pattern()
 
 
+@live
 def test_qmp_errors_are_typed_and_qemu_is_reaped():
     with Qemu(PC) as q:
         pid = q.proc.pid
@@ -140,3 +148,50 @@ def test_qmp_errors_are_typed_and_qemu_is_reaped():
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert not os.path.exists(scratch)
+
+
+# -- the pieces that need no QEMU ------------------------------------------------------
+def test_trailer_complete(capture):
+    path, _ = capture("pc-7.2-paused")
+    data = path.read_bytes()
+    assert trailer_complete(data)
+    assert not trailer_complete(data[:-1])
+    assert not trailer_complete(data[:-100])
+    bare, _ = capture("pc-i440fx-2.2-paused")
+    assert not trailer_complete(bare.read_bytes())
+
+
+def test_unix_sink_answers_shut_after_the_trailer(tmp_path, capture):
+    """The return-path sink records what it gets and answers MIG_RP_MSG_SHUT(0)
+    (be16 type 1, be16 length 4, be32 0) only once the whole trailer is there."""
+    data = capture("pc-7.2-paused")[0].read_bytes()
+    sock_path = str(tmp_path / "s.sock")
+    with UnixSink(sock_path, return_path=True) as sink:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(sock_path)
+        c.settimeout(0.5)
+        c.sendall(data[:-10])
+        with pytest.raises(socket.timeout):
+            c.recv(16)
+        assert not sink.shut_sent
+        c.sendall(data[-10:])
+        c.settimeout(10)
+        assert c.recv(16) == bytes.fromhex("0001000400000000")
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        second.connect(sock_path)
+        second.sendall(b"\x11\x22\x33\x44rest")
+        second.close()
+        c.close()
+        sink.wait_idle(10, connections=2)
+        assert [bytes(s) for s in sink.streams] == [data, b"\x11\x22\x33\x44rest"]
+    assert not os.path.exists(sock_path)
+
+
+def test_qemu_io_dump_parser():
+    dump = ("00000000:  51 45 56 4d 00 00 00 03 07 00 00 00 0d 70 63 2d  QEVM.........pc-\n"
+            "00000010:  69 34 34 30                                      i440\n"
+            "read 20/20 bytes at offset 0\n")
+    assert capture_tool.parse_qemu_io_dump(dump, 0, 20) == \
+        bytes.fromhex("5145564d00000003070000000d70632d69343430")
+    with pytest.raises(Exception, match="qemu-io gave 20 bytes, not 32"):
+        capture_tool.parse_qemu_io_dump(dump, 0, 32)

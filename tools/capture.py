@@ -475,7 +475,7 @@ def s_multifd(c):
         c.ram_dumps(q, 32 * MiB)
         c.record(q, version, final)
         q.quit()
-        sink.wait_idle(10)
+        sink.wait_idle(10, connections=1 + MULTIFD_CHANNELS)
         main = [s for s in sink.streams if s[:4] == b"QEVM"]
         chans = [s for s in sink.streams if s[:4] == b"\x11\x22\x33\x44"]
         if len(main) != 1 or len(chans) != MULTIFD_CHANNELS:

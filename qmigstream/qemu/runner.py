@@ -451,9 +451,12 @@ class UnixSink:
                 conn.sendall(struct.pack(">HHI", MIG_RP_MSG_SHUT, 4, 0))
                 self.shut_sent = True
 
-    def wait_idle(self, timeout: float = 30.0):
-        """Wait until every connection has been closed by the peer."""
+    def wait_idle(self, timeout: float = 30.0, connections: int = 1):
+        """Wait until ``connections`` connections were accepted and every connection
+        has been closed by its peer."""
         deadline = time.monotonic() + timeout
+        while len(self._threads) < connections and time.monotonic() < deadline:
+            time.sleep(0.01)
         for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
 
