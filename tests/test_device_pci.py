@@ -7,7 +7,7 @@ import pytest
 
 from qmigstream.device.blob import (BLOB_OVERHEAD, HEADER_SIZE, KIND_FULL, build_blob,
                                     crc32c, parse_blobs)
-from qmigstream.device.device_v2 import LOG_MAX_RANGES, VfioDeviceV2
+from qmigstream.device.device_v2 import LOG_MAX_RANGES, VfioDeviceV2, drain
 from qmigstream.device.fsm import MigState
 from qmigstream.device.pci_device import (MTTY_MAGIC, EmulatedPciDevice, MttyHeader,
                                           MttyPort, SparseGuestMemory)
@@ -24,19 +24,6 @@ def fails(errno_, fn, *a, **kw):
 def v2(profile="sized:4096", seed=1, features="p2p,pre_copy", **kw):
     return VfioDeviceV2(EmulatedPciDevice(profile, seed=seed, memory=SparseGuestMemory(), **kw),
                         features=features)
-
-
-def drain(f, n=1 << 20):
-    out = bytearray()
-    while True:
-        try:
-            b = f.read(n)
-        except DeviceError as e:
-            assert e.errno == errno.ENOMSG
-            return bytes(out), "ENOMSG"
-        if not b:
-            return bytes(out), "EOF"
-        out += b
 
 
 def save_stop_copy(dev):

@@ -28,14 +28,14 @@ Linux driver returns.  docs/vfio.md describes all of it.
 """
 
 from .blob import BlobAssembler, Rejects, parse_blobs
-from .device_v2 import MigrationFile, VfioDeviceV2
+from .device_v2 import MigrationFile, VfioDeviceV2, drain
 from .fsm import MigFeature, MigState, next_state, path
 from .pci_device import (EmulatedPciDevice, MttyProfile, PciConfigSpace, SizedProfile,
                          SparseGuestMemory, make_profile)
 from .region_v1 import MigrationRegionV1, get_dirty_pfns, load_all, save_all
 
 __all__ = [
-    "BlobAssembler", "Rejects", "parse_blobs", "MigrationFile", "VfioDeviceV2",
+    "BlobAssembler", "Rejects", "parse_blobs", "MigrationFile", "VfioDeviceV2", "drain",
     "MigFeature", "MigState", "next_state", "path", "EmulatedPciDevice", "MttyProfile",
     "PciConfigSpace", "SizedProfile", "SparseGuestMemory", "make_profile",
     "MigrationRegionV1", "get_dirty_pfns", "load_all", "save_all",

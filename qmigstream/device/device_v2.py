@@ -39,7 +39,7 @@ import errno as _errno
 
 from ..errors import DeviceError
 from . import fsm
-from .fsm import MigFeature, MigState
+from .fsm import MigState
 from .pci_device import PAGE, EmulatedPciDevice
 
 S = MigState
@@ -301,3 +301,21 @@ class VfioDeviceV2:
                 out.add(iova + (w * 64 + b) * page_size)
                 word &= word - 1
         return out
+
+
+def drain(f: MigrationFile, n: int = 1 << 20) -> tuple:
+    """Read a saving file until it has nothing more now: ``(data, "ENOMSG" | "EOF")``.
+
+    "ENOMSG" is pre-copy's temporary end, "EOF" the end of a STOP_COPY session.
+    """
+    out = bytearray()
+    while True:
+        try:
+            b = f.read(n)
+        except DeviceError as e:
+            if e.errno != _errno.ENOMSG:
+                raise
+            return bytes(out), "ENOMSG"
+        if not b:
+            return bytes(out), "EOF"
+        out += b
