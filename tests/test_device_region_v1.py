@@ -57,6 +57,8 @@ def test_data_offset_alignment():
     r = region(mmap=True, layout="rfc", window_size=8192)
     assert r.data_offset % 4096 == 0 and r.bitmap_offset % 4096 == 0
     assert r.region_type == 2 and region().region_type == 3
+    assert region(mmap=True, window_size=8192).mmap_areas == [(4096, 8192)]
+    assert region(mmap=False).mmap_areas == []
 
 
 # -- access rules ----------------------------------------------------------------

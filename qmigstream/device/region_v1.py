@@ -188,6 +188,13 @@ class MigrationRegionV1:
 
     # -- helpers -------------------------------------------------------------
     @property
+    def mmap_areas(self) -> list:
+        """Sparse-mmap capability areas ``[(offset, size)]``: the data section when mmap-able."""
+        if not self.mmap:
+            return []
+        return [(self.data_offset, self.size - self.data_offset)]
+
+    @property
     def state(self) -> int:
         return self.device_state & STATE_MASK
 
