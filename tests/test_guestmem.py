@@ -518,3 +518,80 @@ def test_multifd_channel_errors(multifd_capture, tmp_path):
     bad.write_bytes(bytes(data[:off + 320 + 128 * 8 + 100]))
     with pytest.raises(StreamError, match="channel ends inside packet pages"):
         guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
+
+
+# -- property: the replay equals a page-by-page model ---------------------------------------
+
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
+
+NPAGES = 6
+op = st.one_of(
+    st.tuples(st.just("page"), st.integers(0, NPAGES - 1), st.integers(0, 5)),
+    st.tuples(st.just("zeropage"), st.integers(0, NPAGES - 1), st.just(0)),
+    st.tuples(st.just("zero"), st.integers(0, NPAGES - 1), st.just(0)),
+    st.tuples(st.just("fill"), st.integers(0, NPAGES - 1), st.integers(1, 255)),
+    st.tuples(st.just("xbzrle"), st.integers(0, NPAGES - 1), st.integers(0, 5)),
+    st.tuples(st.just("compress"), st.integers(0, NPAGES - 1), st.integers(0, 5)),
+)
+
+
+def _variant(old: bytes, k: int) -> bytes:
+    """``old`` with a few 8-byte pieces changed (the same for the same inputs)."""
+    rnd = random.Random(k + 31 * sum(old[:16]))
+    new = bytearray(old)
+    for _ in range(1 + k):
+        at = rnd.randrange(PS - 8)
+        new[at:at + 8] = rnd.randbytes(8)
+    return bytes(new)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.lists(op, max_size=30), min_size=1, max_size=4), st.integers(0, 5))
+# zeroing or XBZRLE on a page of the run of pages still being collected
+@example([[("page", 3, 0), ("zero", 3, 0)]], 5)
+@example([[("page", 2, 0), ("page", 3, 1), ("zero", 2, 0)], [("xbzrle", 3, 2)]], 5)
+@example([[("page", 1, 0), ("page", 2, 0), ("xbzrle", 1, 4)]], 5)
+@example([[("page", 1, 0), ("page", 2, 0)], [("zero", 1, 0), ("page", 1, 3)]], 1)
+def test_replay_matches_a_page_model(tmp_path_factory, iterations, until):
+    model = [[bytes(PS)] * NPAGES]          # model[k] = memory after iteration k
+    items_per_iter = []
+    cur = list(model[0])
+    for ops in iterations:
+        items = []
+        for kind, idx, arg in ops:
+            old = cur[idx]
+            if kind == "page":
+                new = page(idx * 10 + arg)
+                items.append(("pc.ram", idx, "page", new))
+            elif kind == "zeropage":
+                new = bytes(PS)
+                items.append(("pc.ram", idx, "page", new))
+            elif kind == "zero":
+                new = bytes(PS)
+                items.append(("pc.ram", idx, "zero", None))
+            elif kind == "fill":
+                new = bytes([arg]) * PS
+                items.append(("pc.ram", idx, "fill", arg))
+            elif kind == "xbzrle":
+                new = _variant(old, arg)
+                delta = xbzrle.encode(old, new)
+                if not delta:               # unchanged or too big: QEMU sends no XBZRLE
+                    continue
+                items.append(("pc.ram", idx, "xbzrle", delta))
+            else:
+                new = _variant(old, arg)
+                items.append(("pc.ram", idx, "compress", zlib.compress(new)))
+            cur[idx] = new
+        items_per_iter.append(items)
+        model.append(list(cur))
+    # the last list of items goes into the END section
+    b = stream([("pc.ram", NPAGES * PS)], items_per_iter[:-1], end=items_per_iter[-1])
+    d = tmp_path_factory.mktemp("prop")
+    path = write(d, b)
+    m = guestmem.extract(path, str(d / "out"), until_iteration=until)
+    want = b"".join(model[min(until, len(iterations))])
+    got = (d / "out" / "pc.ram.img").read_bytes()
+    assert got == want
+    assert m["blocks"][0]["sha256"] == hashlib.sha256(want).hexdigest()
+    assert m["blocks"][0]["data_pages"] == sum(1 for i in range(NPAGES)
+                                               if want[i * PS:(i + 1) * PS] != bytes(PS))
