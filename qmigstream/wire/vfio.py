@@ -294,9 +294,11 @@ class PciConfigState:
         """Build one, sizing the MSI-X table and PBA from the config space's capability
         when they are not given (zero-filled), as ``msix_save`` would write them."""
         n = msix_vectors(config)
-        if n and msix_table is None:
+        if msix_table is not None:
+            n = len(msix_table) // PCI_MSIX_ENTRY_SIZE
+        elif n:
             msix_table = bytes(n * PCI_MSIX_ENTRY_SIZE)
-        if n and msix_pba is None:
+        if msix_table is not None and msix_pba is None:
             msix_pba = bytes((n + 7) // 8)
         return cls(config, irq_state, msix_table, msix_pba, display)
 
