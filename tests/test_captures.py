@@ -15,7 +15,6 @@ import json
 import lzma
 import struct
 import zlib
-from collections import Counter
 
 import pytest
 

@@ -224,8 +224,10 @@ def s_noconfig(c):
 
 @scenario("pc-7.2-devices", reproducible=True,
           exercises="many vmstate shapes: PCI devices (e1000, rtl8139, virtio-net, virtio-blk, "
-                    "virtio-serial, virtio-balloon, virtio-rng, virtio-iommu, whose GTREEs travel inside the opaque virtio field), USB (UHCI, xHCI, tablet, kbd), "
-                    "isa-serial, VGA; subsections, arrays of structs, timers, msix and pci config, virtio")
+                    "virtio-serial, virtio-balloon, virtio-rng, virtio-iommu, whose GTREEs "
+                    "travel inside the opaque virtio field), USB (UHCI, xHCI, tablet, kbd), "
+                    "isa-serial, VGA; subsections, arrays of structs, timers, msix and pci "
+                    "config, virtio")
 def s_devices(c):
     """pc, 64 MiB, a zoo of devices that 7.2 migrates, with a tiny raw drive."""
     disk = c.path("disk.raw")
@@ -256,8 +258,10 @@ def s_devices(c):
 OLD_MACHINE_ZOO = [
     "-device", "VGA", "-device", "e1000,romfile=", "-device", "rtl8139,romfile=",
     "-device", "virtio-net-pci,romfile=", "-device", "virtio-blk-pci,drive=d0",
-    "-device", "virtio-serial-pci", "-device", "virtserialport,chardev=c0,name=org.qmigstream.0",
-    "-device", "virtio-balloon-pci", "-device", "virtio-rng-pci", "-device", "isa-serial,chardev=s0",
+    "-device", "virtio-serial-pci",
+    "-device", "virtserialport,chardev=c0,name=org.qmigstream.0",
+    "-device", "virtio-balloon-pci", "-device", "virtio-rng-pci",
+    "-device", "isa-serial,chardev=s0",
     "-device", "piix3-usb-uhci", "-device", "usb-tablet", "-device", "ich9-usb-ehci1",
     "-device", "es1370", "-device", "AC97", "-device", "intel-hda", "-device", "hda-duplex",
     "-device", "megasas", "-device", "lsi53c895a", "-device", "virtio-scsi-pci",

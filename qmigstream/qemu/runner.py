@@ -6,7 +6,7 @@ errors and on timeouts alike.  Two one-call helpers cover the common jobs:
 
 >>> r = migrate_to_file(["-machine", "pc", "-m", "32"], "/tmp/g.mig")   # doctest: +SKIP
 >>> r.query_migrate["status"], r.size                                    # doctest: +SKIP
-('completed', 78411)
+('completed', 387381)
 >>> res = load_incoming(["-machine", "pc", "-m", "32"], "/tmp/g.mig")    # doctest: +SKIP
 >>> res.loaded, res.status                                               # doctest: +SKIP
 (True, 'completed')
@@ -246,7 +246,8 @@ class Qemu:
 def exec_file_uri(path: str) -> str:
     """``exec:`` URI writing the stream to ``path``; the file appears only when complete."""
     p = os.path.abspath(path)
-    return f"exec:cat > {shlex.quote(p + '.part')} && mv {shlex.quote(p + '.part')} {shlex.quote(p)}"
+    part = shlex.quote(p + ".part")
+    return f"exec:cat > {part} && mv {part} {shlex.quote(p)}"
 
 
 def wait_file(path: str, timeout: float = 30.0):
