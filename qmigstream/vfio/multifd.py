@@ -10,7 +10,8 @@ uuid, channel id); then packets, each with the common header
   ``VFIODeviceStatePacket``: be32 version (0), be32 idx, be32 flags
   (bit 0 = config state), data.
 * otherwise a RAM packet ``MultiFDPacket_t``: fixed part, pages_alloc x be64
-  offsets, then next_packet_size bytes of page data (kept opaque here).
+  offsets, then the page data (kept opaque here): normal_pages whole pages
+  without compression, next_packet_size bytes with it.
 
 The VFIO save thread (``vfio_multifd_save_complete_precopy_thread``) sends
 data packets with idx 0, 1, 2, ... (one read() each) and then one config
@@ -156,7 +157,7 @@ def build_channel(packets, channel_id=0, uuid=bytes(16), init=True) -> bytes:
     return head + b"".join(p.encode() for p in packets)
 
 
-def parse_channel(data, *, init=True, name=None, max_pages=1 << 20):
+def parse_channel(data, *, init=True, name=None, max_pages=1 << 20, page_size=4096):
     """Records of one channel's bytes: ChannelInit, then packets, with offsets."""
     buf = memoryview(bytes(data)) if not isinstance(data, memoryview) else data
     n = len(buf)
@@ -210,10 +211,15 @@ def parse_channel(data, *, init=True, name=None, max_pages=1 << 20):
                 raise Truncated("channel ends inside a RAM packet header", pos, section=name,
                                 needed=W.MULTIFD_RAM_FIXED_SIZE, available=n - pos)
             pages_alloc, normal, nps = struct.unpack_from(">III", buf, pos + 12)
-            if pages_alloc > max_pages:
+            if pages_alloc > max_pages or normal > pages_alloc:
                 raise LimitExceeded("RAM packet page count out of range", pos + 12,
-                                    section=name, found=pages_alloc)
-            total = W.MULTIFD_RAM_FIXED_SIZE + 8 * pages_alloc + nps
+                                    section=name, expected=f"normal <= alloc <= {max_pages}",
+                                    found=f"{normal} of {pages_alloc}")
+            # Without compression the receiver reads normal_pages whole pages
+            # (next_packet_size is stale in SYNC packets of 7.2, seen in real
+            # captures); with compression it reads next_packet_size bytes.
+            body = nps if flags & W.MULTIFD_FLAG_COMPRESSION_MASK else normal * page_size
+            total = W.MULTIFD_RAM_FIXED_SIZE + 8 * pages_alloc + body
             if total > n - pos:
                 raise Truncated("RAM packet runs past the end of the channel", pos,
                                 section=name, needed=total, available=n - pos)
