@@ -405,3 +405,20 @@ def test_config_record_without_its_end_marker():
         list(read_records(data))
     assert e.value.offset == at + 8 + 276 and not isinstance(e.value, Truncated)
     assert e.value.found == b"\x01" * 8
+
+
+def test_streams_without_footers():
+    for fam in ("5.2", "6.0-7.2", "10.1+"):
+        b, _ = build_stream(fam, [(DEV, 40, [b"a" * 9, None], [b"b" * 4], state(msix=2))],
+                            footers=False)
+        data, recs = check_stream(b)
+        assert not any(isinstance(r, SectionFooter) for r in recs)
+        devs, _ = scan(data)
+        assert devs[(DEV, 0)].family.family == fam
+
+
+def test_config_state_make_with_a_given_table():
+    st = PciConfigState.make(config_space(msix=3), msix_table=bytes(range(48)))
+    assert st.msix_entries == 3 and st.msix_pba == b"\x00"
+    back, n = W.parse_config_state(W.CONFIG_STATE_BYTES + st.encode() + W.END_OF_STATE_BYTES, 8)
+    assert n == 4 + 256 + 16 + 48 + 1 and back == st and back.msix_table == bytes(range(48))
