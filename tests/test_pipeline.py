@@ -253,3 +253,30 @@ def test_qemu_loads_template_output_with_the_pipelines_memory(name, args, captur
     assert pc.digest() == res.ram["pc.ram"]
     assert m0.read_bytes() == pc.mem[:0xA0000]
     assert m1.read_bytes() == pc.mem[0x100000:ram_size]
+
+
+def test_fast_ram_pass_equals_the_record_path():
+    """RamSaver.pass_bytes (the fast path) writes exactly what pass_records' records encode."""
+    from qmigstream.pipeline.guest import CpuWorkload, GuestRam, fill_initial
+    from qmigstream.pipeline.ramsave import RamSaver
+
+    def make():
+        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10)])
+        fill_initial(ram, seed=5, fraction=0.3, uniform=0.1)
+        ram.block("rom").write(4096, b"\x01" * 100)
+        return ram, RamSaver(ram, xbzrle_on=True, cache_size=1 << 20)
+
+    (ra, sa), (rb, sb) = make(), make()
+    wa, wb = (CpuWorkload(r, seed=2, rate=1, store_size=48) for r in (ra, rb))
+    for rnd in range(4):
+        sa.sync()
+        sb.sync()
+        slow = b"".join(r.encode() for r in sa.pass_records(last_stage=rnd == 3))
+        fast = b"".join(bytes(p) for piece in sb.pass_bytes(last_stage=rnd == 3) for p in piece)
+        assert fast == slow, rnd
+        assert sa.counts == sb.counts
+        wa.run_stores(3000)
+        wb.run_stores(3000)
+        ra.main.write(0x200000, bytes(8192))           # pages that turn zero
+        rb.main.write(0x200000, bytes(8192))
+    assert sa.counts["xbzrle"] > 0 and sa.counts["zero"] > 0

@@ -91,10 +91,17 @@ class RamBlock:
         if len(indices) == 0:
             return np.zeros(0, dtype=bool)
         words = self.pages.view(np.uint64) if self.page_size % 8 == 0 else self.pages
+        first, last = int(indices[0]), int(indices[-1])
+        if last - first + 1 == len(indices):          # a contiguous run: a view, no copy
+            return words[first:last + 1].any(axis=1)
         return words[indices].any(axis=1)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.mem[:self.used_length]).hexdigest()
+        h = hashlib.sha256()
+        view = memoryview(self.mem)
+        for pos in range(0, self.used_length, 64 << 20):
+            h.update(view[pos:min(self.used_length, pos + (64 << 20))])
+        return h.hexdigest()
 
     def close(self):
         self.pages = None
@@ -213,13 +220,20 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     while np.gcd(step, blk.npages) != 1:
         step += 2
     idx = (np.arange(n_data + n_uni, dtype=np.int64) * step + (state % blk.npages)) % blk.npages
-    ps = blk.page_size
-    data = pattern(seed, n_data * ps)
-    for k, page in enumerate(idx[:n_data].tolist()):
-        blk.mem[page * ps:(page + 1) * ps] = data[k * ps:(k + 1) * ps]
-    for k, page in enumerate(idx[n_data:].tolist()):
-        fill = 1 + (splitmix64(state + k) % 255)
-        blk.mem[page * ps:(page + 1) * ps] = bytes((fill,)) * ps
+    # data pages: 64 pseudo-random bytes per page, repeated over the page (cheap to make,
+    # different on every page); made and stored in batches
+    reps = blk.page_size // 64
+    per = 4096
+    for start in range(0, n_data, per):
+        pages = idx[start:min(n_data, start + per)]
+        words = np.random.PCG64((seed + start) & MASK64).random_raw(len(pages) * 8)
+        blk.pages[pages] = np.tile(words.astype("<u8").view(np.uint8).reshape(len(pages), 64),
+                                   (1, reps))
+    uni = idx[n_data:]
+    if len(uni):
+        fills = np.array([1 + (splitmix64(state + k) % 255) for k in range(len(uni))],
+                         dtype=np.uint8)
+        blk.pages[uni] = fills[:, None]
     ram.clear_dirty()
 
 
@@ -234,47 +248,63 @@ class RamLoader:
         self.pages = 0
 
     def feed(self, rec) -> None:
-        ram = self.ram
-        if isinstance(rec, R.RamZeroRun):
-            blk = ram.block(rec.block)
-            start = rec.addr // blk.page_size
-            self._bounds(blk, rec.addr + (rec.count - 1) * blk.page_size, rec)
-            blk.pages[start:start + rec.count] = 0
-            self.pages += rec.count
-        elif isinstance(rec, R.RamZero):
-            blk = ram.block(rec.block)
+        """Apply one record (records that are not RAM pages are ignored)."""
+        fn = self._dispatch.get(type(rec))
+        if fn is not None:
+            fn(self, rec)
+
+    def _zero_run(self, rec):
+        blk = self.ram.block(rec.block)
+        start = rec.addr // blk.page_size
+        self._bounds(blk, rec.addr + (rec.count - 1) * blk.page_size, rec)
+        blk.pages[start:start + rec.count] = 0
+        self.pages += rec.count
+
+    def _zero(self, rec):
+        blk = self.ram.block(rec.block)
+        self._bounds(blk, rec.addr, rec)
+        blk.pages[rec.addr // blk.page_size] = rec.fill
+        self.pages += 1
+
+    def _page(self, rec):
+        blk = self.ram.blocks.get(rec.block) or self.ram.block(rec.block)
+        if rec.addr >= blk.used_length:
             self._bounds(blk, rec.addr, rec)
-            blk.pages[rec.addr // blk.page_size] = rec.fill
-            self.pages += 1
-        elif isinstance(rec, R.RamPage):
-            blk = ram.block(rec.block)
-            self._bounds(blk, rec.addr, rec)
-            blk.mem[rec.addr:rec.addr + blk.page_size] = rec.data
-            self.pages += 1
-        elif isinstance(rec, R.RamXbzrle):
-            blk = ram.block(rec.block)
-            self._bounds(blk, rec.addr, rec)
-            old = bytes(blk.page(rec.addr // blk.page_size))
-            blk.mem[rec.addr:rec.addr + blk.page_size] = xbzrle.decode(
-                bytes(rec.data), old, offset=rec.offset)
-            self.pages += 1
-        elif isinstance(rec, R.RamCompressed):
-            blk = ram.block(rec.block)
-            self._bounds(blk, rec.addr, rec)
-            try:
-                d = zlib.decompressobj()
-                out = d.decompress(bytes(rec.data), blk.page_size + 1)
-            except zlib.error as e:
-                raise StreamError(f"compressed page does not inflate: {e}", rec.offset,
-                                  section="ram") from None
-            if len(out) != blk.page_size:
-                raise StreamError("compressed page does not inflate to one page", rec.offset,
-                                  section="ram", expected=blk.page_size, found=len(out))
-            blk.mem[rec.addr:rec.addr + blk.page_size] = out
-            self.pages += 1
-        elif isinstance(rec, R.MappedRamChunk) and rec.area == "pages" and rec.data is not None:
-            blk = ram.block(rec.block)
+        blk.mem[rec.addr:rec.addr + blk.page_size] = rec.data
+        self.pages += 1
+
+    def _xbzrle(self, rec):
+        blk = self.ram.block(rec.block)
+        self._bounds(blk, rec.addr, rec)
+        old = bytes(blk.page(rec.addr // blk.page_size))
+        blk.mem[rec.addr:rec.addr + blk.page_size] = xbzrle.decode(
+            bytes(rec.data), old, offset=rec.offset)
+        self.pages += 1
+
+    def _compressed(self, rec):
+        blk = self.ram.block(rec.block)
+        self._bounds(blk, rec.addr, rec)
+        try:
+            d = zlib.decompressobj()
+            out = d.decompress(bytes(rec.data), blk.page_size + 1)
+        except zlib.error as e:
+            raise StreamError(f"compressed page does not inflate: {e}", rec.offset,
+                              section="ram") from None
+        if len(out) != blk.page_size:
+            raise StreamError("compressed page does not inflate to one page", rec.offset,
+                              section="ram", expected=blk.page_size, found=len(out))
+        blk.mem[rec.addr:rec.addr + blk.page_size] = out
+        self.pages += 1
+
+    def _mapped(self, rec):
+        if rec.area == "pages" and rec.data is not None:
+            blk = self.ram.block(rec.block)
+            if rec.start + rec.length > blk.used_length:
+                self._bounds(blk, rec.start + rec.length, rec)
             blk.mem[rec.start:rec.start + rec.length] = rec.data
+
+    _dispatch = {R.RamZeroRun: _zero_run, R.RamZero: _zero, R.RamPage: _page,
+                 R.RamXbzrle: _xbzrle, R.RamCompressed: _compressed, R.MappedRamChunk: _mapped}
 
     @staticmethod
     def _bounds(blk, addr, rec):

@@ -35,7 +35,6 @@ from .. import __version__, vmdesc
 from ..codec.ram_records import RamEos, RamMemSize, RamBlockInfo
 from ..codec.records import (Command, Configuration, EndOfStream, FileHeader, SectionFooter,
                              SectionHeader, VmDescription)
-from ..codec.writer import StreamWriter
 from ..device.pci_device import PAGE, EmulatedPciDevice
 from ..errors import QmigstreamError
 from ..vfio import builder as VB
@@ -127,27 +126,34 @@ class MigrationResult:
 
 
 class _Out:
-    """Writes records, remembers each section's bytes per phase."""
+    """Writes records (and pre-encoded pieces), hashing as it goes; bytes per phase."""
 
     def __init__(self, f, footers):
-        self.w = StreamWriter(f)
+        self.f = f
         self.footers = footers
+        self.offset = 0
         self.phase = "header"
         self.phases = {}
-        self.h = hashlib.sha256()
 
-    def rec(self, r):
-        n = self.w.write(r)
-        data = r.encode()
-        self.h.update(data)
+    def raw(self, pieces):
+        n = 0
+        for p in pieces:
+            self.f.write(p)
+            n += len(p)
+        self.offset += n
         self.phases[self.phase] = self.phases.get(self.phase, 0) + n
         return n
 
+    def rec(self, r):
+        r.offset = self.offset
+        return self.raw((r.encode(),))
+
     def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1):
+        """Header, payload (records, or lists of encoded pieces), footer."""
         n = self.rec(SectionHeader(type_, sid, idstr, instance_id, version_id)
                      if type_ in (T.SECTION_START, T.SECTION_FULL) else SectionHeader(type_, sid))
         for r in payload:
-            n += self.rec(r)
+            n += self.raw(r) if isinstance(r, list) else self.rec(r)
         if self.footers:
             n += self.rec(SectionFooter(sid))
         return n
@@ -227,7 +233,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     saver = RamSaver(ram, xbzrle_on=cfg.xbzrle, cache_size=cfg.xbzrle_cache)
     total_pfns = ram.main.npages
     res = MigrationResult(str(out_path), prof.name, config=cfg.to_json())
-    with open(out_path, "wb") as f:
+    with open(out_path, "wb", buffering=1 << 20) as f:
         out = _Out(f, footers)
         out.rec(FileHeader())
         if conf is not None:
@@ -253,9 +259,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.phase = f"iteration {rounds + 1}"
             saver.sync()
             _merge_device_dirty(devices, ram, total_pfns)
-            before = out.w.offset
-            recs = list(saver.pass_records())
-            out.section(T.SECTION_PART, ram_sid, recs + [RamEos()])
+            before = out.offset
+            out.section(T.SECTION_PART, ram_sid, _then(saver.pass_bytes(), RamEos()))
             for d in devices:
                 if not d.precopy_active:
                     continue
@@ -271,12 +276,12 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
                 if d.family.protocol == "v1" and not chunk and d.src.precopy_done():
                     d.precopy_active = False      # v1: "DATA 0" ends its iteration
             rounds += 1
-            elapsed = (out.w.offset - before) * NS // max(1, cfg.bandwidth)
+            elapsed = (out.offset - before) * NS // max(1, cfg.bandwidth)
             workload.run_for(elapsed)
             for d in devices:
                 d.run_for(elapsed)
             if progress:
-                progress(out.w.offset)
+                progress(out.offset)
             reason = _converged(cfg, rounds, saver, devices)
             if reason:
                 break
@@ -291,8 +296,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         for d in devices:
             finals.append(d.src.stop_and_copy())
         _merge_device_dirty(devices, ram, total_pfns)
-        out.section(T.SECTION_END, ram_sid, list(saver.pass_records(last_stage=True))
-                    + [RamEos()])
+        out.section(T.SECTION_END, ram_sid, _then(saver.pass_bytes(last_stage=True), RamEos()))
         fulls = {}
         for d, (chunks, zero) in zip(devices, finals):
             d.data_bytes += sum(len(c) for c in chunks)
@@ -325,9 +329,9 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         out.phase = "trailer"
         if tpl is None or tpl.description is not None:
             out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
-        res.size = out.w.offset
-        res.sha256 = out.h.hexdigest()
+        res.size = out.offset
         res.phases = out.phases
+    res.sha256 = _file_sha256(out_path)
     res.pages = dict(saver.counts)
     res.ram = ram.digests()
     for d in devices:
@@ -340,6 +344,24 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
                             "image_digest": d.device.image_digest(),
                             "config": d.device.config_space().hex()})
     return res
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _then(pieces, last):
+    yield from pieces
+    yield last
 
 
 def _merge_device_dirty(devices, ram, total_pfns):

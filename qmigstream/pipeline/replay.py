@@ -199,7 +199,11 @@ def _load(path, dests, page_size, result) -> GuestRam:
     current = None
     eof = False
     try:
+        feed = None
         for rec in reader.records():
+            if feed is not None and type(rec) in RamLoader._dispatch:
+                feed(rec)
+                continue
             if isinstance(rec, SectionHeader):
                 idstr = reader.sections[rec.section_id].idstr
                 current = dests.get(idstr) if is_vfio_idstr(idstr) else None
@@ -223,10 +227,8 @@ def _load(path, dests, page_size, result) -> GuestRam:
                     ram.close()
                 ram = GuestRam([(b.name, b.used_length) for b in rec.blocks], reader.page_size)
                 loader = RamLoader(ram)
-            elif loader is not None and isinstance(rec, (R.RamZero, R.RamZeroRun, R.RamPage,
-                                                         R.RamXbzrle, R.RamCompressed,
-                                                         R.MappedRamChunk)):
-                loader.feed(rec)
+                feed = loader.feed
+
             elif isinstance(rec, EndOfStream) and rec.depth == 0:
                 eof = True
         if not eof:

@@ -98,8 +98,7 @@ def load_template(path) -> Template:
             blocks = list(rec.blocks)
             ram = GuestRam([(b.name, b.used_length, b) for b in blocks], reader.page_size)
             loader = RamLoader(ram)
-        elif loader is not None and isinstance(rec, (R.RamZero, R.RamZeroRun, R.RamPage,
-                                                     R.RamXbzrle, R.RamCompressed)):
+        elif loader is not None and type(rec) in RamLoader._dispatch:
             loader.feed(rec)
         elif current is not None:
             current.payload.append(rec)
