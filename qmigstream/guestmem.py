@@ -11,6 +11,7 @@ does with each record, done to a file instead of guest memory:
   (``load_xbzrle`` decodes straight into guest memory);
 * ``COMPRESS_PAGE`` inflates one zlib stream into the page; the result must be
   exactly one page (:class:`CompressedPageError` otherwise);
+* ``POSTCOPY_RAM_DISCARD`` zeroes the byte ranges it names (``ram_discard_range``);
 * mapped-ram areas: page *i* of a block is at ``pages_offset + i*page_size`` in
   the file and holds data when bit *i* of the block's bitmap is set
   (``parse_ramblock_mapped_ram``); clear bits leave the page as it was (zero).
@@ -50,8 +51,9 @@ from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
                                 RamCompressed, RamMemSize, RamPage, RamXbzrle, RamZero,
                                 RamZeroRun)
 from .codec.reader import StreamReader
-from .codec.records import SectionHeader
+from .codec.records import Command, SectionHeader
 from .errors import QmigstreamError, StreamError
+from .wire.commands import MigCmd
 from .wire.header import SectionType as T
 from . import xbzrle
 
@@ -593,6 +595,9 @@ class GuestMemory:
             return False
         if isinstance(rec, SectionHeader):
             return self._section(rec)
+        if isinstance(rec, Command) and rec.cmd == MigCmd.POSTCOPY_RAM_DISCARD:
+            self._discard(rec)
+            return True
         if self.iteration is None:
             return True
         if isinstance(rec, RamPage):
@@ -651,6 +656,26 @@ class GuestMemory:
         else:
             self.setup_seen = True
         return True
+
+    def _discard(self, rec):
+        """POSTCOPY_RAM_DISCARD: the destination drops these byte ranges of a block
+        (``loadvm_postcopy_ram_handle_discard`` -> ``ram_discard_range``); they read
+        as zero until sent again."""
+        name = rec.args.get("block")
+        b = self.blocks.get(name)
+        if b is None:
+            raise StreamError(f"POSTCOPY_RAM_DISCARD for unknown RAM block {name!r}",
+                              rec.offset)
+        ps = self.page_size
+        for r in rec.args.get("ranges", []):
+            start, length = r["start"], r["length"]
+            if start % ps or length % ps or start + length > b.used_length:
+                raise StreamError(f"POSTCOPY_RAM_DISCARD range outside RAM block {name!r} "
+                                  "or not whole pages", rec.offset,
+                                  expected=f"page-aligned, within 0x{b.used_length:x}",
+                                  found=f"0x{start:x}+0x{length:x}")
+            if length:
+                self._zero(b, start, length // ps)
 
     def _page(self, rec):
         data = rec.data

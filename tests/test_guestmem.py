@@ -595,3 +595,27 @@ def test_replay_matches_a_page_model(tmp_path_factory, iterations, until):
     assert m["blocks"][0]["sha256"] == hashlib.sha256(want).hexdigest()
     assert m["blocks"][0]["data_pages"] == sum(1 for i in range(NPAGES)
                                                if want[i * PS:(i + 1) * PS] != bytes(PS))
+
+
+def test_postcopy_discard_zeroes_the_ranges(tmp_path):
+    from qmigstream.wire.commands import MigCmd
+    b = StreamBuilder()
+    b.header()
+    b.configuration("pc-i440fx-7.2")
+    b.section(T.SECTION_START, "ram", b.ram_setup_records([("pc.ram", 8 * PS)]), version_id=4)
+    b.section(T.SECTION_PART, "ram", _records(b, [("pc.ram", i, "page", page(i))
+                                                  for i in range(6)]) + [RamEos()])
+    b.command(MigCmd.POSTCOPY_RAM_DISCARD, version=0, block="pc.ram", terminator=0,
+              ranges=[{"start": PS, "length": 2 * PS}, {"start": 5 * PS, "length": PS}])
+    b.section(T.SECTION_END, "ram", _records(b, [("pc.ram", 2, "page", page(22))]) + [RamEos()])
+    b.eof()
+    out = tmp_path / "out"
+    m = guestmem.extract(write(tmp_path, b), str(out))
+    assert (out / "pc.ram.img").read_bytes() == (page(0) + bytes(PS) + page(22) + page(3) +
+                                                page(4) + bytes(3 * PS))
+    assert m["blocks"][0]["data_pages"] == 4
+    cmd = next(r for r in b.records if r.kind == "command")
+    cmd.args["ranges"] = [{"start": 7 * PS, "length": 2 * PS}]
+    with pytest.raises(StreamError, match="outside RAM block") as e:
+        guestmem.extract(write(tmp_path, b, "bad.mig"), str(tmp_path / "o2"))
+    assert e.value.offset == cmd.offset
