@@ -1,0 +1,959 @@
+"""Would QEMU load this stream?  ``qmigstream check``.
+
+:func:`check` walks a stream the way QEMU 7.2's loader does
+(``qemu_loadvm_state`` in migration/savevm.c and what it calls:
+``qemu_loadvm_state_header``, the configuration vmsd and its post_load,
+``qemu_loadvm_state_main``, ``qemu_loadvm_section_start_full`` /
+``part_end``, ``check_section_footer``, ``loadvm_process_command``;
+``ram_load_precopy`` in migration/ram.c; ``vmstate_load_state`` and the
+``*_equal``/``int32 le`` infos of vmstate.c/vmstate-types.c;
+``vfio_load_state`` of hw/vfio/migration.c) and reports every problem with
+its byte offset and the text QEMU itself prints for it.
+
+QEMU stops at its first error, and so does the verdict: the first *fatal*
+problem is where QEMU would give up; *notes* are things QEMU accepts but a
+reader should know (a non-zero ZERO fill byte, a damaged trailer), and
+*unchecked* items say what could not be verified without knowing the
+destination (``reference``).
+
+What the destination has - its machine name, whether it expects a
+configuration record and footers, its sections with their versions and
+vmstate layouts, its own values of ``equal`` fields, its RAM blocks - is
+learnt from a *reference* stream made by the same QEMU with the same machine
+arguments (``--reference``, e.g. the committed capture).  Without one, the
+stream's own VMDESCRIPTION and MEM_SIZE list stand in for the destination,
+and what that cannot show is listed as unchecked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+import zlib
+
+from . import vmstate
+from . import xbzrle as X
+from .codec.boundary import SectionIds, scan_for_end
+from .codec.reader import StreamReader
+from .codec.sections import handler_for
+from .codec.sections.vfio import is_vfio_idstr
+from .codec.source import Source, open_source
+from .codec.trailer import TAIL_BYTES, locate_trailer
+from .errors import BadMagic, QmigstreamError, StreamError, Truncated
+
+_U64 = struct.Struct(">Q")
+
+PAGE = 4096
+# RAM_SAVE_FLAG_* of QEMU 7.2 (migration/ram.c); 0x200 (MULTIFD_FLUSH) came in 8.1.
+F_FULL, F_ZERO, F_MEM, F_PAGE, F_EOS, F_CONT, F_XBZRLE, F_HOOK, F_COMP = (
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x100)
+PAGE_KINDS = F_ZERO | F_PAGE | F_COMP | F_XBZRLE
+
+
+class Profile:
+    """What one QEMU release's loader knows, independent of the machine."""
+
+    def __init__(self, name, machines, iterative, resizeable, commands, vmsd_versions,
+                 target_page_bits, capabilities, validated_caps):
+        self.name = name
+        self.machines = machines          # alias -> full machine name
+        self.iterative = iterative        # idstr -> version_id (ram, block, ...)
+        self.resizeable = resizeable      # RAM block -> max_length
+        self.commands = commands          # cmd -> (name, fixed length or None)
+        self.vmsd_versions = vmsd_versions
+        self.target_page_bits = target_page_bits
+        self.capabilities = capabilities  # MigrationCapability names
+        self.validated_caps = validated_caps
+
+    def minimum_version(self, vmsd_name, version):
+        """``minimum_version_id`` of the vmsd ``vmsd_name`` whose version is ``version``."""
+        rows = [r for r in self.vmsd_versions.get(vmsd_name, ())
+                if r["version_id"] == version]
+        mins = {r["minimum_version_id"] for r in rows}
+        return mins.pop() if len(mins) == 1 else None
+
+
+def _load_vmsd_versions(ver):
+    path = os.path.join(os.path.dirname(__file__), "data", f"qemu-{ver}-vmsd-versions.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+#: MigrationCapability names of 7.2 (qapi/migration.json), for configuration/capabilities.
+_CAPS_72 = ("xbzrle rdma-pin-all auto-converge zero-blocks compress events postcopy-ram "
+            "x-colo release-ram block return-path pause-before-switchover multifd "
+            "dirty-bitmaps postcopy-blocktime late-block-activate x-ignore-shared "
+            "validate-uuid background-snapshot zero-copy-send postcopy-preempt").split()
+
+
+def profile(name="qemu-7.2") -> Profile:
+    if name != "qemu-7.2":
+        raise QmigstreamError(f"unknown profile {name!r} (known: qemu-7.2)")
+    return Profile(
+        "qemu-7.2",
+        machines={"pc": "pc-i440fx-7.2", "q35": "pc-q35-7.2"},
+        # register_savevm_live() calls: ram.c "ram" 4, block.c "block" 1,
+        # block-dirty-bitmap.c "dirty-bitmap" 1; hw/vfio/migration.c "vfio" 1.
+        iterative={"ram": 4, "block": 1, "dirty-bitmap": 1, "vfio": 1},
+        # acpi_add_rom_blob() (hw/acpi/utils.c): resizeable ROM blocks and their max_length.
+        resizeable={"/rom@etc/acpi/tables": 0x200000, "/rom@etc/table-loader": 0x10000,
+                    "/rom@etc/acpi/rsdp": 0x1000},
+        # mig_cmd_args[] (savevm.c); ENABLE_COLO has no row, so its length must be 0.
+        commands={1: ("OPEN_RETURN_PATH", 0), 2: ("PING", 4), 3: ("POSTCOPY_ADVISE", None),
+                  4: ("POSTCOPY_LISTEN", 0), 5: ("POSTCOPY_RUN", 0),
+                  6: ("POSTCOPY_RAM_DISCARD", None), 7: ("PACKAGED", 4),
+                  8: ("ENABLE_COLO", 0), 9: ("POSTCOPY_RESUME", 0),
+                  10: ("RECV_BITMAP", None)},
+        vmsd_versions=_load_vmsd_versions("7.2"),
+        target_page_bits=12,
+        capabilities=_CAPS_72,
+        validated_caps=("x-ignore-shared",),
+    )
+
+
+# -- results -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Problem:
+    """One finding.  ``level``: ``fatal`` (QEMU gives up here), ``note``, ``unchecked``."""
+    offset: int | None
+    kind: str
+    message: str
+    level: str = "fatal"
+    section: str | None = None
+
+    def line(self) -> str:
+        where = f"at offset {self.offset} (0x{self.offset:x})" if self.offset is not None \
+            else "stream"
+        sec = f" [{self.section}]" if self.section else ""
+        return f"{where}{sec}: {self.level}: {self.message}"
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Report:
+    problems: list
+    profile: str
+    reference: str | None = None
+
+    @property
+    def fatal(self):
+        return next((p for p in self.problems if p.level == "fatal"), None)
+
+    @property
+    def loads(self) -> bool:
+        return self.fatal is None
+
+    def to_json(self):
+        f = self.fatal
+        return {"loads": self.loads, "profile": self.profile, "reference": self.reference,
+                "first_error": f.to_json() if f else None,
+                "problems": [p.to_json() for p in self.problems]}
+
+
+class _Stop(Exception):
+    """QEMU's loader gives up here (the Problem is already recorded)."""
+
+
+# -- what the destination has ------------------------------------------------------
+
+class Destination:
+    """The destination QEMU's view, learnt from a reference stream or assumed."""
+
+    def __init__(self):
+        self.machine = None             # full machine name or None (unknown)
+        self.config_expected = None     # send-configuration on the destination
+        self.footers = None             # send-section-footer on the destination
+        self.sections = None            # (idstr, instance) -> version_id, or None
+        self.entries = {}               # (idstr, instance) -> description entry
+        self.states = {}                # (idstr, instance) -> decoded Vmsd (own values)
+        self.blocks = None              # RAM block name -> used_length, or None
+        self.source = "assumed"
+
+
+def destination_from_reference(path, prof: Profile) -> Destination:
+    """Read a stream that QEMU made with the destination's machine arguments."""
+    d = Destination()
+    d.source = str(path)
+    d.config_expected = False
+    d.sections = {}
+    rd = StreamReader(path)
+    cur = None
+    for rec in rd.records():
+        k = rec.kind
+        if k == "configuration":
+            d.config_expected = True
+            d.machine = _c_str(rec.machine)
+        elif k == "section" and rec.full:
+            cur = (rec.idstr, rec.instance_id)
+            d.sections[cur] = rec.version_id
+        elif k == "device_state" and cur is not None:
+            d.states[cur] = rec.tree
+            d.entries[cur] = rec.entry
+        elif k == "ram_mem_size" and d.blocks is None:
+            d.blocks = {b.name: b.used_length for b in rec.blocks}
+        elif k == "footer":
+            d.footers = True
+    if d.footers is None:
+        d.footers = False
+    devs = rd._desc_devices or []
+    for e in devs:
+        if isinstance(e, dict):
+            key = (e.get("name"), e.get("instance_id"))
+            d.entries.setdefault(key, e)
+    return d
+
+
+# -- the check ---------------------------------------------------------------------
+
+class Checker:
+    def __init__(self, source, prof: Profile, dest: Destination, expect_machine=None,
+                 capabilities=None):
+        self.src = source if isinstance(source, Source) else open_source(source)
+        self.prof = prof
+        self.dest = dest
+        self.problems = []
+        self.expect_machine = prof.machines.get(expect_machine, expect_machine)
+        self.caps = None if capabilities is None else set(capabilities)
+        self.auto_caps = set()             # capabilities assumed on (auto mode)
+        self.stream_caps = set()
+        # loader state
+        self.se_by_id = {}                 # load_section_id -> (idstr, instance, version)
+        self.last_block = None
+        self.blocks = None                 # destination RAM blocks (name -> used_length)
+        self.postcopy_advised = False
+        self.own_entries = None            # the stream's own description devices
+        self._own_cursor = {}
+        self.rd = None                     # reader context for the codec's section handlers
+        self.ids = SectionIds()
+
+    # -- reporting -------------------------------------------------------------
+    def fatal(self, offset, kind, message, section=None):
+        self.problems.append(Problem(offset, kind, message, "fatal", section))
+        raise _Stop()
+
+    def note(self, offset, kind, message, section=None, level="note"):
+        self.problems.append(Problem(offset, kind, message, level, section))
+
+    def cap(self, name, offset=None, why=None) -> bool:
+        """Is capability ``name`` on at the destination?"""
+        if self.caps is not None:
+            return name in self.caps
+        if why is not None and name not in self.auto_caps:
+            self.auto_caps.add(name)
+            self.note(offset, "assumed-capability",
+                      f"assuming the destination has the {name} capability on ({why}); "
+                      f"give --capability to check against a given destination",
+                      level="unchecked")
+        return name in self.auto_caps
+
+    # -- reading with QEMU's truncation semantics ----------------------------------
+    def read(self, n, what, section=None):
+        off = self.src.offset
+        try:
+            return self.src.read(n, what)
+        except Truncated as e:
+            self.fatal(off, "truncated",
+                       f"stream ends inside {what} ({e.available or 0} of {n} bytes); "
+                       f"QEMU: load of migration failed: Input/output error", section)
+
+    def be(self, n, what, section=None):
+        return int.from_bytes(self.read(n, what, section), "big")
+
+    # -- top level ---------------------------------------------------------------
+    def run(self):
+        try:
+            self._header()
+            self._own_description()
+            self._main(0, None)
+            self._after_eof()
+        except _Stop:
+            pass
+        return self.problems
+
+    def _header(self):
+        src = self.src
+        raw = src.peek(8)
+        if len(raw) < 4 or raw[:4] != b"QEVM":
+            raise BadMagic("not a QEMU migration stream (QEMU: Not a migration stream)", 0,
+                           expected=b"QEVM", found=raw[:4])
+        if len(raw) < 8:
+            self.fatal(4, "truncated", "stream ends inside the file header; QEMU: "
+                       "Unsupported migration stream version")
+        src.read(8)
+        v = struct.unpack(">I", raw[4:8])[0]
+        if v == 2:
+            self.fatal(4, "version", "SaveVM v2 format is obsolete and don't work anymore")
+        if v != 3:
+            self.fatal(4, "version", f"Unsupported migration stream version (found {v})")
+        has_config = src.peek(1) == b"\x07"
+        expected = self.dest.config_expected
+        if expected is None:
+            expected = has_config
+            self.note(None, "assumed-configuration",
+                      "the destination is assumed to expect a configuration record iff the "
+                      "stream has one (no --reference)", level="unchecked")
+        if expected:
+            b = src.peek(1)
+            if not b:
+                self.fatal(8, "truncated", "stream ends before the configuration record; "
+                           "QEMU: Configuration section missing")
+            if b != b"\x07":
+                self.fatal(8, "configuration", "Configuration section missing")
+            src.read(1)
+            self._configuration()
+
+    def _configuration(self):
+        src = self.src
+        noff = src.offset
+        n = self.be(4, "machine name length", "configuration")
+        name = self.read(n, "machine name", "configuration")
+        page_bits = None
+        caps = []
+        # vmstate_subsection_load() of the configuration vmsd
+        known = ("configuration/target-page-bits", "configuration/capabilities",
+                 "configuration/uuid")
+        while src.peek(1) == b"\x05":
+            soff = src.offset
+            head = src.peek(2)
+            ln = head[1] if len(head) > 1 else 0
+            if ln < len("configuration") + 1:
+                break
+            sname = src.peek(2 + ln)[2:]
+            if len(sname) != ln:
+                break
+            sname = sname.decode("latin-1")
+            if not sname.startswith("configuration"):
+                break
+            if sname not in known:
+                self.fatal(soff, "configuration",
+                           f"unknown configuration subsection {sname!r}: QEMU's "
+                           f"vmstate_subsection_load returns -ENOENT (load of migration "
+                           f"failed: No such file or directory)", "configuration")
+            src.read(2 + ln)
+            voff = src.offset
+            ver = self.be(4, "subsection version", "configuration")
+            if ver > 1:
+                self.fatal(voff, "version", f"{sname}: incoming version_id {ver} is too new "
+                           f"for local version_id 1", "configuration")
+            if ver < 1:
+                self.fatal(voff, "version", f"{sname}: incoming version_id {ver} is too old "
+                           f"for local minimum version_id  1", "configuration")
+            if sname.endswith("target-page-bits"):
+                page_bits = (src.offset, self.be(4, "target page bits", "configuration"))
+            elif sname.endswith("capabilities"):
+                count = self.be(4, "capability count", "configuration")
+                left = src.remaining_known()
+                if left is not None and count > left:
+                    self.fatal(src.offset, "truncated", f"{count} capabilities announced, "
+                               f"the stream ends first", "configuration")
+                for _ in range(count):
+                    coff = src.offset
+                    cl = self.be(1, "capability name length", "configuration")
+                    cn = self.read(cl, "capability name", "configuration").decode("latin-1")
+                    if cn not in self.prof.capabilities:
+                        self.fatal(coff, "configuration", f"Received unknown capability {cn}",
+                                   "configuration")
+                    caps.append(cn)
+            else:
+                self.read(16, "uuid", "configuration")
+                self.note(src.offset - 16, "uuid", "configuration/uuid: whether it matches "
+                          "depends on the destination's -uuid and validate-uuid",
+                          "configuration", level="unchecked")
+        # configuration_post_load()
+        local = self.expect_machine or self.dest.machine
+        sent = name.decode("latin-1")
+        if local is None:
+            self.note(noff, "machine", f"machine type {sent!r} not compared (give "
+                      "--expect-machine or --reference)", "configuration", level="unchecked")
+        else:
+            a = name[:n]
+            b = local.encode("latin-1")
+            if _strncmp(a, b, n) != 0:
+                self.fatal(noff, "machine", f"Machine type received is '{_c_str(a)}' and "
+                           f"local is '{local}'", "configuration")
+            if sent != local:
+                self.note(noff, "machine", f"machine name {sent!r} is not {local!r}, but "
+                          f"QEMU compares only the {n} bytes sent (strncmp) and accepts it",
+                          "configuration")
+        if page_bits is not None and page_bits[1] != self.prof.target_page_bits:
+            self.fatal(page_bits[0], "configuration", f"Received TARGET_PAGE_BITS is "
+                       f"{page_bits[1]} but local is {self.prof.target_page_bits}",
+                       "configuration")
+        self.stream_caps = set(caps)
+        for c in self.prof.validated_caps:
+            src_on = c in caps
+            dst_on = self.cap(c) if self.caps is not None else src_on
+            if self.caps is None and src_on:
+                self.auto_caps.add(c)
+            if src_on != dst_on:
+                self.fatal(noff - 1, "configuration",
+                           f"Capability {c} is {'on' if dst_on else 'off'}, but received "
+                           f"capability is {'on' if src_on else 'off'}", "configuration")
+
+    def _own_description(self):
+        """The stream's own VMDESCRIPTION, read ahead (it stands in for the destination)."""
+        src = self.src
+        if not (src.seekable and src.size is not None):
+            src.spool()
+        end = src.size
+        start = max(src.offset, end - TAIL_BYTES)
+        tail = src.read_at(start, end - start) or b""
+        found = locate_trailer(tail, start)
+        devs = None
+        if found:
+            devs = found[2].get("devices")
+        self.own_entries = {}
+        for e in devs if isinstance(devs, list) else ():
+            if isinstance(e, dict):
+                self.own_entries.setdefault((e.get("name"), e.get("instance_id")), []).append(e)
+        d = self.dest
+        if d.sections is None and found:
+            d.sections = {k: v[0].get("version") for k, v in self.own_entries.items()
+                          if isinstance(v[0].get("version"), int)}
+            self.note(None, "assumed-sections", "the destination's sections and versions are "
+                      "taken from the stream's own VMDESCRIPTION (no --reference)",
+                      level="unchecked")
+        elif d.sections is None:
+            self.note(None, "assumed-sections", "no --reference and no VMDESCRIPTION: "
+                      "section names, instances and versions are not checked",
+                      level="unchecked")
+
+    def _own_entry(self, key):
+        lst = (self.own_entries or {}).get(key) or []
+        i = self._own_cursor.get(key, 0)
+        if i < len(lst):
+            self._own_cursor[key] = i + 1
+            return lst[i]
+        return None
+
+    def _reader(self):
+        if self.rd is None:
+            rd = StreamReader(b"QEVM\x00\x00\x00\x03", no_lookahead=True, page_size=PAGE)
+            rd.src = self.src
+            rd._desc_searched = True
+            rd._desc_devices = []
+            rd.ids = self.ids
+            self.rd = rd
+        self.rd.footers = self.footers_on()
+        return self.rd
+
+    def footers_on(self):
+        if self.dest.footers is None:
+            # assumed: the stream's own footers (decided at the first section end)
+            return self._stream_footers
+        return self.dest.footers
+
+    _stream_footers = None
+
+    # -- the main loop -------------------------------------------------------------
+    def _main(self, depth, end):
+        src = self.src
+        while True:
+            if end is not None and src.offset >= end:
+                return
+            off = src.offset
+            b = src.peek(1)
+            if not b:
+                self.fatal(off, "truncated", "stream ends before QEMU_VM_EOF; QEMU: load of "
+                           "migration failed: Input/output error")
+            t = b[0]
+            src.read(1)
+            if t == 0:
+                self.eof_offset = off
+                return
+            if t in (1, 4):
+                self._start_full(off, t)
+            elif t in (2, 3):
+                self._part_end(off, t)
+            elif t == 8:
+                self._command(off, depth)
+            else:
+                self.fatal(off, "section-type", f"Unknown savevm section type {t}")
+
+    def _start_full(self, off, t):
+        sid = self.be(4, "section id")
+        ln = self.be(1, "section idstr length")
+        idstr = self.read(ln, "section idstr").decode("latin-1")
+        inst = self.be(4, "instance id")
+        voff = self.src.offset
+        ver = self.be(4, "version id")
+        name = f"{idstr}({inst})" if inst else idstr
+        known = self._known_version(idstr, inst)
+        if known is False:
+            self.fatal(off + 5, "unknown-section",
+                       f"Unknown savevm section or instance '{idstr}' {inst}. Make sure that "
+                       f"your current VM setup matches your saved VM setup, including any "
+                       f"hotplugged devices", name)
+        if isinstance(known, int) and ver > known:
+            self.fatal(voff, "version", f"savevm: unsupported version {ver} for '{idstr}' "
+                       f"v{known}", name)
+        self.se_by_id[sid] = (idstr, inst, ver)
+        self.ids.saw(t, sid, idstr, inst)
+        self._payload(off, t, sid, idstr, inst, ver, name, known)
+
+    def _known_version(self, idstr, inst):
+        """The destination's version_id of (idstr, inst); False: it has no such section;
+        None: not known."""
+        secs = self.dest.sections
+        base = "vfio" if is_vfio_idstr(idstr) else idstr
+        if secs is not None and (idstr, inst) in secs:
+            return secs[(idstr, inst)]
+        if base in self.prof.iterative and inst == 0:
+            if base == "vfio" and self.dest.source != "assumed":
+                return False        # the reference machine has no such VFIO device
+            return self.prof.iterative[base]
+        if secs is None:
+            return None
+        return False
+
+    def _part_end(self, off, t):
+        sid = self.be(4, "section id")
+        se = self.se_by_id.get(sid)
+        if se is None:
+            self.fatal(off + 1, "unknown-section", f"Unknown savevm section {sid}")
+        idstr, inst, ver = se
+        self.ids.saw(t, sid)
+        name = f"{idstr}({inst})" if inst else idstr
+        self._payload(off, t, sid, idstr, inst, ver, name, None)
+
+    def _payload(self, off, t, sid, idstr, inst, ver, name, known):
+        if idstr == "ram":
+            if ver != 4:
+                self.fatal(off, "version", f"ram_load refuses version {ver} (only 4); QEMU: "
+                           f"error while loading state for instance 0x{inst:x} of device "
+                           f"'ram'", name)
+            self._ram(name)
+        elif idstr in ("block", "dirty-bitmap") or is_vfio_idstr(idstr):
+            self._codec_section(t, sid, idstr, inst, ver, name)
+        else:
+            self._device(off, t, sid, idstr, inst, ver, name)
+        self._footer(sid, idstr, name)
+
+    def _footer(self, sid, idstr, name):
+        src = self.src
+        foff = src.offset
+        if self.dest.footers is None and self._stream_footers is None:
+            self._stream_footers = src.peek(1) == b"\x7e"
+        if not self.footers_on():
+            return
+        b = src.peek(1)
+        if not b:
+            self.fatal(foff, "truncated", "stream ends before the section footer; QEMU: "
+                       "check_section_footer: Read section footer failed: -5", name)
+        if b != b"\x7e":
+            self.fatal(foff, "footer", f"Missing section footer for {idstr}", name)
+        src.read(1)
+        fid = self.be(4, "section footer id", name)
+        if fid != sid:
+            self.fatal(foff + 1, "footer", f"Mismatched section id in footer for {idstr} - "
+                       f"read 0x{fid:x} expected 0x{sid:x}", name)
+
+    # -- device sections (vmstate) ---------------------------------------------------
+    def _device(self, off, t, sid, idstr, inst, ver, name):
+        src = self.src
+        key = (idstr, inst)
+        ref_entry = self.dest.entries.get(key)
+        own = self._own_entry(key) if t == 4 else None
+        layout = ref_entry or own
+        if t != 4 and layout is None:
+            self.note(src.offset, "unchecked-payload", "iterative section of a handler "
+                      "check does not model: payload not verified", name, level="unchecked")
+        vmsd_name = layout.get("vmsd_name") if isinstance(layout, dict) else None
+        if vmsd_name:
+            mn = self.prof.minimum_version(vmsd_name, layout.get("version"))
+            if mn is not None and ver < mn:
+                self.fatal(off, "version", f"{vmsd_name}: incoming version_id {ver} is too "
+                           f"old for local minimum version_id  {mn}", name)
+            if mn is None and isinstance(layout.get("version"), int) and \
+                    ver < layout["version"]:
+                self.note(off, "version", f"version {ver} is below the destination's "
+                          f"{layout['version']} and its minimum is not known", name,
+                          level="unchecked")
+            elif isinstance(layout.get("version"), int) and ver < layout["version"]:
+                self.note(off, "version", f"version {ver} < {layout['version']}: QEMU skips "
+                          f"the fields added after version {ver}; check decodes the "
+                          f"payload with the full layout, so the field check is not exact",
+                          name, level="unchecked")
+        if layout is None or t != 4:
+            self._bounded_by_scan(sid, name)
+            return
+        try:
+            size = vmstate.payload_size(layout)
+        except StreamError as e:
+            self.note(src.offset, "description", f"layout not usable: {e.one_line()}", name,
+                      level="unchecked")
+            self._bounded_by_scan(sid, name)
+            return
+        poff = src.offset
+        data = self.read(size, f"the {vmsd_name or 'old-style'} state of {idstr}", name)
+        try:
+            tree = vmstate.decode(layout, data, poff)
+        except Truncated as e:
+            self.fatal(e.offset, "truncated", e.message, name)
+        except StreamError as e:
+            self.fatal(e.offset, "vmstate", f"the bytes do not follow the destination's "
+                       f"vmstate layout ({e.message}); QEMU: error while loading state for "
+                       f"instance 0x{inst:x} of device '{idstr}'", name)
+        if not vmsd_name:
+            self.note(poff, "old-style", "old-style (load_state) section: only its size is "
+                      "checked", name, level="unchecked")
+            return
+        self._equal_fields(tree, key, name, inst, idstr)
+
+    def _equal_fields(self, tree, key, name, inst, idstr):
+        own = self.dest.states.get(key)
+        mine = _typed_fields(tree)
+        theirs = _typed_fields(own) if own is not None else None
+        for path, (typ, value, foff) in mine.items():
+            if theirs is None:
+                self.note(foff, "equal", f"{path} ({typ}) = {value}: the destination's own "
+                          f"value is not known (give --reference)", name, level="unchecked")
+                continue
+            if path not in theirs:
+                self.note(foff, "equal", f"{path} ({typ}): not in the reference", name,
+                          level="unchecked")
+                continue
+            want = theirs[path][1]
+            bad = None
+            if typ == "int32 le":
+                if not 0 <= value <= want:
+                    bad = f"Invalid value {value} expecting positive value <= {want}"
+            elif value != want:
+                fmt = "{:x} != {:x}"
+                bad = fmt.format(_unsigned(want, typ), _unsigned(value, typ))
+            if bad:
+                self.fatal(foff, "equal", f"{bad} ({path}, {typ}: the destination has "
+                           f"{want}); QEMU: error while loading state for instance "
+                           f"0x{inst:x} of device '{idstr}'", name)
+
+    def _bounded_by_scan(self, sid, name):
+        src = self.src
+        try:
+            n, how = scan_for_end(src, sid, self.footers_on(), self.ids, 0)
+        except StreamError as e:
+            self.fatal(e.offset, "truncated", f"{e.message}; QEMU: load of migration failed: "
+                       f"Input/output error", name)
+        self.read(n, "device section payload", name)
+        self.note(src.offset - n, "unchecked-payload", f"no layout for this section: "
+                  f"{n} bytes bounded by {how}, fields not verified", name, level="unchecked")
+
+    # -- block, dirty-bitmap, vfio: the codec's handlers --------------------------------
+    def _codec_section(self, t, sid, idstr, inst, ver, name):
+        from .codec.reader import SectionInfo
+        from .codec.records import SectionHeader
+        rd = self._reader()
+        handler = handler_for(idstr)()
+        rd.sections[sid] = SectionInfo(sid, idstr, inst, ver, handler)
+        hdr = SectionHeader(t, sid, idstr if t in (1, 4) else None, inst, ver,
+                            self.src.offset, 0)
+        try:
+            for _ in handler.read(rd, self.src, hdr):
+                pass
+        except Truncated as e:
+            self.fatal(e.offset, "truncated", f"{e.message}; QEMU: load of migration "
+                       f"failed: Input/output error", name)
+        except StreamError as e:
+            self.fatal(e.offset, "payload", f"{e.message}; QEMU: error while loading state "
+                       f"for {idstr}", name)
+
+    # -- RAM: ram_load_precopy -------------------------------------------------------------
+    def _ram(self, name):
+        src = self.src
+        invalid = 0 if self.caps is None or "compress" in self.caps else F_COMP
+        while True:
+            off = src.offset
+            word = self.be(8, "RAM record word", name)
+            flags = word & (PAGE - 1)
+            addr = word & ~(PAGE - 1)
+            if flags & F_COMP and self.caps is None:
+                self.cap("compress", off, "COMPRESS_PAGE records")
+            if flags & invalid:
+                self.fatal(off, "ram-flags", "Received an unexpected compressed page "
+                           "(the destination does not have the compress capability)", name)
+            block = None
+            if flags & PAGE_KINDS:
+                block = self._ram_block(flags, off, name)
+                size = self._block_len(block)
+                if size is None or addr >= size:
+                    self.fatal(off, "ram-offset", f"Illegal RAM offset {addr:x} (RAM block "
+                               f"{block!r} is 0x{size or 0:x} bytes)", name)
+            kind = flags & ~F_CONT
+            if kind == F_MEM:
+                self._mem_size(addr, name)
+            elif kind == F_ZERO:
+                foff = src.offset
+                ch = self.be(1, "zero page fill byte", name)
+                if ch:
+                    self.note(foff, "zero-fill", f"ZERO page with fill byte 0x{ch:02x}: QEMU "
+                              f"7.2 fills the page with it (ram_handle_compressed)", name)
+            elif kind == F_PAGE:
+                self.read(PAGE, "RAM page", name)
+            elif kind == F_COMP:
+                loff = src.offset
+                ln = struct.unpack(">i", self.read(4, "compressed page length", name))[0]
+                bound = PAGE + (PAGE >> 12) + (PAGE >> 14) + (PAGE >> 25) + 13
+                if ln < 0 or ln > bound:
+                    self.fatal(loff, "compress", f"Invalid compressed data length: {ln}", name)
+                data = self.read(ln, "compressed page", name)
+                if not _inflates(data):
+                    self.fatal(loff + 4, "compress", "decompress data failed", name)
+            elif kind == F_XBZRLE:
+                self._xbzrle(addr, name)
+            elif kind == F_EOS:
+                return
+            elif flags & F_HOOK:
+                self.fatal(off, "ram-hook", f"RAM_SAVE_FLAG_HOOK (flags 0x{flags:x}) outside "
+                           f"RDMA: ram_control_load_hook sets -EINVAL; QEMU: error while "
+                           f"loading state for ram", name)
+            else:
+                self.fatal(off, "ram-flags", f"Unknown combination of migration flags: "
+                           f"0x{flags:x}", name)
+            if kind & F_EOS:
+                return
+
+    def _block_len(self, block):
+        if self.blocks is None:
+            return None
+        return self.blocks.get(block)
+
+    def _ram_block(self, flags, off, name):
+        if flags & F_CONT:
+            if self.last_block is None:
+                self.fatal(off, "ram-block", "Ack, bad migration stream! (CONTINUE with no "
+                           "previous RAM block)", name)
+            return self.last_block
+        noff = self.src.offset
+        ln = self.be(1, "RAM block name length", name)
+        bname = self.read(ln, "RAM block name", name).decode("latin-1")
+        if self.blocks is None or bname not in self.blocks:
+            self.fatal(noff, "ram-block", f"Can't find block {bname}", name)
+        self.last_block = bname
+        return bname
+
+    def _mem_size(self, total, name):
+        dest = self.dest.blocks
+        if dest is None:
+            # no reference: the stream's first block list stands for the destination's
+            dest = self._peek_block_list(total)
+            self.note(self.src.offset - 8, "assumed-blocks", "the destination's RAM blocks "
+                      "are assumed to be the ones this MEM_SIZE lists (no --reference)",
+                      name, level="unchecked")
+            self.dest.blocks = dest
+        if self.blocks is None:
+            self.blocks = dict(dest)
+        mask = (1 << 64) - 1
+        while total:
+            boff = self.src.offset
+            ln = self.be(1, "RAM block name length", name)
+            bname = self.read(ln, "RAM block name", name).decode("latin-1")
+            length = self.be(8, "RAM block length", name)
+            if bname not in self.blocks:
+                self.fatal(boff, "ram-block", f'Unknown ramblock "{bname}", cannot accept '
+                           f'migration', name)
+            have = self.blocks[bname]
+            if length != have:
+                new = (length + PAGE - 1) // PAGE * PAGE
+                if new != have:
+                    mx = self.prof.resizeable.get(bname)
+                    if mx is None:
+                        self.fatal(boff + 1 + ln, "ram-block", f"Size mismatch: {bname}: "
+                                   f"0x{new:x} != 0x{have:x}: Invalid argument", name)
+                    if mx < new:
+                        self.fatal(boff + 1 + ln, "ram-block", f"Size too large: {bname}: "
+                                   f"0x{new:x} > 0x{mx:x}: Invalid argument", name)
+                    self.blocks[bname] = new
+                    self.note(boff + 1 + ln, "ram-resize", f"RAM block {bname} resized from "
+                              f"0x{have:x} to 0x{new:x} (resizeable, max 0x{mx:x})", name)
+            if self.postcopy_advised and self.cap("postcopy-ram") and False:
+                pass        # only blocks whose page size differs from the host's (none here)
+            if self.cap("x-ignore-shared"):
+                self.be(8, "RAM block address", name)
+            total = (total - length) & mask
+
+    def _peek_block_list(self, total):
+        src = self.src
+        buf = src.peek(1 << 16)
+        p, out, acc = 0, {}, 0
+        ignore = "x-ignore-shared" in self.stream_caps
+        while acc < total and p < len(buf):
+            ln = buf[p]
+            nm = buf[p + 1:p + 1 + ln].decode("latin-1")
+            if p + 9 + ln > len(buf):
+                break
+            length = _U64.unpack_from(buf, p + 1 + ln)[0]
+            out[nm] = length
+            acc += length
+            p += 9 + ln + (8 if ignore else 0)
+        return out
+
+    def _xbzrle(self, addr, name):
+        src = self.src
+        hoff = src.offset
+        enc = self.be(1, "XBZRLE encoding flag", name)
+        ln = self.be(2, "XBZRLE length", name)
+        if enc != 1:
+            self.fatal(hoff, "xbzrle", "Failed to load XBZRLE page - wrong compression!", name)
+        if ln > PAGE:
+            self.fatal(hoff + 1, "xbzrle", f"Failed to load XBZRLE page - len overflow! "
+                       f"({ln} > {PAGE})", name)
+        data = self.read(ln, "XBZRLE data", name)
+        try:
+            X.decode(data, bytes(PAGE), offset=hoff + 3)
+        except StreamError as e:
+            self.fatal(e.offset, "xbzrle", f"Failed to load XBZRLE page - decode error! "
+                       f"({e.message})", name)
+
+    # -- commands ------------------------------------------------------------------------
+    def _command(self, off, depth):
+        cmd = self.be(2, "command number")
+        ln = self.be(2, "command length")
+        row = self.prof.commands.get(cmd)
+        if row is None:
+            self.fatal(off + 1, "command", f"MIG_CMD 0x{cmd:x} unknown (len 0x{ln:x})")
+        cname, fixed = row
+        if fixed is not None and fixed != ln:
+            self.fatal(off + 3, "command", f"{cname} received with bad length - expecting "
+                       f"{fixed}, got {ln}")
+        if cname == "OPEN_RETURN_PATH":
+            self.return_path = True
+        elif cname == "PING":
+            v = self.be(4, "PING value")
+            if not getattr(self, "return_path", False):
+                self.fatal(off, "command", f"CMD_PING (0x{v:x}) received with no return path")
+        elif cname == "POSTCOPY_ADVISE":
+            if self.postcopy_advised:
+                self.fatal(off, "command", "CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")
+            self.postcopy_advised = True
+            if ln == 0:
+                if self.caps is not None and "postcopy-ram" in self.caps:
+                    self.fatal(off, "command", "RAM postcopy is enabled but have 0 byte advise")
+            elif ln == 16:
+                if not self.cap("postcopy-ram", off, "a 16-byte POSTCOPY_ADVISE"):
+                    self.fatal(off, "command", "RAM postcopy is disabled but have 16 byte "
+                               "advise")
+                summary = self.be(8, "host page size summary")
+                tps = self.be(8, "target page size")
+                if summary != PAGE:
+                    self.fatal(off + 5, "command", f"Postcopy needs matching RAM page sizes "
+                               f"(s={summary:x} d={PAGE:x})")
+                if tps != PAGE:
+                    self.fatal(off + 13, "command", f"Postcopy needs matching target page "
+                               f"sizes (s={tps} d={PAGE})")
+                self.note(off, "postcopy", "POSTCOPY_ADVISE also needs userfaultfd on the "
+                          "destination host", level="unchecked")
+            else:
+                self.fatal(off + 3, "command", f"CMD_POSTCOPY_ADVISE invalid length ({ln})")
+        elif cname == "PACKAGED":
+            n = self.be(4, "PACKAGED length")
+            start = self.src.offset
+            self.note(off, "packaged", "PACKAGED: the nested stream is checked as a main loop",
+                      level="unchecked")
+            self._main(depth + 1, start + n)
+        else:
+            self.read(ln, f"{cname} payload")
+            self.note(off, "command", f"{cname}: postcopy/COLO commands are not modelled "
+                      f"by check", level="unchecked")
+
+    # -- after QEMU_VM_EOF -------------------------------------------------------------
+    def _after_eof(self):
+        src = self.src
+        off = src.offset
+        b = src.peek(5)
+        if not b:
+            self.note(off, "trailer", "no VMDESCRIPTION after QEMU_VM_EOF (QEMU only drains "
+                      "it when it expects one, and never fails on it)")
+            return
+        if b[0] != 6:
+            self.note(off, "trailer", f"byte 0x{b[0]:02x} after QEMU_VM_EOF where a "
+                      f"VMDESCRIPTION may be: QEMU says 'Expected vmdescription section, "
+                      f"but got {b[0]}' and still loads")
+            return
+        if len(b) < 5:
+            self.note(off, "trailer", "VMDESCRIPTION header cut short: ignored by QEMU "
+                      "(read after the load succeeded)")
+            return
+        n = struct.unpack(">I", b[1:5])[0]
+        left = src.remaining_known() or 0
+        if 5 + n > left:
+            self.note(off, "trailer", f"VMDESCRIPTION of {n} bytes, {left - 5} present: "
+                      f"QEMU drains what is there and still loads")
+            return
+        src.read(5)
+        raw = src.read(n)
+        try:
+            json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            self.note(off + 5, "trailer", "VMDESCRIPTION is not valid JSON: QEMU never parses "
+                      "it")
+        rest = src.remaining_known()
+        if rest:
+            self.note(src.offset, "trailing-bytes", f"{rest} bytes after the end of the "
+                      f"stream: QEMU never reads them")
+
+
+def _strncmp(a: bytes, b: bytes, n: int) -> int:
+    """C strncmp over at most n bytes, both strings ending at their first NUL."""
+    for i in range(n):
+        ca = a[i] if i < len(a) else 0
+        cb = b[i] if i < len(b) else 0
+        if ca != cb:
+            return ca - cb
+        if ca == 0:
+            return 0
+    return 0
+
+
+def _c_str(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("latin-1")
+
+
+def _unsigned(v, typ):
+    bits = {"uint8 equal": 8, "uint16 equal": 16, "int32 equal": 32, "uint32 equal": 32,
+            "int64 equal": 64}.get(typ, 64)
+    return v & ((1 << bits) - 1)
+
+
+_CHECKED_TYPES = ("uint8 equal", "uint16 equal", "int32 equal", "uint32 equal",
+                  "int64 equal", "int32 le")
+
+
+def _typed_fields(tree):
+    """path -> (type, value, offset) of every equal/le field of a decoded section."""
+    out = {}
+
+    def walk(node, path):
+        for f in node.fields:
+            p = f"{path}.{f.name}"
+            if f.type in _CHECKED_TYPES and f.array_len is None and isinstance(f.value, int):
+                out[p] = (f.type, f.value, f.offset)
+            for i, sub in enumerate(f.nested()):
+                walk(sub, f"{p}[{i}]")
+        for s in node.subsections:
+            walk(s, f"{path}/{s.vmsd_name}")
+    walk(tree, tree.vmsd_name or "?")
+    return out
+
+
+def _inflates(data: bytes) -> bool:
+    try:
+        d = zlib.decompressobj()
+        out = d.decompress(data, PAGE + 1)
+        return len(out) <= PAGE and d.eof
+    except zlib.error:
+        return False
+
+
+def check(source, *, profile_name="qemu-7.2", expect_machine=None, reference=None,
+          capabilities=None) -> Report:
+    """Check a stream (path, ``-``, bytes or file object).  Raises :class:`BadMagic`
+    when the input is not a migration stream at all."""
+    prof = profile(profile_name)
+    dest = destination_from_reference(reference, prof) if reference else Destination()
+    c = Checker(source, prof, dest, expect_machine, capabilities)
+    problems = c.run()
+    return Report(problems, prof.name, str(reference) if reference else None)
