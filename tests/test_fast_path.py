@@ -157,3 +157,19 @@ def test_bulk_zero_run_check_equals_the_record_loop(ps, first_page):
     assert _zero_run(bytes(base), 0, 9 * 4100 + 4, word, ps, big_len) == 4100
     w2 = word + 3 * ps
     assert _zero_run(bytes(base), 27, len(base), w2, ps, big_len) == count - 3
+
+
+@pytest.mark.parametrize("ps", [1024, 4096, 16384, 65536, 1 << 21])
+@pytest.mark.parametrize("first_page", [0, 3, 255, 4090, (1 << 20) - 7, (1 << 33) + 11])
+def test_zero_run_bytes_equals_packing_each_record(ps, first_page):
+    from qmigstream.codec.ram_records import zero_run_bytes
+    for count in (1, 2, 300, 5000):
+        for flags in (ZC, int(RamFlag.ZERO)):
+            addr = first_page * ps
+            want = b"".join(struct.pack(">QB", (addr + i * ps) | flags, 0) for i in range(count))
+            assert zero_run_bytes(addr, flags, count, ps) == want
+            run = RamZeroRun("pc.ram", addr, count, ps, flags)
+            assert run.encode() == want and run.size == len(want)
+    # Not page aligned or flags above the page size: the plain loop.
+    assert zero_run_bytes(5, ZC, 3, 4096) == b"".join(
+        struct.pack(">QB", (5 + i * 4096) | ZC, 0) for i in range(3))

@@ -30,6 +30,9 @@ def register(sub):
     p.add_argument("--data", action="store_true",
                    help="include payload bytes as hex (pages, device payloads, chunks)")
     p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--verify", action="store_true",
+                   help="no tree: decode every record, read every payload byte (CRC-32) "
+                        "and check that the records cover the input exactly")
     p.set_defaults(func=run)
 
 
@@ -58,6 +61,8 @@ def run(args) -> int:
     prog = Progress(file_size(args.file), "decode")
     out = sys.stdout
     try:
+        if args.verify:
+            return verify(reader, out, prog)
         events = tree_events(_records(reader, args.expand_runs))
         if args.json:
             write_json(out, events, args.file, args.data, prog, reader)
@@ -65,6 +70,54 @@ def run(args) -> int:
             write_text(out, events, args.data, prog, reader)
     finally:
         prog.close()
+    return 0
+
+
+def verify(reader, out, prog) -> int:
+    """``--verify``: the full decode without the tree.
+
+    Every record is decoded (as for the tree) and every payload byte is read:
+    page bytes, XBZRLE and compressed data, device payloads, mapped-ram
+    chunks, trailing bytes and the VMDESCRIPTION JSON go through one CRC-32
+    in stream order.  Each record must start where the previous one ended and
+    the last must end at the end of the input.  Exit 0, or 1 with the offset
+    where the records and the input part.
+    """
+    import zlib
+    crc32 = zlib.crc32
+    crc = payload = 0
+    pos = 0
+    counts = {}
+    zeros_in_runs = 0
+    for rec in reader.records():
+        if rec.offset != pos:
+            out.write(f"records do not cover the input: {rec.kind} at offset {rec.offset}, "
+                      f"expected {pos}\n")
+            return 1
+        pos += rec.size
+        k = rec.kind
+        counts[k] = counts.get(k, 0) + 1
+        if k == "ram_zero_run":
+            zeros_in_runs += rec.count
+        data = getattr(rec, "data", None)
+        if data is None:
+            data = getattr(rec, "json_bytes", None)
+        if data is not None:
+            crc = crc32(data, crc)
+            payload += len(data)
+        prog(pos)
+    size = reader.src.size
+    if size is not None and pos != size:
+        out.write(f"records do not cover the input: they end at {pos}, the input at {size}\n")
+        return 1
+    total = sum(counts.values())
+    out.write(f"verified: {pos:,} bytes in {total:,} records, each byte in exactly one record\n")
+    parts = []
+    for k, n in counts.items():
+        extra = f" ({zeros_in_runs:,} ZERO records)" if k == "ram_zero_run" else ""
+        parts.append(f"{k} {n:,}{extra}")
+    out.write("records:  " + ", ".join(parts) + "\n")
+    out.write(f"payload:  {payload:,} bytes read, CRC-32 0x{crc & 0xffffffff:08x}\n")
     return 0
 
 

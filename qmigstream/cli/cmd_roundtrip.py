@@ -6,6 +6,7 @@ import hashlib
 import json
 
 from ..codec.reader import StreamReader
+from ..codec.writer import record_chunks
 from .progress import Progress, file_size
 
 
@@ -18,46 +19,143 @@ def register(sub):
     p.set_defaults(func=run)
 
 
+#: Bytes of re-encoded records gathered before they are compared, hashed, written.
+BATCH = 4 << 20
+
+
 def roundtrip(path, output=None, progress=None):
-    """Return ``(identical, sha_in, sha_out, first_diff_offset, size_in, size_out)``."""
-    h_in, h_out = hashlib.sha256(), hashlib.sha256()
+    """Return ``(identical, sha_in, sha_out, first_diff_offset, size_in, size_out)``.
+
+    The re-encoded records are gathered into batches of about :data:`BATCH`
+    bytes; each batch is compared with the same span of the original file in
+    one comparison.  While the two are equal one SHA-256 serves both sides
+    (the output hash forks from it at the first difference), and it is
+    computed in a worker thread, so hashing overlaps decoding.
+    """
+    hasher = _Hasher()
+    h_out = None                 # set at the first difference
     first_diff = None
     n_out = 0
+    pending, pending_len = [], 0
     out = open(output, "wb") if output else None
     reader = StreamReader(path)
-    with open(path, "rb") as orig:
+
+    def flush():
+        nonlocal pending, pending_len, n_out, first_diff, h_out
+        enc = b"".join(pending)
+        pending, pending_len = [], 0
+        if out:
+            out.write(enc)
+        got = _read_exactly(orig, len(enc))
+        if h_out is None and got == enc:
+            hasher.update(got)
+        else:
+            if h_out is None:
+                h_out = hasher.fork()
+            if first_diff is None:
+                first_diff = n_out + _first_mismatch(got, enc)
+            hasher.update(got)
+            h_out.update(enc)
+        n_out += len(enc)
+        if progress:
+            progress(n_out)
+
+    with open(path, "rb", buffering=0) as orig:
         try:
             for rec in reader.records():
-                enc = rec.encode()
-                if out:
-                    out.write(enc)
-                h_out.update(enc)
-                got = orig.read(len(enc))
-                h_in.update(got)
-                if first_diff is None and got != enc:
-                    first_diff = n_out + _first_mismatch(got, enc)
-                n_out += len(enc)
-                if progress:
-                    progress(n_out)
+                for part in record_chunks(rec):
+                    pending.append(part)
+                    pending_len += len(part)
+                if pending_len >= BATCH:
+                    flush()
+            flush()
         finally:
             if out:
+                if pending:
+                    out.write(b"".join(pending))
                 out.close()
+            hasher.close()
         rest = orig.read(1 << 20)
         n_in = n_out
         while rest:
             if first_diff is None:
                 first_diff = n_in
-            h_in.update(rest)
+            hasher.update(rest)
             n_in += len(rest)
             rest = orig.read(1 << 20)
-    return first_diff is None, h_in.hexdigest(), h_out.hexdigest(), first_diff, n_in, n_out
+    sha_in = hasher.hexdigest()
+    sha_out = sha_in if h_out is None else h_out.hexdigest()
+    return first_diff is None, sha_in, sha_out, first_diff, n_in, n_out
+
+
+class _Hasher:
+    """SHA-256 of the input, updated in a worker thread (hashlib releases the GIL)."""
+
+    def __init__(self):
+        import queue
+        import threading
+        self.h = hashlib.sha256()
+        self.q = queue.Queue(maxsize=2)
+        self.t = threading.Thread(target=self._work, daemon=True)
+        self.t.start()
+
+    def _work(self):
+        while True:
+            data = self.q.get()
+            if data is None:
+                self.q.task_done()
+                return
+            self.h.update(data)
+            self.q.task_done()
+
+    def update(self, data):
+        if self.t is None:
+            self.h.update(data)
+        else:
+            self.q.put(data)
+
+    def fork(self):
+        """A copy of the hash of everything given so far."""
+        if self.t is not None:
+            self.q.join()
+        return self.h.copy()
+
+    def close(self):
+        if self.t is not None:
+            self.q.put(None)
+            self.t.join()
+            self.t = None
+
+    def hexdigest(self):
+        self.close()
+        return self.h.hexdigest()
+
+
+def _read_exactly(f, n: int) -> bytes:
+    """``n`` bytes from ``f``, fewer only at its end."""
+    data = f.read(n)
+    if data is None or len(data) == n or not data:
+        return data or b""
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _first_mismatch(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
+    step = 4096
+    i = 0
+    while i < n and a[i:i + step] == b[i:i + step]:
+        i += step
+    for j in range(i, min(i + step, n)):
+        if a[j] != b[j]:
+            return j
     return n
 
 

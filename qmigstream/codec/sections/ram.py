@@ -17,7 +17,7 @@ from ...wire.ram import RamFlag
 from ..ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry, RamBlockInfo,
                            RamCompressed,
                            RamEos, RamHook, RamMemSize, RamMultifdFlush, RamPage, RamXbzrle,
-                           RamZero, RamZeroRun)
+                           RamZero, RamZeroRun, zero_group_bytes, zero_group_size)
 from . import register
 
 _U64 = struct.Struct(">Q")
@@ -333,52 +333,23 @@ def _zero_run(buf, pos, end, word, ps, block_len) -> int:
     return n
 
 
-_RUN_TEMPLATES = {}
-
-
-def _run_template(ps, flags):
-    """The wire bytes of ZERO records (fill 0) for pages 0..M-1 of a block.
-
-    ``M = 2**m`` is chosen so that ``m + log2(ps)`` is a multiple of 8: the
-    page number's bits above ``m`` then fill whole leading bytes of the word,
-    and the records of any ``M``-aligned group of pages are this template
-    with those leading bytes set.  Returns ``(template, M, leading)``.
-    """
-    key = (ps, flags)
-    t = _RUN_TEMPLATES.get(key)
-    if t is None:
-        b = ps.bit_length() - 1
-        m = 8 + (-b) % 8
-        count = 1 << m
-        rec = struct.Struct(">" + "Qx" * count)
-        t = (rec.pack(*range(flags, flags + count * ps, ps)), count, 8 - (m + b) // 8)
-        _RUN_TEMPLATES[key] = t
-    return t
-
-
 def _zero_run_bulk(buf, pos, n, limit, word, ps) -> int:
     """Extend a verified run of ``n`` records towards ``limit`` (bulk compares).
 
     Same answer as checking record by record that record ``i`` is
     ``be64(word + i*ps) + b"\0"``, but compares whole groups of records
-    against :func:`_run_template` (tests check it against the record loop).
+    with :func:`~qmigstream.codec.ram_records.zero_group_bytes` (tests check it
+    against the record loop).
     """
     flags = word & (ps - 1)
-    tmpl, count, lead = _run_template(ps, flags)
+    group = zero_group_size(ps)
     page0 = word // ps
     i = n
     while i < limit:
         page = page0 + i
-        r = page % count
-        k = min(count - r, limit - i)
+        k = min(group - page % group, limit - i)
         got = buf[pos + 9 * i:pos + 9 * (i + k)]
-        want = tmpl[9 * r:9 * (r + k)]
-        high = page // count
-        if high:
-            want = bytearray(want)
-            for j, v in enumerate(high.to_bytes(lead, "big")):
-                if v:
-                    want[j::9] = bytes((v,)) * k
+        want = zero_group_bytes(ps, flags, page, k)
         if got != want:
             # Find the first differing record: bisect on equal prefixes.
             lo, hi = 0, k          # the first lo records match, the first hi do not
