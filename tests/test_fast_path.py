@@ -173,3 +173,41 @@ def test_zero_run_bytes_equals_packing_each_record(ps, first_page):
     # Not page aligned or flags above the page size: the plain loop.
     assert zero_run_bytes(5, ZC, 3, 4096) == b"".join(
         struct.pack(">QB", (5 + i * 4096) | ZC, 0) for i in range(3))
+
+
+@pytest.mark.parametrize("batch", [1000, 4096, 1 << 22])
+@pytest.mark.parametrize("change", ["none", "early", "late", "longer", "shorter"])
+def test_batched_roundtrip_reports_what_a_record_by_record_compare_reports(
+        tmp_path, monkeypatch, batch, change):
+    import hashlib
+    from qmigstream.cli import cmd_roundtrip
+    data = every_kind_stream(run=100)
+    other = bytearray(data)
+    if change == "early":
+        other[20] ^= 1
+    elif change == "late":
+        other[len(data) - 3000] ^= 1
+    elif change == "longer":
+        other += b"\x00\x01\x02"
+    elif change == "shorter":
+        del other[-2:]
+    path = tmp_path / "orig.mig"
+    path.write_bytes(bytes(other))
+
+    class Reader:                     # the records of `data`, compared with `other`
+        def __init__(self, _path):
+            pass
+
+        def records(self):
+            return read_records(data)
+    monkeypatch.setattr(cmd_roundtrip, "StreamReader", Reader)
+    monkeypatch.setattr(cmd_roundtrip, "BATCH", batch)
+    out = tmp_path / "out.mig"
+    got = cmd_roundtrip.roundtrip(str(path), str(out))
+    diff = next((i for i, (x, y) in enumerate(zip(other, data)) if x != y), None)
+    if diff is None and len(other) != len(data):
+        diff = min(len(other), len(data))
+    n_in = len(data) + max(0, len(other) - len(data))
+    assert got == (diff is None, hashlib.sha256(other).hexdigest(),
+                   hashlib.sha256(data).hexdigest(), diff, n_in, len(data))
+    assert out.read_bytes() == data

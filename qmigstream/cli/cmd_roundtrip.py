@@ -77,6 +77,8 @@ def roundtrip(path, output=None, progress=None):
             hasher.close()
         rest = orig.read(1 << 20)
         n_in = n_out
+        if rest and h_out is None:
+            h_out = hasher.fork()        # the output ends here; the input goes on
         while rest:
             if first_diff is None:
                 first_diff = n_in
