@@ -202,7 +202,7 @@ class StreamSnapshot:
     """
 
     def __init__(self, stream, *, ram: bool = True, workdir: str | None = None,
-                 until_iteration: int | None = None):
+                 until_iteration: int | None = None, channels=()):
         self.name = stream if isinstance(stream, str) else "<stream>"
         self.version = None
         self.machine = None
@@ -223,7 +223,8 @@ class StreamSnapshot:
             try:
                 self.memory, reader = guestmem.replay(stream, self.ram_dir,
                                                       until_iteration=until_iteration,
-                                                      on_record=self._record, hash=False)
+                                                      on_record=self._record, hash=False,
+                                                      channels=channels)
             except BaseException:
                 self.close()
                 raise
@@ -319,18 +320,20 @@ def _config_value(s):
 # -- comparing -------------------------------------------------------------------------
 
 def diff(a, b, *, ignore_ram: bool = False, ignore=(), workdir: str | None = None,
-         until_iteration: int | None = None) -> DiffResult:
+         until_iteration: int | None = None, channels_a=(), channels_b=()) -> DiffResult:
     """Compare two streams (paths, ``-`` or file objects).
 
     ``ignore`` is a list of :mod:`fnmatch` patterns; a difference whose path
     matches one is dropped (e.g. ``"timer/*"``).  ``until_iteration`` compares
-    memory as of that RAM iteration in both.  Raises the
-    :class:`~qmigstream.errors.QmigstreamError` family for unusable input.
+    memory as of that RAM iteration in both.  ``channels_a``/``channels_b``:
+    recorded multifd channels of each migration (their pages count as RAM).
+    Raises the :class:`~qmigstream.errors.QmigstreamError` family for unusable
+    input.
     """
     with StreamSnapshot(a, ram=not ignore_ram, workdir=workdir,
-                        until_iteration=until_iteration) as sa, \
+                        until_iteration=until_iteration, channels=channels_a) as sa, \
             StreamSnapshot(b, ram=not ignore_ram, workdir=workdir,
-                           until_iteration=until_iteration) as sb:
+                           until_iteration=until_iteration, channels=channels_b) as sb:
         return compare(sa, sb, ignore=ignore)
 
 

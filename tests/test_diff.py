@@ -322,3 +322,28 @@ def test_two_runs_differ_exactly_in_the_changed_pages(tmp_path):
     assert D.diff(pa, pa).equal
     rc = main(["diff", pa, pb, "--ignore-ram"])
     assert rc == 0
+
+
+def test_multifd_channels_in_diff(capture, tmp_path, capsys):
+    import lzma
+    import shutil
+    from conftest import CAPTURES
+    mf, meta = capture("pc-7.2-multifd")
+    loader, _ = capture("pc-7.2-loader")
+    chans = []
+    for ch in meta["channels"]:
+        dst = tmp_path / ch["file"][:-3]
+        with lzma.open(CAPTURES / ch["file"]) as s, open(dst, "wb") as d:
+            shutil.copyfileobj(s, d)
+        chans.append(str(dst))
+    # Without its channels the multifd stream lacks the loaded pages.
+    r = D.diff(str(loader), str(mf))
+    pages = [d for d in r.differences if d.area == "ram"]
+    assert pages and pages[0].path == "pc.ram"
+    with_ch = D.diff(str(loader), str(mf), channels_b=chans)
+    assert [d for d in with_ch.differences if d.area == "ram"] == []
+    assert main(["diff", str(loader), str(mf), "--json"] +
+                [x for c in chans for x in ("--multifd-b", c)]) == 0
+    j = json.loads(capsys.readouterr().out)
+    # 7.2 sends no capability in the configuration for multifd: nothing differs.
+    assert j["equal"] and j["compared"]["ram_blocks"] == 6 and with_ch.equal

@@ -19,6 +19,10 @@ def register(sub):
                         "(repeatable), e.g. 'timer/*'")
     p.add_argument("--until-iteration", type=int, metavar="N",
                    help="compare memory as of the end of RAM iteration N in both")
+    p.add_argument("--multifd-a", action="append", default=[], metavar="CHANNEL",
+                   help="a recorded multifd channel of A's migration (repeatable)")
+    p.add_argument("--multifd-b", action="append", default=[], metavar="CHANNEL",
+                   help="a recorded multifd channel of B's migration (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -26,7 +30,8 @@ def run(args) -> int:
     if args.a == "-" and args.b == "-":
         raise SystemExit("qmigstream diff: A and B cannot both be stdin")
     res = D.diff(args.a, args.b, ignore_ram=args.ignore_ram, ignore=args.ignore,
-                 until_iteration=args.until_iteration)
+                 until_iteration=args.until_iteration, channels_a=args.multifd_a,
+                 channels_b=args.multifd_b)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
     else:
