@@ -28,19 +28,8 @@ import numpy as np
 
 from .. import xbzrle
 from ..codec import ram_records as R
+from ..device.pci_device import MASK64, splitmix64
 from ..errors import QmigstreamError, StreamError
-
-MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    """One SplitMix64 step: the same numbers on every machine and Python."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    z = x
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
-
 
 def pattern(seed: int, n: int) -> bytes:
     """``n`` deterministic pseudo-random bytes for ``seed``, the same on every machine.
