@@ -332,7 +332,7 @@ class SizedProfile(Profile):
     """A device with ``state_size`` bytes of internal state (any size, 0 allowed).
 
     Image = 64-byte register block (:data:`SizedRegs`) then the state, which is
-    generated from the seed (numpy PCG64, ~0.3 s for 64 MiB).  Each DMA tick
+    generated from the seed (numpy's PCG64 bit generator, ~0.3 s for 64 MiB).  Each DMA tick
     bumps ``dma_count``/``last_gpa`` and, if the state is at least 8 bytes,
     writes the counter at a random 8-byte slot of it.  Config space: vendor
     0x1b36 device 0x11f0 (a number not used by QEMU), class 12/00/00, BAR0 64-bit
@@ -365,8 +365,10 @@ class SizedProfile(Profile):
                                              state_size=self.state_size, ctrl=1, status=0)))
         if self.state_size:
             import numpy as np
-            gen = np.random.Generator(np.random.PCG64(seed & MASK64))
-            img += gen.bytes(self.state_size)
+            # PCG64's raw output: numpy keeps bit generator streams stable across
+            # releases (Generator methods may change), so the bytes are the same everywhere
+            words = np.random.PCG64(seed & MASK64).random_raw(-(-self.state_size // 8))
+            img += words.astype("<u8", copy=False).tobytes()[:self.state_size]
         return img
 
     def validate_image(self, image):
