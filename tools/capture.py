@@ -15,7 +15,8 @@ multifd channels as ``NAME.chN.xz``, the savevm qcow2 image as
 Paused captures are byte-reproducible (the guest clock is pinned, see
 qmigstream.qemu.runner.BASE_ARGS); the tool makes each of them twice and
 records whether both runs gave the same bytes.  Running guests, compression
-threads and multifd are not reproducible; their metadata says so.
+threads, multifd, block migration (asynchronous disk reads) and dirty bitmaps
+(host-timed iterations) are not reproducible; their metadata says why.
 
 Needs Debian's qemu-system-x86 7.2 (qemu-system-x86_64, qemu-img, qemu-io).
 """
