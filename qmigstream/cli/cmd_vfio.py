@@ -35,35 +35,64 @@ def safe_name(idstr: str, instance_id: int = 0) -> str:
     return f"{base}.{instance_id}" if instance_id else base
 
 
-def _extract(devices, outdir):
-    os.makedirs(outdir, exist_ok=True)
-    root = os.path.realpath(outdir)
-    written = []
-    used = set()
-    for dev in devices.values():
-        stem = safe_name(dev.idstr, dev.instance_id)
-        n = 1
-        while stem in used:
-            n += 1
-            stem = f"{safe_name(dev.idstr, dev.instance_id)}-{n}"
-        used.add(stem)
-        for suffix, pieces in (("data", dev.data_pieces()),
-                               ("config", [dev.config_record().encode()]
-                                if dev.config_record() else None)):
-            if pieces is None:
-                continue
-            path = os.path.join(root, f"{stem}.{suffix}")
-            if os.path.dirname(os.path.realpath(path)) != root:
-                raise QmigstreamError(f"refusing to write outside {outdir}: {path}")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
-                         0o644)
-            with os.fdopen(fd, "wb") as f:
-                size = 0
-                for piece in pieces:
-                    f.write(piece)
-                    size += len(piece)
-            written.append({"idstr": dev.idstr, "kind": suffix, "path": path, "size": size})
-    return written
+class Extractor:
+    """Writes each device's data as it is read (``scan(on_data=...)``), then its
+    multifd data and config.  File names come from :func:`safe_name` and must
+    resolve inside ``outdir``."""
+
+    def __init__(self, outdir):
+        os.makedirs(outdir, exist_ok=True)
+        self.outdir = outdir
+        self.root = os.path.realpath(outdir)
+        self.stems = {}
+        self.files = {}
+        self.written = []
+
+    def _stem(self, dev):
+        key = (dev.idstr, dev.instance_id)
+        if key not in self.stems:
+            base = safe_name(dev.idstr, dev.instance_id)
+            stem, n = base, 1
+            while stem in self.stems.values():
+                n += 1
+                stem = f"{base}-{n}"
+            self.stems[key] = stem
+        return self.stems[key]
+
+    def _open(self, dev, suffix):
+        path = os.path.join(self.root, f"{self._stem(dev)}.{suffix}")
+        if os.path.dirname(os.path.realpath(path)) != self.root:
+            raise QmigstreamError(f"refusing to write outside {self.outdir}: {path}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
+        entry = {"idstr": dev.idstr, "kind": suffix, "path": path, "size": 0}
+        self.written.append(entry)
+        return os.fdopen(fd, "wb"), entry
+
+    def data(self, dev, data):
+        key = (dev.idstr, dev.instance_id)
+        if key not in self.files:
+            self.files[key] = self._open(dev, "data")
+        f, entry = self.files[key]
+        f.write(data)
+        entry["size"] += len(data)
+
+    def finish(self, devices):
+        for dev in devices.values():
+            for piece in dev.multifd_pieces():
+                self.data(dev, piece)
+            if (dev.idstr, dev.instance_id) not in self.files:
+                self.files[(dev.idstr, dev.instance_id)] = self._open(dev, "data")
+            cfg = dev.config_record()
+            if cfg is not None:
+                f, entry = self._open(dev, "config")
+                with f:
+                    raw = cfg.encode()
+                    f.write(raw)
+                    entry["size"] = len(raw)
+        for f, _ in self.files.values():
+            f.close()
+        return self.written
 
 
 def run(args) -> int:
@@ -73,10 +102,12 @@ def run(args) -> int:
         for ch in args.multifd:
             with open(ch, "rb") as f:
                 channels.append((ch, parse_channel(f.read(), name=ch)))
-    devices, hints = scan(args.file, multifd=channels, page_size=args.page_size)
+    ext = Extractor(args.extract) if args.extract else None
+    devices, hints = scan(args.file, multifd=channels, page_size=args.page_size,
+                          on_data=ext.data if ext else None)
     d = {"devices": [dev.to_json() for dev in devices.values()], "hints": hints}
-    if args.extract:
-        d["extracted"] = _extract(devices, args.extract)
+    if ext:
+        d["extracted"] = ext.finish(devices)
     if args.json:
         print(json.dumps(d, indent=2))
     else:

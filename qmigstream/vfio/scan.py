@@ -12,6 +12,29 @@ from .pci import decode_config_state
 PHASES = {"START": "setup", "PART": "precopy", "END": "complete", "FULL": "config"}
 
 
+class ChunkInfo:
+    """A data chunk's place and size without its bytes (what scan keeps by default)."""
+
+    kind = "vfio_data"
+    __slots__ = ("offset", "data_size")
+
+    def __init__(self, offset, data_size):
+        self.offset, self.data_size = offset, data_size
+
+    @property
+    def size(self):
+        return 16 + self.data_size
+
+    @property
+    def data_offset(self):
+        return self.offset + 16
+
+    def to_json(self):
+        return {"kind": self.kind, "offset": self.offset, "size": self.size,
+                "marker": "DEV_DATA_STATE", "data_size": self.data_size,
+                "data_offset": self.data_offset}
+
+
 class VfioDevice:
     """One device (idstr + instance): its sections in stream order and what they hold."""
 
@@ -36,9 +59,15 @@ class VfioDevice:
         return n
 
     def data_pieces(self):
-        """Device data in stream order (main channel, then multifd by idx)."""
+        """Device data in stream order (main channel, then multifd by idx).  The
+        main-channel chunks are only kept when :func:`scan` ran with ``keep_data``."""
         for c in self.chunks:
+            if "chunk" not in c:
+                raise ValueError("scan() ran without keep_data: chunk bytes were not kept")
             yield bytes(c["chunk"].data)
+        yield from self.multifd_pieces()
+
+    def multifd_pieces(self):
         if self.multifd is not None:
             for _, p in self.multifd.data_packets():
                 yield bytes(p.data)
@@ -76,11 +105,14 @@ class VfioDevice:
         return d
 
 
-def scan(source, *, multifd=None, **options):
+def scan(source, *, multifd=None, keep_data=False, on_data=None, **options):
     """Devices of a stream: ``{key: VfioDevice}`` in first-seen order, and hints.
 
     ``multifd``: ``[(name, channel records)]`` from
     :func:`qmigstream.vfio.multifd.parse_channel` (10.x device-state transfer).
+    ``keep_data``: keep each chunk's bytes (``VfioDevice.data_pieces``);
+    ``on_data(device, data)`` is called for each main-channel chunk as it is
+    read, so device data can be written out without holding it.
     """
     reader = StreamReader(source, **options)
     devices = {}
@@ -110,11 +142,16 @@ def scan(source, *, multifd=None, **options):
             cur = None
             continue
         if cur is not None and isinstance(rec, (VfioMarker, VfioDataChunk, VfioConfig)):
-            cur["records"].append(rec)
+            cur["records"].append(rec if keep_data or not isinstance(rec, VfioDataChunk)
+                                  else ChunkInfo(rec.offset, rec.data_size))
             phase = PHASES[cur["type"]]
             if isinstance(rec, VfioDataChunk):
                 c = {"phase": phase, "offset": rec.offset, "data_offset": rec.data_offset,
-                     "size": rec.data_size, "chunk": rec}
+                     "size": rec.data_size}
+                if keep_data:
+                    c["chunk"] = rec
+                if on_data is not None:
+                    on_data(cur_dev, rec.data)
                 if "iteration" in cur:
                     c["iteration"] = cur["iteration"]
                 cur_dev.chunks.append(c)
