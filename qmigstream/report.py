@@ -546,13 +546,22 @@ def svg_phase_bar(rep) -> str:
     out = _svg_open(W, H, f"bytes per phase, {total:,} bytes in all")
     x = float(x0)
     scale = (x1 - x0) / total
+    spans = {}
     for p, n in rep.phases.items():
         w = n * scale
         if n:
             out.append(f'<rect x="{_fmt(x)}" y="8" width="{_fmt(max(w, 0.6))}" height="38" '
                        f'fill="{_phase_color(p)}"><title>{esc(p)}: {n:,} bytes ({human(n)}, '
                        f'{100 * n / total:.1f}%)</title></rect>')
+        key = "iterations" if p.startswith("iteration ") else p
+        a, b = spans.get(key, (x, x))
+        spans[key] = (min(a, x), max(b, x + w))
         x += w
+    for key, (a, b) in spans.items():
+        lab = {"devices": "device state", "iterations": "iterations"}.get(key, key)
+        if b - a >= 9 * len(lab) + 12:
+            out.append(f'<text x="{_fmt((a + b) / 2)}" y="32" text-anchor="middle" '
+                       f'class="inbar">{esc(lab)}</text>')
     unit, div = _unit(total)
     ticks = _nice_ticks(total / div, 8)
     for t in ticks:
@@ -640,7 +649,18 @@ def svg_vbars(categories, series, label, y_label, *, mode="stack", value_fmt=Non
     ticks = _nice_ticks((cap or 1) / unit_div, 4)
     span = ticks[-1] * unit_div
     sc = (bottom - top) / span
+    slot = (right - left) / ncat
+    cut_bars = [i for i in range(ncat) if totals[i] > span]
+    note = None
+    if cut_bars and slot < 44:
+        # too narrow to write each cut bar's total above it: one line for all of them
+        shown = [f"{categories[i]}: {value_fmt(totals[i])}" for i in cut_bars[:6]]
+        note = "cut bars (total): " + " · ".join(shown) + (" · …" if len(cut_bars) > 6 else "")
+        top += 14
+        sc = (bottom - top) / span
     out = _svg_open(W, H, label)
+    if note:
+        out.append(f'<text x="{left}" y="14" class="value">{esc(note)}</text>')
     for t in ticks:
         ty = bottom - t * unit_div * sc
         out.append(f'<line x1="{left}" y1="{_fmt(ty)}" x2="{right}" y2="{_fmt(ty)}" '
@@ -648,9 +668,9 @@ def svg_vbars(categories, series, label, y_label, *, mode="stack", value_fmt=Non
                    f'class="tick">{_num(t)}</text>')
     out.append(f'<text transform="translate(16 {(top + bottom) // 2}) rotate(-90)" '
                f'text-anchor="middle" class="label">{esc(y_label)}</text>')
-    slot = (right - left) / ncat
     bw = max(1.0, min(48.0, slot * 0.78))
-    every = max(1, math.ceil(ncat / 40))
+    longest = max([len(_short(_cat_short(c), 12)) for c in categories] + [1])
+    every = max(1, math.ceil((longest * 7.5 + 10) / slot))
     for i, cat in enumerate(categories):
         cx = left + slot * (i + 0.5)
         if mode == "stack":
@@ -681,8 +701,9 @@ def svg_vbars(categories, series, label, y_label, *, mode="stack", value_fmt=Non
                 out.append(f'<path d="M{_fmt(cx - bw / 2 - 2)} {by + 4} l{_fmt(bw + 4)} -6 '
                            f'M{_fmt(cx - bw / 2 - 2)} {by + 10} l{_fmt(bw + 4)} -6" '
                            f'class="break"/>')
-                out.append(f'<text x="{_fmt(cx)}" y="{top - 6}" text-anchor="middle" '
-                           f'class="value">{esc(value_fmt(totals[i]))}</text>')
+                if note is None:
+                    out.append(f'<text x="{_fmt(cx)}" y="{top - 6}" text-anchor="middle" '
+                               f'class="value">{esc(value_fmt(totals[i]))}</text>')
         else:
             n = max(1, len(series))
             gw = bw / n
@@ -771,6 +792,7 @@ svg .tick{fill:var(--muted);font-size:12px}
 svg .label{fill:var(--muted);font-size:12px;font-style:italic}
 svg .name{fill:var(--fg);font-size:13px}
 svg .value{fill:var(--fg);font-size:12px;font-variant-numeric:tabular-nums}
+svg .inbar{fill:#fff;font-size:13px;font-weight:600;pointer-events:none}
 svg .break{stroke:var(--card);stroke-width:3;fill:none}
 svg text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif}
 ul.legend{list-style:none;display:flex;flex-wrap:wrap;gap:6px 18px;padding:0;margin:10px 0 0;
@@ -977,7 +999,8 @@ def render_html(rep: Report) -> str:
                else '<span class="tag op">opaque</span> ' if x.opaque_bytes
                else '<span class="tag">records</span> ' if x.kinds else "")
         rows.append([esc(x.idstr), f"{x.instance_id}", f"{x.version_id}",
-                     esc(", ".join(x.types)), f"{x.bytes:,}",
+                     esc(", ".join(f"{k} ×{v}" if v > 1 else k for k, v in x.types.items())),
+                     f"{x.bytes:,}",
                      f"{x.fields:,}" if x.decoded_bytes else "–", tag + esc(how)])
     if rows:
         w(_table([("idstr", 0), ("instance", 1), ("version", 1), ("sections", 0),
