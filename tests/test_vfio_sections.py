@@ -238,10 +238,14 @@ def test_8_1_to_9_x_precopy_and_init_data_sent():
     d = devs[(DEV, 0)]
     assert d.family.family == "8.1-9.x" and "DEV_INIT_DATA_SENT" in d.family.reason
     assert d.data_bytes == MIB + 30
-    # by default the scan keeps where the data is, not the data
-    assert not any(isinstance(r, VfioDataChunk) for s in d.sections for r in s["records"])
-    with pytest.raises(ValueError, match="keep_data"):
-        list(d.data_pieces())
+    assert b"".join(d.data_pieces()) == b"a" * MIB + b"b" * 10 + b"c" * 20
+    # keep_data=False: where the data is, not the data
+    lean = scan(data, keep_data=False)[0][(DEV, 0)]
+    assert [c["size"] for c in lean.chunks] == [MIB, 10, 20]
+    assert not any(isinstance(r, VfioDataChunk) for s in lean.sections for r in s["records"])
+    assert lean.to_json()["sections"] == d.to_json()["sections"]
+    with pytest.raises(ValueError, match="keep_data=False"):
+        list(lean.data_pieces())
     big = d.chunks[0]
     # first VFIO PART: after RAM START, VFIO START (31+16+5), RAM PART (5 + 8+1+6+4096 + 8 + 5)
     assert big["offset"] == RAM_END + 52 + 5 + 4111 + 8 + 5 + 5
@@ -265,7 +269,7 @@ def test_10_x_end_only_and_multifd_packets():
         [(0, False, 1000), (1, False, MIB), (2, True, 8 + 4 + 256 + 16 + 48 + 1 + 8)]
     ch0 = MF.parse_channel(MF.build_channel([pk[1]], 0))
     ch1 = MF.parse_channel(MF.build_channel([pk[2], pk[0]], 1))
-    devs, hints = scan(data, multifd=[("ch0", ch0), ("ch1", ch1)], keep_data=True)
+    devs, hints = scan(data, multifd=[("ch0", ch0), ("ch1", ch1)])
     d = devs[(DEV, 0)]
     assert hints["switchover_start"] and hints["multifd_packets"]
     assert d.family.family == "10.x" and d.data_bytes == 64 + 1000 + MIB

@@ -104,7 +104,7 @@ def run(args) -> int:
                 channels.append((ch, parse_channel(f.read(), name=ch)))
     ext = Extractor(args.extract) if args.extract else None
     devices, hints = scan(args.file, multifd=channels, page_size=args.page_size,
-                          on_data=ext.data if ext else None)
+                          keep_data=False, on_data=ext.data if ext else None)
     d = {"devices": [dev.to_json() for dev in devices.values()], "hints": hints}
     if ext:
         d["extracted"] = ext.finish(devices)

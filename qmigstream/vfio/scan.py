@@ -60,10 +60,10 @@ class VfioDevice:
 
     def data_pieces(self):
         """Device data in stream order (main channel, then multifd by idx).  The
-        main-channel chunks are only kept when :func:`scan` ran with ``keep_data``."""
+        main-channel chunks are there unless :func:`scan` ran with ``keep_data=False``."""
         for c in self.chunks:
             if "chunk" not in c:
-                raise ValueError("scan() ran without keep_data: chunk bytes were not kept")
+                raise ValueError("scan() ran with keep_data=False: chunk bytes were not kept")
             yield bytes(c["chunk"].data)
         yield from self.multifd_pieces()
 
@@ -105,12 +105,13 @@ class VfioDevice:
         return d
 
 
-def scan(source, *, multifd=None, keep_data=False, on_data=None, **options):
+def scan(source, *, multifd=None, keep_data=True, on_data=None, **options):
     """Devices of a stream: ``{key: VfioDevice}`` in first-seen order, and hints.
 
     ``multifd``: ``[(name, channel records)]`` from
     :func:`qmigstream.vfio.multifd.parse_channel` (10.x device-state transfer).
-    ``keep_data``: keep each chunk's bytes (``VfioDevice.data_pieces``);
+    ``keep_data`` (default True): keep each chunk's bytes
+    (``VfioDevice.data_pieces``); False keeps only offsets and sizes.
     ``on_data(device, data)`` is called for each main-channel chunk as it is
     read, so device data can be written out without holding it.
     """
