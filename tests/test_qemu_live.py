@@ -8,14 +8,16 @@ import io
 import os
 import re
 import socket
+import subprocess
 
 import pytest
 
 from conftest import requires_qemu
-from test_captures import capture_tool, meta_of
+from test_captures import capture_tool, meta_of, xz_bytes
 from qmigstream.codec.reader import read_records
 from qmigstream.codec.writer import StreamWriter
-from qmigstream.qemu import QMPError, Qemu, load_incoming, migrate_to_file
+from qmigstream.qemu import (QMPError, Qemu, load_incoming, load_incoming_channels,
+                             migrate_to_file)
 from qmigstream.qemu.runner import BASE_ARGS, UnixSink, trailer_complete
 
 
@@ -82,6 +84,12 @@ def test_loader_refuses_wrong_machine_and_truncation(tmp_path, capture):
     assert "load of migration failed" in res.stderr
 
 
+def _empty_qcow2(work):
+    p = work / "empty.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "1M"], check=True)
+    return p.read_bytes()
+
+
 def machine_args_from(meta, work, name):
     """The capture's own machine arguments, with its scratch files recreated in ``work``."""
     argv = list(meta["qemu_argv"][1 + len(BASE_ARGS):])
@@ -92,7 +100,8 @@ def machine_args_from(meta, work, name):
                                                                 meta["loader"]["pages"]),
              "text.bin": lambda: capture_tool.compressible_pattern(meta["loader"]["pages"]),
              "mbr.img": lambda: capture_tool.mbr_dirty_loop(meta["guest_program"]["pages"]),
-             "disk.raw": lambda: bytes(1 << 20)}
+             "disk.raw": lambda: bytes(1 << 20),
+             "disk.qcow2": lambda: _empty_qcow2(work)}
     out = []
     for a in argv:
         for fname in re.findall(re.escape(scratch) + r"([\w.]+)", a):
@@ -109,6 +118,8 @@ LOADABLE = {
     "pc-7.2-postcopy-advised": {"postcopy-ram": True},
     "pc-i440fx-2.2-devices": {}, "pc-i440fx-2.2-devices-vmdesc": {},
     "pc-7.2-block": {}, "pc-7.2-dirty-bitmaps": {"dirty-bitmaps": True},
+    "pc-7.2-savevm": {},
+    "pc-7.2-ignore-shared-uuid": {"x-ignore-shared": True, "validate-uuid": True},
 }
 
 
@@ -130,6 +141,30 @@ def test_committed_capture_loads_into_qemu(name, tmp_path, capture):
     if name == "pc-7.2-block":
         # block migration wrote the source's disk into the (zeroed) destination disk
         assert (tmp_path / "disk.raw").read_bytes() == capture_tool.disk_pattern()
+
+
+@live
+def test_multifd_capture_loads_with_its_channels(tmp_path, capture):
+    """The recorded main stream and both channel recordings, replayed into a QEMU
+    waiting on a unix socket with multifd on, load and give the source's memory."""
+    path, meta = capture("pc-7.2-multifd")
+    args = machine_args_from(meta, tmp_path, "pc-7.2-multifd")
+    chans = []
+    for i, c in enumerate(meta["channels"]):
+        p = tmp_path / f"ch{i}"
+        p.write_bytes(xz_bytes(c["file"]))
+        chans.append(str(p))
+    dumps_ = [(m["addr"], m["size"], str(tmp_path / f"mem-{m['addr']:x}"))
+              for m in meta["memory"]]
+    res = load_incoming_channels(args, [str(path)] + chans, 90,
+                                 capabilities={"multifd": True},
+                                 parameters={"multifd-channels": len(chans)}, pmemsave=dumps_)
+    assert res.loaded, res.stderr
+    assert [m["sha256"] for m in res.memory] == [m["sha256"] for m in meta["memory"]]
+    # without the channels the main stream alone cannot complete
+    res = load_incoming_channels(args, [str(path)], 5, capabilities={"multifd": True},
+                                 parameters={"multifd-channels": len(chans)})
+    assert not res.loaded and res.status == "timeout"
 
 
 @live

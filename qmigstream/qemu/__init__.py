@@ -5,13 +5,15 @@ captures) and by tests that ask the real loader whether it accepts a stream.
 
 * :mod:`qmigstream.qemu.qmp`    - a small QMP client (:class:`QMPClient`, :class:`QMPError`)
 * :mod:`qmigstream.qemu.runner` - :class:`Qemu` (one process, always killed on exit),
-  :func:`migrate_to_file`, :func:`load_incoming` -> :class:`IncomingResult`
+  :func:`migrate_to_file`, :func:`load_incoming` and :func:`load_incoming_channels`
+  (multifd) -> :class:`IncomingResult`
 """
 
 from .qmp import QMPClient, QMPError, QMPTimeout
 from .runner import (BASE_ARGS, IncomingResult, MigrationResult, Qemu, QemuError,
-                     load_incoming, migrate_to_file, qemu_binary)
+                     load_incoming, load_incoming_channels, migrate_to_file, qemu_binary)
 
 __all__ = ["QMPClient", "QMPError", "QMPTimeout", "BASE_ARGS", "IncomingResult",
-           "MigrationResult", "Qemu", "QemuError", "load_incoming", "migrate_to_file",
+           "MigrationResult", "Qemu", "QemuError", "load_incoming", "load_incoming_channels",
+           "migrate_to_file",
            "qemu_binary"]

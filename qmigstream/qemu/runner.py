@@ -339,37 +339,87 @@ def load_incoming(machine_args, stream_path: str, timeout: float = 60.0, *,
         q.set_capabilities(capabilities or {})
         q.set_parameters(parameters or {})
         q.execute("migrate-incoming", uri=uri)
-        deadline = time.monotonic() + timeout
-        status, last = "setup", {}
-        while True:
-            try:
-                last = q.query_migrate()
-                status = last.get("status", status)
-            except (QMPTimeout, ConnectionError, OSError):
-                status = "exited"
-            if status in FINAL_STATES or not q.alive():
-                break
-            if time.monotonic() > deadline:
-                status = "timeout"
-                break
-            time.sleep(0.05)
-        loaded = status == "completed"
-        if not loaded:
-            if status == "timeout":
-                q.kill()
-            else:
-                q._reap(10)         # a failed load makes QEMU 7.2 exit(1)
-            if status not in FINAL_STATES and status != "timeout":
-                status = "exited"
-            return IncomingResult(False, status, q.stderr(), q.returncode, last)
-        mem = []
-        for addr, size, out in pmemsave:
-            q.pmemsave(addr, size, out)
-            mem.append({"addr": addr, "size": size, "sha256": sha256_file(out), "path": out})
-        if after_load is not None:
-            after_load(q)
-        q.quit()
-        return IncomingResult(True, status, q.stderr(), None, last, mem)
+        return _await_load(q, timeout, pmemsave, after_load)
+
+
+def load_incoming_channels(machine_args, stream_paths, timeout: float = 60.0, *,
+                           capabilities=None, parameters=None, pmemsave=(), after_load=None,
+                           binary=None) -> IncomingResult:
+    """Like :func:`load_incoming`, over a unix socket with one connection per file:
+    the main stream first, then each multifd channel recording (for QEMU 7.2,
+    which takes the first connection as the main channel).  Give the
+    destination the same ``multifd`` capability and ``multifd-channels`` as the
+    source.  Each file is sent from its own thread, since QEMU reads the
+    channels in parallel."""
+    with Qemu(machine_args, incoming="defer", binary=binary) as q:
+        q.set_capabilities(capabilities or {})
+        q.set_parameters(parameters or {})
+        sock = os.path.join(q.dir, "incoming.sock")
+        q.execute("migrate-incoming", uri=f"unix:{sock}")
+        feeders = []
+        try:
+            for i, path in enumerate(stream_paths):
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.settimeout(timeout)
+                c.connect(sock)
+                t = threading.Thread(target=_feed, args=(c, path), daemon=True)
+                feeders.append((c, t))
+                if i == 0:
+                    time.sleep(0.1)     # let QEMU take the first connection as the main one
+            for _, t in feeders:
+                t.start()
+            return _await_load(q, timeout, pmemsave, after_load)
+        finally:
+            for c, t in feeders:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+                if t.ident is not None:
+                    t.join(5)
+
+
+def _feed(conn, path):
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                conn.sendall(chunk)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass                        # QEMU gave up on the stream; its verdict says why
+
+
+def _await_load(q, timeout, pmemsave, after_load) -> IncomingResult:
+    deadline = time.monotonic() + timeout
+    status, last = "setup", {}
+    while True:
+        try:
+            last = q.query_migrate()
+            status = last.get("status", status)
+        except (QMPTimeout, ConnectionError, OSError):
+            status = "exited"
+        if status in FINAL_STATES or not q.alive():
+            break
+        if time.monotonic() > deadline:
+            status = "timeout"
+            break
+        time.sleep(0.05)
+    if status != "completed":
+        if status == "timeout":
+            q.kill()
+        else:
+            q._reap(10)             # a failed load makes QEMU 7.2 exit(1)
+        if status not in FINAL_STATES and status != "timeout":
+            status = "exited"
+        return IncomingResult(False, status, q.stderr(), q.returncode, last)
+    mem = []
+    for addr, size, out in pmemsave:
+        q.pmemsave(addr, size, out)
+        mem.append({"addr": addr, "size": size, "sha256": sha256_file(out), "path": out})
+    if after_load is not None:
+        after_load(q)
+    q.quit()
+    return IncomingResult(True, status, q.stderr(), None, last, mem)
 
 
 def sha256_file(path: str) -> str:
