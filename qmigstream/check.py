@@ -67,6 +67,13 @@ class Profile:
         self.capabilities = capabilities  # MigrationCapability names
         self.validated_caps = validated_caps
 
+    def field_versions(self, vmsd_name, version):
+        """{field: version_id} of the vmsd's top-level fields declared with a version
+        (None when the table has no single row for it)."""
+        rows = [r for r in self.vmsd_versions.get(vmsd_name, ())
+                if r["version_id"] == version]
+        return rows[0].get("field_versions", {}) if len(rows) == 1 else None
+
     def minimum_version(self, vmsd_name, version):
         """``minimum_version_id`` of the vmsd ``vmsd_name`` whose version is ``version``."""
         rows = [r for r in self.vmsd_versions.get(vmsd_name, ())
@@ -172,6 +179,7 @@ class Destination:
         self.entries = {}               # (idstr, instance) -> description entry
         self.states = {}                # (idstr, instance) -> decoded Vmsd (own values)
         self.blocks = None              # RAM block name -> used_length, or None
+        self.lengths = {}               # (idstr, instance) -> payload length seen
         self.source = "assumed"
 
 
@@ -194,6 +202,9 @@ def destination_from_reference(path, prof: Profile) -> Destination:
         elif k == "device_state" and cur is not None:
             d.states[cur] = rec.tree
             d.entries[cur] = rec.entry
+            d.lengths[cur] = len(rec.data)
+        elif k == "payload" and cur is not None and rec.depth == 0:
+            d.lengths.setdefault(cur, len(rec.data))
         elif k == "ram_mem_size" and d.blocks is None:
             d.blocks = {b.name: b.used_length for b in rec.blocks}
         elif k == "footer":
@@ -575,10 +586,26 @@ class Checker:
                           f"{layout['version']} and its minimum is not known", name,
                           level="unchecked")
             elif isinstance(layout.get("version"), int) and ver < layout["version"]:
-                self.note(off, "version", f"version {ver} < {layout['version']}: QEMU skips "
-                          f"the fields added after version {ver}; check decodes the "
-                          f"payload with the full layout, so the field check is not exact",
-                          name, level="unchecked")
+                fv = self.prof.field_versions(vmsd_name, layout["version"])
+                skipped = {k for k, v in (fv or {}).items() if v > ver}
+                if fv is None:
+                    self.note(off, "version", f"version {ver} < {layout['version']}: the "
+                              f"fields QEMU skips are not known", name, level="unchecked")
+                elif skipped:
+                    layout = dict(layout)
+                    layout["fields"] = [f for f in layout.get("fields", ())
+                                        if not (isinstance(f, dict) and
+                                                f.get("name") in skipped)]
+                    self.note(off, "version", f"version {ver} < {layout['version']}: QEMU "
+                              f"does not read {', '.join(sorted(skipped))} (added later)",
+                              name)
+        if layout is None and t == 4 and key in self.dest.lengths:
+            n = self.dest.lengths[key]
+            self.read(n, f"the state of {idstr}", name)
+            self.note(src.offset - n, "unchecked-payload", f"no vmstate layout: {n} bytes "
+                      f"read, the length of this section in the reference", name,
+                      level="unchecked")
+            return
         if layout is None or t != 4:
             self._bounded_by_scan(sid, name)
             return

@@ -1,0 +1,274 @@
+"""Mutations of real streams, located with the decoder (record offsets, never guesses).
+
+:func:`index` decodes a stream once and keeps the offsets of the records a
+mutation needs; :func:`mutations` turns one capture into a list of
+:class:`Mutation` (a name, a sentence saying what was changed at which
+offset, and the mutated bytes).  ``tools/differential`` loads each into QEMU
+and compares QEMU's verdict with ``qmigstream check``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+from .codec.reader import read_records
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+
+
+@dataclasses.dataclass
+class Mutation:
+    name: str
+    capture: str
+    what: str
+    data: bytes
+
+
+class Index:
+    """Offsets of the records of one stream."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.config = None            # Configuration record
+        self.sections = []            # FULL/START SectionHeader records
+        self.footers = []
+        self.mem_size = None
+        self.pages = []               # RamPage records
+        self.zero = []                # RamZero / RamZeroRun records
+        self.xbzrle = []
+        self.states = {}              # idstr -> DeviceState record
+        self.payloads = []            # device payload records (DeviceState/OpaquePayload)
+        self.eof = None
+        self.trailer = None
+        section = None
+        for rec in read_records(data, compact=False):
+            k = rec.kind
+            if k == "configuration":
+                self.config = rec
+            elif k == "section":
+                if rec.full:
+                    self.sections.append(rec)
+                    section = rec
+            elif k == "footer":
+                self.footers.append(rec)
+            elif k == "ram_mem_size" and self.mem_size is None:
+                self.mem_size = rec
+            elif k == "ram_page":
+                self.pages.append(rec)
+            elif k == "ram_zero":
+                self.zero.append(rec)
+            elif k == "ram_xbzrle":
+                self.xbzrle.append(rec)
+            elif k in ("device_state", "payload") and section is not None:
+                self.payloads.append((section, rec))
+                if k == "device_state":
+                    self.states.setdefault(section.idstr, (section, rec))
+            elif k == "eof" and rec.depth == 0:
+                self.eof = rec
+            elif k == "vmdescription":
+                self.trailer = rec
+
+    def section(self, idstr, instance=0):
+        for s in self.sections:
+            if s.idstr == idstr and s.instance_id == instance:
+                return s
+        raise LookupError(f"no section {idstr!r} ({instance})")
+
+    def field(self, idstr, name):
+        """(offset, Field) of the first field called ``name`` in section ``idstr``."""
+        _, st = self.states[idstr]
+        for f in st.tree.walk():
+            if f.name == name:
+                return f.offset, f
+        raise LookupError(f"no field {name!r} in {idstr!r}")
+
+
+def _put(data: bytes, off: int, new: bytes) -> bytes:
+    return data[:off] + new + data[off + len(new):]
+
+
+def _cont_zero(ix: Index, block="pc.ram"):
+    """A ZERO|CONTINUE record of ``block`` with a plain record before it."""
+    for z in ix.zero:
+        if z.flags == 0x22 and z.block == block:
+            return z
+    raise LookupError("no ZERO|CONTINUE record")
+
+
+def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
+    """The mutation table for capture ``name`` (stream bytes ``data``)."""
+    ix = ix or Index(data)
+    out = []
+
+    def add(mname, what, new):
+        out.append(Mutation(mname, name, what, new))
+
+    if name.startswith("pc-7.2-running-xbzrle"):
+        x = ix.xbzrle[0]
+        hl = 8 if x.flags & 0x20 else 9 + len(x.block)
+        lo = x.offset + hl + 1
+        add("xbzrle-length-overflow", f"XBZRLE record at {x.offset}: be16 length at {lo} "
+            f"set to 4097 (page size + 1)", _put(data, lo, struct.pack(">H", 4097)))
+        add("xbzrle-encoding-flag", f"XBZRLE record at {x.offset}: encoding byte at "
+            f"{lo - 1} set to 0x02", _put(data, lo - 1, b"\x02"))
+        add("xbzrle-decode-error", f"XBZRLE record at {x.offset}: first data byte at "
+            f"{lo + 2} set to 0x00 (an empty zero run is fine first) and the second to 0x00 "
+            f"(an empty non-zero run)", _put(data, lo + 2, b"\x00\x00"))
+        add("original", "unchanged", data)
+        return out
+
+    add("original", "unchanged", data)
+    add("bad-magic", "magic at 0 'QEVM' -> 'QEVN'", _put(data, 0, b"QEVN"))
+    add("version-2", "file version at 4: 3 -> 2", _put(data, 4, _U32.pack(2)))
+    add("version-4", "file version at 4: 3 -> 4", _put(data, 4, _U32.pack(4)))
+    c = ix.config
+    if c is not None:
+        noff = c.offset + 5
+        m = c.machine
+        add("machine-name", f"machine name at {noff}: {m.decode()!r} -> last byte +1",
+            _put(data, noff + len(m) - 1, bytes([m[-1] + 1])))
+        grown = data[:c.offset + 1] + _U32.pack(len(m) + 1) + m + b"\0" + data[noff + len(m):]
+        add("machine-name-nul", f"machine name at {noff}: {m.decode()!r} + NUL, length "
+            f"{len(m)} -> {len(m) + 1} (QEMU compares with strncmp)", grown)
+    t = ix.section("timer")
+    ln = len(t.idstr)
+    add("idstr", f"idstr of section 'timer' at {t.offset + 6}: 'timer' -> 'timez'",
+        _put(data, t.offset + 6 + ln - 1, b"z"))
+    add("instance-id", f"instance id of 'timer' at {t.offset + 6 + ln}: 0 -> 1",
+        _put(data, t.offset + 6 + ln, _U32.pack(1)))
+    add("version-too-high", f"version of 'timer' at {t.offset + 10 + ln}: "
+        f"{t.version_id} -> {t.version_id + 1}",
+        _put(data, t.offset + 10 + ln, _U32.pack(t.version_id + 1)))
+    cpu = ix.section("cpu")
+    add("version-too-low", f"version of 'cpu' at {cpu.offset + 10 + len(cpu.idstr)}: "
+        f"{cpu.version_id} -> 10 (minimum 11)",
+        _put(data, cpu.offset + 10 + len(cpu.idstr), _U32.pack(10)))
+    pit = ix.section("i8254")
+    add("version-lower-ok", f"version of 'i8254' at {pit.offset + 10 + 5}: "
+        f"{pit.version_id} -> 2 (minimum 2)",
+        _put(data, pit.offset + 15, _U32.pack(2)))
+    ram = ix.section("ram")
+    add("ram-version-5", f"version of 'ram' at {ram.offset + 13}: 4 -> 5",
+        _put(data, ram.offset + 13, _U32.pack(5)))
+    add("ram-version-3", f"version of 'ram' at {ram.offset + 13}: 4 -> 3",
+        _put(data, ram.offset + 13, _U32.pack(3)))
+    add("section-type", f"section type byte of 'timer' at {t.offset}: 0x04 -> 0x09",
+        _put(data, t.offset, b"\x09"))
+    add("section-type-subsection", f"section type byte of 'timer' at {t.offset}: 0x04 -> "
+        f"0x05", _put(data, t.offset, b"\x05"))
+    if ix.footers:
+        f = ix.footers[3]
+        add("footer-id", f"footer at {f.offset}: section id {f.section_id} -> "
+            f"{f.section_id + 100}", _put(data, f.offset + 1, _U32.pack(f.section_id + 100)))
+        add("footer-byte", f"footer marker at {f.offset}: 0x7e -> 0x7f",
+            _put(data, f.offset, b"\x7f"))
+    ms = ix.mem_size
+    # block entries follow the MEM_SIZE word: u8 len, name, be64 length
+    p = ms.offset + 8
+    entries = []
+    for b in ms.blocks:
+        entries.append((p, b))
+        p += 1 + len(b.name) + 8 + (8 if b.mr_addr is not None else 0)
+    (p0, b0) = entries[0]
+    (pb, bb) = next(e for e in entries if e[1].name == "pc.bios")
+    add("ram-block-name", f"MEM_SIZE entry at {pb}: block name 'pc.bios' -> 'pc.biox'",
+        _put(data, pb + 1 + 6, b"x"))
+    total = ms.total
+    add("ram-block-length", f"MEM_SIZE entry at {p0}: length of {b0.name} "
+        f"0x{b0.used_length:x} -> 0x{b0.used_length - 4096:x}, MEM_SIZE total at "
+        f"{ms.offset} reduced by 4096 to match",
+        _put(_put(data, p0 + 1 + len(b0.name), _U64.pack(b0.used_length - 4096)),
+             ms.offset, _U64.pack((total - 4096) | (ms.flags or 0x04))))
+    (pa, ba) = next(e for e in entries if e[1].name == "/rom@etc/acpi/tables")
+    add("ram-block-resize", f"MEM_SIZE entry at {pa}: length of {ba.name} "
+        f"0x{ba.used_length:x} -> 0x{ba.used_length + 4096:x} (resizeable), total at "
+        f"{ms.offset} raised by 4096",
+        _put(_put(data, pa + 1 + len(ba.name), _U64.pack(ba.used_length + 4096)),
+             ms.offset, _U64.pack((total + 4096) | (ms.flags or 0x04))))
+    add("ram-block-length-sum", f"MEM_SIZE entry at {pb}: length of pc.bios +4096 with "
+        f"the total unchanged (the loader reads on past the list)",
+        _put(data, pb + 1 + 7, _U64.pack(bb.used_length + 4096)))
+    z = _cont_zero(ix)
+    addr = z.addr
+    add("ram-flag-unknown", f"RAM record at {z.offset}: flags 0x22 -> 0x200 "
+        f"(MULTIFD_FLUSH, 8.1+)", _put(data, z.offset, _U64.pack(addr | 0x200)))
+    add("ram-flag-full", f"RAM record at {z.offset}: flags 0x22 -> 0x01 (obsolete FULL)",
+        _put(data, z.offset, _U64.pack(addr | 0x01)))
+    add("ram-hook", f"RAM record at {z.offset}: flags 0x22 -> 0x80 (HOOK)",
+        _put(data, z.offset, _U64.pack(addr | 0x80)))
+    blen = next(b.used_length for b in ms.blocks if b.name == z.block)
+    add("ram-offset-beyond", f"RAM record at {z.offset}: page offset 0x{addr:x} -> "
+        f"0x{blen:x} (the length of {z.block})", _put(data, z.offset, _U64.pack(blen | 0x22)))
+    add("ram-zero-fill", f"ZERO record at {z.offset}: fill byte at {z.offset + 8} 0 -> 0x5a",
+        _put(data, z.offset + 8, b"\x5a"))
+    named = next(r for r in ix.zero + ix.pages if not r.flags & 0x20 and r.block == "pc.ram")
+    add("ram-page-block", f"RAM record at {named.offset}: block name 'pc.ram' -> 'pc.rax'",
+        _put(data, named.offset + 9 + 5, b"x"))
+    pg = ix.pages[len(ix.pages) // 2]
+    dstart = pg.offset + (8 if pg.flags & 0x20 else 9 + len(pg.block))
+    add("page-byte", f"PAGE record at {pg.offset}: data byte at {dstart + 100} +1",
+        _put(data, dstart + 100, bytes([(data[dstart + 100] + 1) & 0xFF])))
+    foff, fld = ix.field("fdc", "num_floppies")
+    add("equal-field", f"fdc num_floppies (uint8 equal) at {foff}: {fld.value} -> "
+        f"{fld.value + 1}", _put(data, foff, bytes([fld.value + 1])))
+    foff, fld = ix.field("PCIBUS", "nirq")
+    add("equal-field-int32", f"PCIBUS nirq (int32 equal) at {foff}: {fld.value} -> "
+        f"{fld.value + 1}", _put(data, foff, struct.pack(">i", fld.value + 1)))
+    host = next(s for s in ix.sections if s.idstr.endswith("/I440FX"))
+    foff, fld = ix.field(host.idstr, "version_id")
+    add("le-field-high", f"{host.idstr} version_id (int32 le) at {foff}: {fld.value} -> "
+        f"{fld.value + 1}", _put(data, foff, struct.pack(">i", fld.value + 1)))
+    add("le-field-low", f"{host.idstr} version_id (int32 le) at {foff}: {fld.value} -> 1",
+        _put(data, foff, struct.pack(">i", 1)))
+    add("le-field-negative", f"{host.idstr} version_id (int32 le) at {foff}: {fld.value} "
+        f"-> -1", _put(data, foff, struct.pack(">i", -1)))
+    # truncations
+    add("cut-header", "cut at 6 (inside the file version)", data[:6])
+    add("cut-config", f"cut at {c.offset + 8} (inside the machine name)",
+        data[:c.offset + 8])
+    add("cut-ram", f"cut at {pg.offset + 1000} (inside a PAGE record at {pg.offset})",
+        data[:pg.offset + 1000])
+    sec, st = ix.states["fdc"]
+    add("cut-device", f"cut at {st.offset + 10} (inside the fdc payload at {st.offset})",
+        data[:st.offset + 10])
+    last = ix.footers[-1]
+    add("cut-before-footer", f"cut at {last.offset} (right before the last footer)",
+        data[:last.offset])
+    add("cut-before-eof", f"cut at {ix.eof.offset} (right before QEMU_VM_EOF)",
+        data[:ix.eof.offset])
+    if ix.trailer is not None:
+        tr = ix.trailer.offset
+        add("cut-trailer-header", f"cut at {tr + 3} (inside the VMDESCRIPTION header at "
+            f"{tr})", data[:tr + 3])
+        add("cut-trailer", f"cut at {tr + 500} (inside the VMDESCRIPTION JSON)",
+            data[:tr + 500])
+        add("trailer-removed", f"cut at {tr} (VMDESCRIPTION removed)", data[:tr])
+        add("trailer-damaged", f"VMDESCRIPTION JSON at {tr + 5}: '{{' -> 'X', bytes "
+            f"{tr + 105}..{tr + 115} -> 0xff", _put(_put(data, tr + 5, b"X"), tr + 105,
+                                                     b"\xff" * 10))
+        add("trailer-type", f"VMDESCRIPTION marker at {tr}: 0x06 -> 0x07",
+            _put(data, tr, b"\x07"))
+    add("garbage-appended", f"4096 bytes of 0xa5 appended at {len(data)}",
+        data + b"\xa5" * 4096)
+    add("eof-garbage", f"QEMU_VM_EOF at {ix.eof.offset} and everything after replaced by "
+        "a section type 0x42", data[:ix.eof.offset] + b"\x42")
+    return out
+
+
+def old_machine_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
+    """A few cases on a stream without configuration, footers or trailer."""
+    ix = ix or Index(data)
+    out = [Mutation("original", name, "unchanged", data)]
+    t = ix.section("timer")
+    out.append(Mutation("idstr", name, f"idstr of 'timer' at {t.offset + 6}: -> 'timez'",
+                        _put(data, t.offset + 10, b"z")))
+    out.append(Mutation("version-too-high", name, f"version of 'timer' at {t.offset + 15}: "
+                        f"{t.version_id} -> {t.version_id + 1}",
+                        _put(data, t.offset + 15, _U32.pack(t.version_id + 1))))
+    out.append(Mutation("cut-before-eof", name, f"cut at {ix.eof.offset}",
+                        data[:ix.eof.offset]))
+    out.append(Mutation("garbage-appended", name, f"16 bytes appended at {len(data)}",
+                        data + b"\x01" * 16))
+    return out
