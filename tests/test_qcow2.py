@@ -237,10 +237,17 @@ def test_truncated_and_empty(tmp_path):
 
 @pytest.mark.qemu
 @requires_qemu
-def test_two_snapshots_each_against_qemu_io(tmp_path):
+@pytest.mark.parametrize("options, vm_offset", [
+    ("", 0x20000000),                                    # 64 KiB clusters, v3
+    ("compat=0.10", 0x20000000),                         # qcow2 v2
+    ("cluster_size=512", 0x200000),                      # one L2 table maps 32 KiB
+    ("cluster_size=4096", 0x200000),                     # 2 MiB disk = one L1 entry
+    ("extended_l2=on,cluster_size=16384", 0x1000000),    # 16-byte L2 entries, subclusters
+])
+def test_two_snapshots_each_against_qemu_io(tmp_path, options, vm_offset):
     """A fresh image with two savevm snapshots (the guest runs between them, so the
-    vmstates differ and share no clusters): each cut equals what qemu-io reads back
-    after reverting a copy to that snapshot, and each is a whole stream."""
+    vmstates differ): each cut equals what qemu-io reads back after reverting a
+    copy to that snapshot, and each is a whole stream."""
     import importlib.util
     from conftest import ROOT
     from qmigstream.qemu import Qemu
@@ -248,7 +255,8 @@ def test_two_snapshots_each_against_qemu_io(tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     img = tmp_path / "two.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "2M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2"] +
+                   (["-o", options] if options else []) + [str(img), "2M"], check=True)
     with Qemu(["-machine", "pc", "-m", "32", "-drive", f"file={img},format=qcow2,if=ide"]) as q:
         assert q.hmp("savevm first").strip() == ""
         q.execute("cont")
@@ -257,7 +265,9 @@ def test_two_snapshots_each_against_qemu_io(tmp_path):
     with Qcow2Image(str(img)) as im:
         assert [s.name for s in im.snapshots] == ["first", "second"]
         cuts = {s.name: im.read_vmstate(s) for s in im.snapshots}
-        assert all(im.vmstate_offset(s) == 0x20000000 for s in im.snapshots)
+        assert all(im.vmstate_offset(s) == vm_offset for s in im.snapshots)
+        assert im.version == (2 if options == "compat=0.10" else 3)
+        assert im.extended_l2 == ("extended_l2" in options)
     assert cuts["first"] != cuts["second"]
     for name, data in cuts.items():
         copy = tmp_path / f"{name}.qcow2"
