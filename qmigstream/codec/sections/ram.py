@@ -30,6 +30,7 @@ F_CONT, F_EOS, F_MEM, F_FLUSH, F_HOOK = (int(RamFlag.CONTINUE), int(RamFlag.EOS)
                                          int(RamFlag.MEM_SIZE), int(RamFlag.MULTIFD_FLUSH),
                                          int(RamFlag.HOOK))
 PAGE_BITS = F_ZERO | F_PAGE | F_XBZRLE | F_COMP
+_PAGE_CONT, _ZERO_CONT = F_PAGE | F_CONT, F_ZERO | F_CONT
 
 #: zlib's compressBound(4096) + slack: the loader's upper bound for COMPRESS_PAGE.
 def compress_bound(n: int) -> int:
@@ -249,14 +250,22 @@ class RamSection:
         append = out.append
         unpack64 = _U64.unpack_from
         last = st.last_block
-        last_len = blocks[last].used_length if last in blocks else None
+        # 0 when there is no usable previous block: every address is then "beyond" it.
+        last_len = blocks[last].used_length if last in blocks else 0
         need_max = ps + 8 + 256 + 8
+        page_cont, zero_cont = _PAGE_CONT, _ZERO_CONT
         while end - pos >= need_max or (end - pos >= 9 and _small_enough(buf, pos, end, mask)):
             word = unpack64(buf, pos)[0]
             flags = word & mask
             addr = word - flags
-            if flags == (F_ZERO | F_CONT):
-                if last is None or last_len is None or addr >= last_len:
+            if flags == page_cont:
+                if addr >= last_len:
+                    break
+                q = pos + 8
+                append(RamPage(last, addr, buf[q:q + ps], flags, base + pos, depth))
+                pos = q + ps
+            elif flags == zero_cont:
+                if addr >= last_len:
                     break
                 if buf[pos + 8] == 0:
                     n = _zero_run(buf, pos, end, word, ps, last_len)
@@ -266,11 +275,6 @@ class RamSection:
                         continue
                 append(RamZero(last, addr, flags, buf[pos + 8], base + pos, depth))
                 pos += 9
-            elif flags == (F_PAGE | F_CONT):
-                if last is None or last_len is None or addr >= last_len:
-                    break
-                append(RamPage(last, addr, buf[pos + 8:pos + 8 + ps], flags, base + pos, depth))
-                pos += 8 + ps
             elif flags == F_EOS:
                 append(RamEos(flags, 0 if addr == 0 else addr, base + pos, depth))
                 pos += 8
