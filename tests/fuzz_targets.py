@@ -1,0 +1,285 @@
+"""Fuzz targets: one function per entry point, and the checks around each run.
+
+A target takes the input bytes, runs one public entry point of qmigstream on
+them and asserts what must hold for *any* input:
+
+* only the project's typed errors escape (:class:`QmigstreamError`);
+* whatever decodes re-encodes to the input bytes;
+* the run ends within a wall-clock budget (no hang);
+* no allocation is driven by a length field beyond what the input holds
+  (``tracemalloc`` peak below ``64 MiB + 8 x input size``);
+* deep nesting (PACKAGED commands, vmstate structs/subsections) is refused
+  with a typed error, never a ``RecursionError``.
+
+:func:`run_one` applies the budget and the memory check and returns a
+:class:`Failure` (or None); ``tests/test_fuzz.py`` and ``tools/fuzz/run`` both
+use it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+import traceback
+import tracemalloc
+
+from qmigstream.errors import QmigstreamError
+
+MEM_BASE = 64 << 20
+MEM_FACTOR = 8
+#: Cap on the vmstate bytes the qcow2 target pulls out of one snapshot.
+QCOW2_VMSTATE_CAP = 4 << 20
+
+
+class Hang(BaseException):
+    """The wall-clock budget of one run ran out (BaseException: nothing swallows it)."""
+
+
+class Failure:
+    def __init__(self, kind, target, data, detail, exc=None):
+        self.kind, self.target, self.data, self.detail, self.exc = kind, target, data, detail, exc
+
+    def signature(self):
+        """Where it happened: exception type and innermost qmigstream frame."""
+        if self.exc is None:
+            return f"{self.kind}:{self.target}"
+        tb = traceback.extract_tb(self.exc.__traceback__)
+        frames = [f for f in tb if "/qmigstream/" in f.filename] or tb
+        f = frames[-1] if frames else None
+        where = f"{os.path.basename(f.filename)}:{f.lineno}" if f else "?"
+        return f"{self.kind}:{self.target}:{type(self.exc).__name__}:{where}"
+
+    def __repr__(self):
+        return f"Failure({self.signature()}, {len(self.data)} bytes: {self.detail})"
+
+
+class _Pipe(io.RawIOBase):
+    """A non-seekable reader over bytes, like a pipe (the spool path)."""
+
+    def __init__(self, data):
+        self._b = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def readinto(self, b):
+        chunk = self._b.read(min(len(b), 4096))
+        b[:len(chunk)] = chunk
+        return len(chunk)
+
+
+# -- targets --------------------------------------------------------------------
+
+def t_decode(data: bytes):
+    """read_records (bytes, file, pipe; fast and schema paths) + re-encode."""
+    from qmigstream.codec.reader import read_records
+    from qmigstream.codec.writer import encode_records
+    mode = len(data) % 4
+    if mode == 0:
+        src, opts = data, {}
+    elif mode == 1:
+        src, opts = io.BytesIO(data), {"fast": False, "compact": False}
+    elif mode == 2:
+        src, opts = io.BufferedReader(_Pipe(data)), {}
+    else:
+        src, opts = data, {"vmstate": False}
+    recs = list(read_records(src, **opts))
+    out = encode_records(recs)
+    assert out == data, f"re-encode differs at {_first_diff(out, data)} " \
+                        f"({len(out)} vs {len(data)} bytes)"
+    for r in recs:
+        r.fields()
+
+
+def t_vmstate(data: bytes):
+    """vmdesc.parse of a trailer + vmstate.decode of a payload through its first entry.
+
+    Input: ``be32 n``, ``n`` bytes of VMDESCRIPTION JSON, the payload."""
+    from qmigstream import vmdesc, vmstate
+    from qmigstream.vmstate.decode import payload_size
+    if len(data) < 4:
+        return
+    n = struct.unpack(">I", data[:4])[0]
+    js, payload = data[4:4 + n], data[4 + n:]
+    desc = vmdesc.parse(js)
+    for entry in desc.obj.get("devices", [])[:2]:
+        try:
+            tree = vmstate.decode(entry, payload, 1000)
+        except QmigstreamError:
+            continue
+        assert vmstate.encode(tree) == bytes(payload), "vmstate re-encode differs"
+        assert payload_size(entry) == len(payload)
+        json.dumps(vmstate.to_json(tree))
+        from qmigstream.analyze import vmsd_dict
+        from qmigstream.diff import flatten
+        vmsd_dict(tree)
+        flatten(tree, "x")
+
+
+def t_vfio(data: bytes):
+    from qmigstream.vfio.scan import scan
+    devices, hints = scan(data)
+    for dev in devices.values():
+        json.dumps(dev.to_json(), default=str)
+        dev.data_bytes
+        for _ in dev.data_pieces():
+            pass
+
+
+def t_check(data: bytes):
+    from qmigstream import check as C
+    fn = getattr(C, "check", None) or getattr(C, "check_stream", None)
+    if fn is None:
+        return
+    res = fn(data)
+    if hasattr(res, "to_json"):
+        json.dumps(res.to_json(), default=str)
+
+
+def have_check() -> bool:
+    try:
+        from qmigstream import check as C
+    except ImportError:
+        return False
+    return callable(getattr(C, "check", None) or getattr(C, "check_stream", None))
+
+
+def t_replay(data: bytes):
+    from qmigstream.pipeline.replay import replay
+    res = replay(data)
+    json.dumps(res.to_json(), default=str)
+
+
+def t_analyze(data: bytes):
+    from qmigstream.analyze import analyze_desc, analyze_state, dumps
+    if len(data) % 2:
+        dumps(analyze_state(data))
+    else:
+        try:
+            dumps(analyze_desc(data))
+        finally:
+            dumps(analyze_state(data, dump_memory=True))
+
+
+def t_ram(data: bytes):
+    from qmigstream import guestmem
+    d = tempfile.mkdtemp(prefix="qmigstream-fuzz-")
+    try:
+        guestmem.extract(data, d, physical=(None, "pc", "q35")[len(data) % 3],
+                         hash=bool(len(data) % 2))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+_DIFF_OTHER = None
+
+
+def t_diff(data: bytes):
+    """diff against itself (no differences when it decodes) and against a real capture."""
+    from qmigstream.diff import diff
+    global _DIFF_OTHER
+    if _DIFF_OTHER is None:
+        import strategies
+        seeds = strategies.fixture_seeds()
+        _DIFF_OTHER = seeds[sorted(seeds)[0]]
+    d = tempfile.mkdtemp(prefix="qmigstream-fuzz-")
+    try:
+        res = diff(io.BytesIO(data), io.BytesIO(data), workdir=d, ignore_ram=len(data) % 2 == 1)
+        assert not res.differences, f"a stream differs from itself: {res.differences[:3]}"
+        diff(io.BytesIO(data), io.BytesIO(_DIFF_OTHER), workdir=d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def t_qcow2(data: bytes):
+    from qmigstream.codec.reader import read_records
+    from qmigstream.qcow2 import Qcow2Image
+    img = Qcow2Image(io.BytesIO(data))
+    for snap in img.snapshots[:4]:
+        snap.to_json()
+        got = []
+        n = 0
+        for piece in img.iter_vmstate(snap):
+            got.append(piece)
+            n += len(piece)
+            if n >= QCOW2_VMSTATE_CAP:
+                break
+        vm = b"".join(got)
+        for _ in read_records(vm):
+            pass
+
+
+TARGETS = {
+    "decode": t_decode,
+    "vmstate": t_vmstate,
+    "vfio": t_vfio,
+    "check": t_check,
+    "replay": t_replay,
+    "analyze": t_analyze,
+    "ram": t_ram,
+    "diff": t_diff,
+    "qcow2": t_qcow2,
+}
+
+
+# -- one run with its checks ---------------------------------------------------------
+
+def _alarm(signum, frame):
+    raise Hang()
+
+
+def run_one(name: str, data: bytes, *, budget: float = 10.0, trace_memory: bool = True):
+    """Run target ``name`` on ``data``; a :class:`Failure` or None."""
+    fn = TARGETS[name]
+    old = signal.signal(signal.SIGALRM, _alarm)
+    if trace_memory:
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+    t0 = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, budget)
+    try:
+        fn(data)
+    except Hang as e:
+        return Failure("hang", name, data, f"more than {budget} s", e)
+    except QmigstreamError:
+        pass
+    except RecursionError as e:
+        return Failure("recursion", name, data, "RecursionError", e)
+    except AssertionError as e:
+        return Failure("property", name, data, str(e), e)
+    except MemoryError as e:
+        return Failure("memory", name, data, "MemoryError", e)
+    except Exception as e:          # noqa: BLE001  anything else is a bug
+        return Failure("exception", name, data, f"{type(e).__name__}: {e}", e)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        peak = None
+        if trace_memory:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+    if peak is not None and peak > MEM_BASE + MEM_FACTOR * len(data):
+        return Failure("memory", name, data, f"tracemalloc peak {peak} bytes for "
+                       f"{len(data)} bytes of input")
+    return None
+
+
+def vmstate_input(json_bytes: bytes, payload: bytes) -> bytes:
+    """The input format of :func:`t_vmstate`."""
+    return struct.pack(">I", len(json_bytes)) + json_bytes + payload
+
+
+def _first_diff(a, b):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
