@@ -89,6 +89,7 @@ def verify(reader, out, prog) -> int:
     pos = 0
     counts = {}
     zeros_in_runs = 0
+    show = prog.enabled
     for rec in reader.records():
         if rec.offset != pos:
             out.write(f"records do not cover the input: {rec.kind} at offset {rec.offset}, "
@@ -105,7 +106,8 @@ def verify(reader, out, prog) -> int:
         if data is not None:
             crc = crc32(data, crc)
             payload += len(data)
-        prog(pos)
+        if show:
+            prog(pos)
     size = reader.src.size
     if size is not None and pos != size:
         out.write(f"records do not cover the input: they end at {pos}, the input at {size}\n")

@@ -20,7 +20,8 @@ def register(sub):
 def run(args) -> int:
     prog = Progress(file_size(args.file), "info")
     try:
-        s = summarize(args.file, progress=prog, page_size=args.page_size)
+        s = summarize(args.file, progress=prog if prog.enabled else None,
+                      page_size=args.page_size)
     finally:
         prog.close()
     d = s.to_json()
