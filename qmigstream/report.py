@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter, OrderedDict
 
 from . import __version__
@@ -36,6 +37,16 @@ RAM_KINDS = ("zero", "normal", "xbzrle", "compressed")
 _PAGE_KIND = {R.RamZero: "zero", R.RamZeroRun: "zero", R.RamPage: "normal",
               R.RamXbzrle: "xbzrle", R.RamCompressed: "compressed"}
 _PHASE_OF_TYPE = {"START": "setup", "END": "completion", "FULL": "devices"}
+_SUMMARY_TYPES = frozenset((Configuration, Command, EndOfStream, VmDescription, TrailingBytes,
+                            R.RamMemSize, R.RamMultifdFlush, R.MappedRamBitmap))
+#: Iterations are shown one by one up to this many, then in equal groups.
+MAX_ITERATION_BUCKETS = 128
+_RANK = {"header": 0, "commands": 1, "setup": 2, "completion": 4, "devices": 5,
+         "trailer": 6, "trailing bytes": 7, "unread": 8}
+
+
+def _key_rank(k):
+    return (3, k) if k.__class__ is int else (_RANK.get(k, 9), 0)
 
 
 class _HashingFile:
@@ -138,7 +149,7 @@ class VfioInfo:
 
     def __init__(self, idstr, instance_id):
         self.idstr, self.instance_id = idstr, instance_id
-        self.phases = OrderedDict()      # phase -> [count, bytes, min, max]
+        self.phases = OrderedDict()      # phase -> [count, bytes, min, max] (see Report)
         self.config_bytes = 0
         self.config_phase = None
         self.sections = []               # (type, [stub records]) for family inference
@@ -156,10 +167,10 @@ class VfioInfo:
     def chunks(self):
         return sum(p[0] for p in self.phases.values())
 
-    def chunk(self, phase, n):
-        p = self.phases.get(phase)
+    def chunk(self, key, n):
+        p = self.phases.get(key)
         if p is None:
-            self.phases[phase] = [1, n, n, n]
+            self.phases[key] = [1, n, n, n]
         else:
             p[0] += 1
             p[1] += n
@@ -183,8 +194,14 @@ class Report:
     def __init__(self, name="stream"):
         self.name = name
         self.summary = StreamSummary()
+        # While reading, iterations are kept in at most MAX_ITERATION_BUCKETS
+        # buckets of ``iteration_width`` consecutive iterations (the width
+        # doubles when they run out), so any number of iterations takes
+        # bounded memory; the keys are phase names or bucket numbers until
+        # finish() turns them into phase names in save order.
         self.phases = OrderedDict()          # phase -> bytes
         self.ram = OrderedDict()             # phase -> {kind: [records, bytes]}
+        self.iteration_width = 1
         self.ram_block_bytes = OrderedDict() # block -> wire bytes of its page records
         self.ram_block_pages = OrderedDict() # block -> pages
         self.sections = OrderedDict()        # section_id -> SectionInfo
@@ -203,23 +220,59 @@ class Report:
         self._hints = {"switchover_start": False, "vmdesc_configuration": False}
 
     # -- gathering -----------------------------------------------------------
+    def _key(self, phase):
+        """The dict key of a phase: its name, or the bucket of iteration ``phase``."""
+        return phase if phase.__class__ is str else (phase - 1) // self.iteration_width
+
     def _add(self, phase, n):
-        self.phases[phase] = self.phases.get(phase, 0) + n
+        k = self._key(phase)
+        self.phases[k] = self.phases.get(k, 0) + n
+
+    def _widen(self):
+        """Halve the number of iteration buckets (merge neighbours)."""
+        self.iteration_width *= 2
+
+        def merge(d, add):
+            out = OrderedDict()
+            for k, v in d.items():
+                if k.__class__ is int:
+                    k //= 2
+                    if k in out:
+                        out[k] = add(out[k], v)
+                        continue
+                out[k] = v
+            return out
+        self.phases = merge(self.phases, lambda a, b: a + b)
+        self.ram = merge(self.ram, lambda a, b: {k: [a[k][0] + b[k][0], a[k][1] + b[k][1]]
+                                                 for k in a})
+        for v in self.vfio.values():
+            v.phases = merge(v.phases, lambda a, b: [a[0] + b[0], a[1] + b[1],
+                                                     min(a[2], b[2]), max(a[3], b[3])])
 
     def feed(self, rec):
-        self.summary.feed(rec)
-        size = rec.size
-        kind = _PAGE_KIND.get(type(rec))
+        t = type(rec)
+        if t in _SUMMARY_TYPES:
+            # The stream-wide facts (machine, configuration, RAM blocks, commands,
+            # trailer) come from StreamSummary; sections and pages are counted
+            # here, and handed to it in finish() for its version hints.
+            self.summary.feed(rec)
+        if t is SectionHeader:
+            # the size from the fields, without building the header's bytes
+            size = 14 + len(rec.idstr.encode("latin-1")) if rec.full else 5
+        else:
+            size = rec.size
+        kind = _PAGE_KIND.get(t)
         if kind is not None:
             phase = self._sec_phase or self._phase
-            self._add(phase, size)
             if self._sec is not None:
-                self._sec.bytes += size
-                self._sec.phase_bytes[phase] += size
+                self._in_section(rec, self._sec, phase, size)
+            else:
+                self._add(phase, size)
             n = rec.count if type(rec) is R.RamZeroRun else 1
-            per = self.ram.get(phase)
+            key = self._key(phase)
+            per = self.ram.get(key)
             if per is None:
-                per = self.ram[phase] = {k: [0, 0] for k in RAM_KINDS}
+                per = self.ram[key] = {k: [0, 0] for k in RAM_KINDS}
             c = per[kind]
             c[0] += n
             c[1] += size
@@ -233,8 +286,10 @@ class Report:
                 if rec.section_id in self._round or not self.iterations:
                     self.iterations += 1
                     self._round = set()
+                    if (self.iterations - 1) // self.iteration_width >= MAX_ITERATION_BUCKETS:
+                        self._widen()
                 self._round.add(rec.section_id)
-                phase = f"iteration {self.iterations}"
+                phase = self.iterations
             else:
                 phase = _PHASE_OF_TYPE[t]
                 if t == "END":
@@ -258,6 +313,7 @@ class Report:
                 self._vfio = None
             return
         if isinstance(rec, SectionFooter):
+            self.summary.footers = True
             if self._sec is not None:
                 self._in_section(rec, self._sec, self._sec_phase, size)
             else:
@@ -309,14 +365,14 @@ class Report:
 
     def _in_section(self, rec, s, phase, size):
         s.bytes += size
-        s.phase_bytes[phase] += size
+        s.phase_bytes["iterations" if phase.__class__ is int else phase] += size
         self._add(phase, size)
 
     def _vfio_record(self, rec, phase):
         v, recs = self._vfio, self._vfio_recs
         if isinstance(rec, VfioDataChunk):
             n = rec.data_size
-            v.chunk(phase, n)
+            v.chunk(self._key(phase), n)
             last = recs[-1] if recs else None
             # runs of chunks collapse into one stub (bounded memory); what family
             # inference looks at (zero-length chunks, the first oversized one) stays
@@ -327,14 +383,34 @@ class Report:
                 recs.append(_ChunkStub(n))
         elif isinstance(rec, VfioConfig):
             v.config_bytes = rec.size
-            v.config_phase = phase
+            v.config_phase = "iteration" if phase.__class__ is int else phase
             if not any(isinstance(r, VfioConfig) for r in recs):
                 recs.append(rec)
         elif isinstance(rec, VfioMarker):
             recs.append(rec)
 
+    def phase_name(self, key) -> str:
+        if key.__class__ is not int:
+            return key
+        w = self.iteration_width
+        a, b = key * w + 1, min((key + 1) * w, self.iterations)
+        return f"iteration {a}" if a == b else f"iterations {a}–{b}"
+
+    def _named(self, d):
+        return OrderedDict((self.phase_name(k), d[k]) for k in sorted(d, key=_key_rank))
+
     def finish(self, reader=None):
-        self.summary.finish(reader)
+        s = self.summary
+        s.finish(reader)
+        s.sections = OrderedDict(self.sections)
+        for d in self.ram.values():
+            for k, (n, b) in d.items():
+                s.pages[k] += n
+                s.ram_bytes[k] += b
+        self.phases = self._named(self.phases)
+        self.ram = self._named(self.ram)
+        for v in self.vfio.values():
+            v.phases = self._named(v.phases)
         self.size = sum(self.phases.values())
         if self.vfio:
             from .vfio.family import infer_family
@@ -348,7 +424,8 @@ class Report:
 
     # -- conclusions ---------------------------------------------------------
     def iteration_phases(self):
-        return [f"iteration {i}" for i in range(1, self.iterations + 1)]
+        """Names of the iteration phases (one per bucket of iterations)."""
+        return [p for p in self.phases if p.startswith("iteration")]
 
     def to_json(self):
         s = self.summary
@@ -361,6 +438,7 @@ class Report:
             "capabilities": list(s.capabilities),
             "page_size": getattr(s, "page_size", None),
             "iterations": self.iterations,
+            "iterations_per_phase": self.iteration_width,
             "phases": dict(self.phases),
             "ram": {"records_per_phase": {p: {k: v[0] for k, v in d.items()}
                                           for p, d in self.ram.items()},
@@ -524,10 +602,14 @@ def _svg_open(w, h, label):
             f"<title>{esc(label)}</title>"]
 
 
+def _first_number(phase):
+    m = re.search(r"\d+", phase)
+    return int(m.group()) if m else 0
+
+
 def _phase_color(phase, i=0):
     if phase.startswith("iteration"):
-        n = int(phase.split()[1]) if phase.split()[1:] and phase.split()[1].isdigit() else 0
-        return PHASE_COLORS["iteration"][n % 2]
+        return PHASE_COLORS["iteration"][i % 2]
     return PHASE_COLORS.get(phase, SERIES_COLORS[i % len(SERIES_COLORS)])
 
 
@@ -535,7 +617,7 @@ def _phase_groups(phases):
     """Phases for the legend: the iterations as one entry."""
     out = OrderedDict()
     for p, n in phases.items():
-        key = "iterations" if p.startswith("iteration ") else p
+        key = "iterations" if p.startswith("iteration") else p
         out[key] = out.get(key, 0) + n
     return out
 
@@ -547,13 +629,13 @@ def svg_phase_bar(rep) -> str:
     x = float(x0)
     scale = (x1 - x0) / total
     spans = {}
-    for p, n in rep.phases.items():
+    for i, (p, n) in enumerate(rep.phases.items()):
         w = n * scale
         if n:
             out.append(f'<rect x="{_fmt(x)}" y="8" width="{_fmt(max(w, 0.6))}" height="38" '
-                       f'fill="{_phase_color(p)}"><title>{esc(p)}: {n:,} bytes ({human(n)}, '
+                       f'fill="{_phase_color(p, i)}"><title>{esc(p)}: {n:,} bytes ({human(n)}, '
                        f'{100 * n / total:.1f}%)</title></rect>')
-        key = "iterations" if p.startswith("iteration ") else p
+        key = "iterations" if p.startswith("iteration") else p
         a, b = spans.get(key, (x, x))
         spans[key] = (min(a, x), max(b, x + w))
         x += w
@@ -730,7 +812,7 @@ def svg_vbars(categories, series, label, y_label, *, mode="stack", value_fmt=Non
 
 
 def _cat_short(cat):
-    if cat.startswith("iteration "):
+    if cat.startswith("iteration"):
         return cat.split(" ", 1)[1]
     return {"setup": "S", "completion": "C", "devices": "D"}.get(cat, cat)
 
@@ -1059,11 +1141,6 @@ def render_html(rep: Report) -> str:
 
 
 def _phase_rank(p):
-    order = {"header": 0, "commands": 1, "setup": 2, "completion": 1e9, "devices": 1e9 + 1,
-             "trailer": 1e9 + 2}
-    if p.startswith("iteration "):
-        try:
-            return 3 + int(p.split()[1])
-        except ValueError:
-            return 3
-    return order.get(p, 2e9)
+    if p.startswith("iteration"):
+        return (3, _first_number(p))
+    return (_RANK.get(p, 9), 0)
