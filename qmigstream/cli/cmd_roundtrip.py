@@ -7,6 +7,7 @@ import json
 
 from ..codec.reader import StreamReader
 from ..codec.writer import record_chunks
+from .background import BackgroundDigest
 from .progress import Progress, file_size
 
 
@@ -32,7 +33,7 @@ def roundtrip(path, output=None, progress=None):
     (the output hash forks from it at the first difference), and it is
     computed in a worker thread, so hashing overlaps decoding.
     """
-    hasher = _Hasher()
+    hasher = BackgroundDigest(hashlib.sha256())
     h_out = None                 # set at the first difference
     first_diff = None
     n_out = 0
@@ -85,52 +86,9 @@ def roundtrip(path, output=None, progress=None):
             hasher.update(rest)
             n_in += len(rest)
             rest = orig.read(1 << 20)
-    sha_in = hasher.hexdigest()
+    sha_in = hasher.result().hexdigest()
     sha_out = sha_in if h_out is None else h_out.hexdigest()
     return first_diff is None, sha_in, sha_out, first_diff, n_in, n_out
-
-
-class _Hasher:
-    """SHA-256 of the input, updated in a worker thread (hashlib releases the GIL)."""
-
-    def __init__(self):
-        import queue
-        import threading
-        self.h = hashlib.sha256()
-        self.q = queue.Queue(maxsize=2)
-        self.t = threading.Thread(target=self._work, daemon=True)
-        self.t.start()
-
-    def _work(self):
-        while True:
-            data = self.q.get()
-            if data is None:
-                self.q.task_done()
-                return
-            self.h.update(data)
-            self.q.task_done()
-
-    def update(self, data):
-        if self.t is None:
-            self.h.update(data)
-        else:
-            self.q.put(data)
-
-    def fork(self):
-        """A copy of the hash of everything given so far."""
-        if self.t is not None:
-            self.q.join()
-        return self.h.copy()
-
-    def close(self):
-        if self.t is not None:
-            self.q.put(None)
-            self.t.join()
-            self.t = None
-
-    def hexdigest(self):
-        self.close()
-        return self.h.hexdigest()
 
 
 def _read_exactly(f, n: int) -> bytes:
