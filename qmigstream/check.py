@@ -263,14 +263,20 @@ class Checker:
         return name in self.auto_caps
 
     # -- reading with QEMU's truncation semantics ----------------------------------
-    def read(self, n, what, section=None):
+    def read(self, n, what, section=None, qemu=None):
         off = self.src.offset
         try:
             return self.src.read(n, what)
         except Truncated as e:
+            if qemu is None:
+                qemu = self.load_error() if self._in_ram else \
+                    "load of migration failed: Input/output error"
             self.fatal(off, "truncated",
-                       f"stream ends inside {what} ({e.available or 0} of {n} bytes); "
-                       f"QEMU: load of migration failed: Input/output error", section)
+                       f"{qemu} (the stream ends inside {what}: {e.available or 0} of {n} "
+                       f"bytes)", section)
+
+    _in_ram = False
+    _sec = None
 
     def be(self, n, what, section=None):
         return int.from_bytes(self.read(n, what, section), "big")
@@ -321,8 +327,10 @@ class Checker:
     def _configuration(self):
         src = self.src
         noff = src.offset
-        n = self.be(4, "machine name length", "configuration")
-        name = self.read(n, "machine name", "configuration")
+        n = int.from_bytes(self.read(4, "machine name length", "configuration",
+                                     qemu="Failed to load configuration:len"), "big")
+        name = self.read(n, "machine name", "configuration",
+                         qemu="Failed to load configuration:name")
         page_bits = None
         caps = []
         # vmstate_subsection_load() of the configuration vmsd
@@ -532,12 +540,20 @@ class Checker:
         name = f"{idstr}({inst})" if inst else idstr
         self._payload(off, t, sid, idstr, inst, ver, name, None)
 
+    def load_error(self):
+        """QEMU's line when a section's load function fails (savevm.c)."""
+        t, sid, idstr, inst = self._sec
+        if t in (1, 4):
+            return f"error while loading state for instance 0x{inst:x} of device '{idstr}'"
+        return f"error while loading state section id {sid}({idstr})"
+
     def _payload(self, off, t, sid, idstr, inst, ver, name, known):
+        self._sec = (t, sid, idstr, inst)
         if idstr == "ram":
             if ver != 4:
-                self.fatal(off, "version", f"ram_load refuses version {ver} (only 4); QEMU: "
-                           f"error while loading state for instance 0x{inst:x} of device "
-                           f"'ram'", name)
+                self.fatal(off, "version", f"error while loading state for instance "
+                           f"0x{inst:x} of device 'ram' (ram_load takes only version 4, "
+                           f"not {ver})", name)
             self._ram(name)
         elif idstr in ("block", "dirty-bitmap") or is_vfio_idstr(idstr):
             self._codec_section(t, sid, idstr, inst, ver, name)
@@ -617,6 +633,9 @@ class Checker:
             self._bounded_by_scan(sid, name)
             return
         poff = src.offset
+        have = src.remaining_known()
+        if have is not None and have < size:
+            self._truncated_device(layout, poff, have, size, name, idstr)
         data = self.read(size, f"the {vmsd_name or 'old-style'} state of {idstr}", name)
         try:
             tree = vmstate.decode(layout, data, poff)
@@ -631,6 +650,19 @@ class Checker:
                       "checked", name, level="unchecked")
             return
         self._equal_fields(tree, key, name, inst, idstr)
+
+    def _truncated_device(self, layout, poff, have, size, name, idstr):
+        """The stream ends inside a vmstate payload: QEMU names the field it was reading."""
+        cut = poff + have
+        qemu = "load of migration failed: Input/output error"
+        try:
+            hit = _locate_field(layout, have, layout.get("vmsd_name"), 0)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            hit = None
+        if hit is not None:
+            qemu = f"Failed to load {hit[0]}:{hit[1]}"
+        self.fatal(cut, "truncated", f"{qemu} (the stream ends inside the state of {idstr}: "
+                   f"{have} of {size} bytes)", name)
 
     def _equal_fields(self, tree, key, name, inst, idstr):
         own = self.dest.states.get(key)
@@ -690,6 +722,13 @@ class Checker:
 
     # -- RAM: ram_load_precopy -------------------------------------------------------------
     def _ram(self, name):
+        self._in_ram = True
+        try:
+            self._ram_records(name)
+        finally:
+            self._in_ram = False
+
+    def _ram_records(self, name):
         src = self.src
         invalid = 0 if self.caps is None or "compress" in self.caps else F_COMP
         while True:
@@ -734,9 +773,8 @@ class Checker:
             elif kind == F_EOS:
                 return
             elif flags & F_HOOK:
-                self.fatal(off, "ram-hook", f"RAM_SAVE_FLAG_HOOK (flags 0x{flags:x}) outside "
-                           f"RDMA: ram_control_load_hook sets -EINVAL; QEMU: error while "
-                           f"loading state for ram", name)
+                self.fatal(off, "ram-hook", f"{self.load_error()} (RAM_SAVE_FLAG_HOOK, flags "
+                           f"0x{flags:x}, outside RDMA: ram_control_load_hook fails)", name)
             else:
                 self.fatal(off, "ram-flags", f"Unknown combination of migration flags: "
                            f"0x{flags:x}", name)
@@ -964,6 +1002,36 @@ def _typed_fields(tree):
             walk(s, f"{path}/{s.vmsd_name}")
     walk(tree, tree.vmsd_name or "?")
     return out
+
+
+def _locate_field(desc, target, vmsd_name, depth):
+    """(vmsd name, field name) of the innermost field of the description ``desc``
+    holding byte ``target`` (relative to the start of ``desc``'s bytes); None when
+    ``target`` falls in a subsection header or past the described bytes."""
+    if depth > 64:
+        return None
+    pos = 0
+    for f in desc.get("fields", ()):
+        n = f.get("array_len", 1)
+        size = f["size"]
+        if pos <= target < pos + n * size:
+            sub = f.get("struct")
+            if isinstance(sub, dict) and sub.get("fields") is not None and size:
+                hit = _locate_field(sub, (target - pos) % size, sub.get("vmsd_name"),
+                                    depth + 1)
+                if hit is not None:
+                    return hit
+            return vmsd_name, f["name"]
+        pos += n * size
+    for sub in desc.get("subsections", ()):
+        head = 6 + len(sub["vmsd_name"].encode())
+        if target < pos + head:
+            return None
+        body = vmstate.payload_size(sub)
+        if target < pos + head + body:
+            return _locate_field(sub, target - pos - head, sub["vmsd_name"], depth + 1)
+        pos += head + body
+    return None
 
 
 def _inflates(data: bytes) -> bool:
