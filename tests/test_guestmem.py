@@ -619,3 +619,32 @@ def test_postcopy_discard_zeroes_the_ranges(tmp_path):
     with pytest.raises(StreamError, match="outside RAM block") as e:
         guestmem.extract(write(tmp_path, b, "bad.mig"), str(tmp_path / "o2"))
     assert e.value.offset == cmd.offset
+
+
+@requires_qemu
+@pytest.mark.qemu
+@pytest.mark.parametrize("name, extra", [
+    ("pc-7.2-running-xbzrle", "disk"),
+    ("pc-7.2-compress", "compress"),      # the destination must expect compressed pages
+])
+def test_destination_qemu_loads_the_same_memory(capture, tmp_path, name, extra):
+    """QEMU's own loader (the destination) against the extraction: XBZRLE
+    deltas over 113 iterations, COMPRESS_PAGE records."""
+    from qmigstream.qemu.runner import load_incoming
+    path, meta = capture(name)
+    args = ["-machine", "pc", "-m", "32"]
+    if extra == "disk":
+        disk = tmp_path / "mbr.img"
+        disk.write_bytes(bytes(1 << 20))
+        args += ["-drive", f"file={disk},format=raw,if=ide"]
+    low, high = tmp_path / "low", tmp_path / "high"
+    caps = {"compress": True} if extra == "compress" else None
+    res = load_incoming(args, str(path), capabilities=caps,
+                        pmemsave=[(0, 0xA0000, str(low)),
+                                  (0x100000, (32 << 20) - 0x100000, str(high))])
+    assert res.loaded, res.stderr
+    out = tmp_path / "out"
+    guestmem.extract(str(path), str(out))
+    ram = (out / "pc.ram.img").read_bytes()
+    assert ram[:0xA0000] == low.read_bytes()
+    assert ram[0x100000:] == high.read_bytes()
