@@ -1,0 +1,326 @@
+"""``qmigstream check`` on built streams: each problem kind, its offset and its message."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from qmigstream.check import check
+from qmigstream.cli import main
+from qmigstream.errors import BadMagic
+
+PAGE = 4096
+MACHINE = b"pc-i440fx-7.2"
+DESC = {"page_size": PAGE, "devices": [
+    {"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1, "fields": [
+        {"name": "a", "type": "uint32", "size": 4},
+        {"name": "n", "type": "uint8 equal", "size": 1},
+        {"name": "v", "type": "int32 le", "size": 4}]}]}
+
+
+def be32(v):
+    return struct.pack(">I", v)
+
+
+def be64(v):
+    return struct.pack(">Q", v)
+
+
+def cstr(s: bytes):
+    return bytes([len(s)]) + s
+
+
+class Built:
+    """A small 7.2-shaped stream; ``at[name]`` is the offset of each part."""
+
+    def __init__(self, machine=MACHINE, block_len=2 * PAGE, ram_version=4, dev=(7, 3, 2),
+                 page_word=None, zero_fill=0, xbzrle_len=None, idstr=b"dev", dev_version=1,
+                 footer_id=None, config_extra=b""):
+        self.at = {}
+        out = bytearray()
+
+        def mark(name):
+            self.at[name] = len(out)
+
+        out += b"QEVM" + be32(3)
+        mark("config")
+        out += b"\x07" + be32(len(machine)) + machine + config_extra
+        mark("ram_start")
+        out += b"\x01" + be32(1) + cstr(b"ram") + be32(0) + be32(ram_version)
+        mark("mem_size")
+        out += be64(block_len | 0x04) + cstr(b"pc.ram") + be64(block_len)
+        out += be64(0x10)
+        out += b"\x7e" + be32(1)
+        mark("ram_part")
+        out += b"\x02" + be32(1)
+        mark("page")
+        out += be64(page_word if page_word is not None else 0x08) + cstr(b"pc.ram")
+        mark("page_data")
+        out += bytes(range(256)) * 16
+        mark("zero")
+        out += be64(PAGE | 0x22) + bytes([zero_fill])
+        if xbzrle_len is not None:
+            mark("xbzrle")
+            out += be64(PAGE | 0x60) + b"\x01" + struct.pack(">H", xbzrle_len)
+            out += b"\x01\x02" + b"\xaa\xbb" if xbzrle_len == 4 else bytes(xbzrle_len)
+        mark("ram_eos")
+        out += be64(0x10)
+        out += b"\x7e" + be32(1)
+        mark("ram_end")
+        out += b"\x03" + be32(1) + be64(0x10) + b"\x7e" + be32(1)
+        mark("dev")
+        out += b"\x04" + be32(2) + cstr(idstr) + be32(0) + be32(dev_version)
+        mark("dev_payload")
+        out += be32(dev[0]) + bytes([dev[1]]) + struct.pack(">i", dev[2])
+        mark("dev_footer")
+        out += b"\x7e" + be32(2 if footer_id is None else footer_id)
+        mark("eof")
+        out += b"\x00"
+        mark("trailer")
+        js = json.dumps(DESC).encode()
+        out += b"\x06" + be32(len(js)) + js
+        self.data = bytes(out)
+
+
+@pytest.fixture
+def ref(tmp_path):
+    p = tmp_path / "ref.mig"
+    p.write_bytes(Built().data)
+    return str(p)
+
+
+def fatal(data, ref, **kw):
+    rep = check(data, reference=ref, **kw)
+    assert not rep.loads
+    f = rep.fatal
+    return f.offset, f.message
+
+
+def test_the_reference_itself_loads(ref):
+    rep = check(ref, reference=ref, expect_machine="pc")
+    assert rep.loads
+    assert [p for p in rep.problems if p.level != "unchecked"] == []
+
+
+def test_not_a_stream():
+    with pytest.raises(BadMagic):
+        check(b"")
+    with pytest.raises(BadMagic):
+        check(b"QEVN\x00\x00\x00\x03")
+
+
+@pytest.mark.parametrize("version,msg", [
+    (2, "SaveVM v2 format is obsolete and don't work anymore"),
+    (4, "Unsupported migration stream version (found 4)")])
+def test_file_version(ref, version, msg):
+    b = Built().data
+    assert fatal(b[:4] + be32(version) + b[8:], ref) == (4, msg)
+
+
+def test_cut_inside_the_header(ref):
+    assert fatal(Built().data[:6], ref) == (
+        4, "stream ends inside the file header; QEMU: Unsupported migration stream version")
+
+
+def test_machine_name(ref):
+    b = Built(machine=b"pc-i440fx-7.1")
+    assert fatal(b.data, ref) == (9, "Machine type received is 'pc-i440fx-7.1' and local "
+                                     "is 'pc-i440fx-7.2'")
+    assert fatal(Built().data, ref, expect_machine="q35") == (
+        9, "Machine type received is 'pc-i440fx-7.2' and local is 'pc-q35-7.2'")
+
+
+def test_machine_name_compared_over_the_sent_length(ref):
+    rep = check(Built(machine=MACHINE + b"\0").data, reference=ref)
+    assert rep.loads
+    notes = [p for p in rep.problems if p.kind == "machine"]
+    assert notes[0].offset == 9 and "strncmp" in notes[0].message
+
+
+def test_unknown_capability(ref):
+    extra = b"\x05" + cstr(b"configuration/capabilities") + be32(1) + be32(1) + cstr(b"nope")
+    b = Built(config_extra=extra)
+    off = b.at["config"] + 5 + len(MACHINE) + 2 + 26 + 4 + 4
+    assert fatal(b.data, ref) == (off, "Received unknown capability nope")
+
+
+def test_unknown_section(ref):
+    b = Built(idstr=b"dez")
+    assert fatal(b.data, ref) == (
+        b.at["dev"] + 5, "Unknown savevm section or instance 'dez' 0. Make sure that your "
+        "current VM setup matches your saved VM setup, including any hotplugged devices")
+
+
+def test_section_version_too_high(ref):
+    b = Built(dev_version=2)
+    assert fatal(b.data, ref) == (b.at["dev"] + 13, "savevm: unsupported version 2 for "
+                                                    "'dev' v1")
+    b = Built(ram_version=5)
+    assert fatal(b.data, ref) == (b.at["ram_start"] + 13,
+                                  "savevm: unsupported version 5 for 'ram' v4")
+
+
+def test_ram_version_below_4(ref):
+    b = Built(ram_version=3)
+    assert fatal(b.data, ref) == (b.at["ram_start"], "error while loading state for "
+                                  "instance 0x0 of device 'ram' (ram_load takes only "
+                                  "version 4, not 3)")
+
+
+def test_footer(ref):
+    b = Built(footer_id=9)
+    assert fatal(b.data, ref) == (b.at["dev_footer"] + 1, "Mismatched section id in footer "
+                                  "for dev - read 0x9 expected 0x2")
+    d = bytearray(b.data)
+    d[b.at["dev_footer"]] = 0x7F
+    assert fatal(bytes(d), ref) == (b.at["dev_footer"], "Missing section footer for dev")
+
+
+def test_section_type(ref):
+    b = Built()
+    d = bytearray(b.data)
+    d[b.at["dev"]] = 0x09
+    assert fatal(bytes(d), ref) == (b.at["dev"], "Unknown savevm section type 9")
+
+
+def test_part_of_an_unknown_section(ref):
+    b = Built()
+    d = bytearray(b.data)
+    d[b.at["ram_part"] + 1:b.at["ram_part"] + 5] = be32(7)
+    assert fatal(bytes(d), ref) == (b.at["ram_part"] + 1, "Unknown savevm section 7")
+
+
+def test_ram_block_list(ref):
+    b = Built(block_len=3 * PAGE)
+    assert fatal(b.data, ref) == (b.at["mem_size"] + 15, "Size mismatch: pc.ram: 0x3000 != "
+                                  "0x2000: Invalid argument")
+    d = bytearray(Built().data)
+    at = Built().at["mem_size"] + 9 + 5
+    d[at] = ord("x")
+    assert fatal(bytes(d), ref) == (at - 6, 'Unknown ramblock "pc.rax", cannot accept '
+                                            'migration')
+
+
+def test_page_records(ref):
+    b = Built(page_word=2 * PAGE | 0x08)
+    assert fatal(b.data, ref) == (b.at["page"], "Illegal RAM offset 2000 (RAM block 'pc.ram' "
+                                  "is 0x2000 bytes)")
+    b = Built(page_word=0x408)
+    assert fatal(b.data, ref) == (b.at["page"], "Unknown combination of migration flags: "
+                                                "0x408")
+    b = Built(page_word=0x80)
+    off, msg = fatal(b.data, ref)
+    assert off == b.at["page"] and msg.startswith(
+        "error while loading state section id 1(ram) (RAM_SAVE_FLAG_HOOK")
+    b = Built(page_word=0x100)
+    assert fatal(b.data, ref, capabilities=[]) == (
+        b.at["page"], "Received an unexpected compressed page (the destination does not "
+        "have the compress capability)")
+    d = bytearray(Built().data)
+    at = Built().at["page"] + 9 + 5
+    d[at] = ord("x")
+    assert fatal(bytes(d), ref) == (at - 6, "Can't find block pc.rax")
+
+
+def test_continue_without_a_block(ref):
+    b = Built(page_word=0x28)
+    d = b.data[:b.at["page"]] + be64(0x28) + b.data[b.at["page_data"]:]
+    assert fatal(d, ref)[1] == "Ack, bad migration stream! (CONTINUE with no previous RAM " \
+                               "block)"
+
+
+def test_zero_fill_byte_is_a_note(ref):
+    b = Built(zero_fill=0x5A)
+    rep = check(b.data, reference=ref)
+    assert rep.loads
+    [p] = [p for p in rep.problems if p.kind == "zero-fill"]
+    assert (p.offset, p.level) == (b.at["zero"] + 8, "note")
+    assert p.message.startswith("ZERO page with fill byte 0x5a: QEMU 7.2 fills the page")
+
+
+def test_xbzrle(ref):
+    assert check(Built(xbzrle_len=4).data, reference=ref).loads
+    b = Built(xbzrle_len=PAGE + 1)
+    assert fatal(b.data, ref) == (b.at["xbzrle"] + 9, "Failed to load XBZRLE page - len "
+                                  "overflow! (4097 > 4096)")
+    b = Built(xbzrle_len=2)             # b"\0\0": a zero run, then 1 byte where 2 must be
+    assert fatal(b.data, ref) == (b.at["xbzrle"] + 12, "Failed to load XBZRLE page - decode "
+                                  "error! (invalid XBZRLE data: fewer than 2 bytes at the "
+                                  "start of a run)")
+
+
+def test_equal_and_le_fields(ref):
+    b = Built(dev=(7, 4, 2))
+    assert fatal(b.data, ref) == (b.at["dev_payload"] + 4, "3 != 4 (dev.n, uint8 equal: the "
+                                  "destination has 3); QEMU: error while loading state for "
+                                  "instance 0x0 of device 'dev'")
+    b = Built(dev=(7, 3, 3))
+    assert fatal(b.data, ref)[:2] == (b.at["dev_payload"] + 5, "Invalid value 3 expecting "
+                                      "positive value <= 2 (dev.v, int32 le: the destination "
+                                      "has 2); QEMU: error while loading state for instance "
+                                      "0x0 of device 'dev'")
+    assert check(Built(dev=(7, 3, 0)).data, reference=ref).loads
+
+
+def test_equal_fields_without_a_reference_are_unchecked():
+    rep = check(Built(dev=(7, 4, 2)).data)
+    assert rep.loads
+    eq = [p for p in rep.problems if p.kind == "equal"]
+    assert [(p.level, p.offset) for p in eq] == [("unchecked", Built().at["dev_payload"] + 4),
+                                                 ("unchecked", Built().at["dev_payload"] + 5)]
+
+
+@pytest.mark.parametrize("part,extra,msg", [
+    ("page_data", 100, "error while loading state section id 1(ram) (the stream ends "
+                       "inside RAM page: 100 of 4096 bytes)"),
+    ("dev_payload", 4, "Failed to load dev:n (the stream ends inside the state of dev: 4 of "
+                       "9 bytes)"),
+    ("dev_footer", 0, "stream ends before the section footer; QEMU: check_section_footer: "
+                      "Read section footer failed: -5"),
+    ("eof", 0, "stream ends before QEMU_VM_EOF; QEMU: load of migration failed: "
+               "Input/output error"),
+])
+def test_truncations(ref, part, extra, msg):
+    b = Built()
+    cut = b.at[part] + extra
+    off, got = fatal(b.data[:cut], ref)
+    assert got == msg
+    assert off == (cut if part == "dev_payload" else b.at[part])
+
+
+@pytest.mark.parametrize("tail,kind", [
+    (lambda d, t: d[:t], "trailer"),                    # no trailer
+    (lambda d, t: d[:t + 3], "trailer"),                # cut in its header
+    (lambda d, t: d[:t + 40], "trailer"),               # cut in its JSON
+    (lambda d, t: d[:t] + b"\x07" + d[t + 1:], "trailer"),
+    (lambda d, t: d + b"junk", "trailing-bytes")])
+def test_after_eof_qemu_loads(ref, tail, kind):
+    b = Built()
+    rep = check(tail(b.data, b.at["trailer"]), reference=ref)
+    assert rep.loads
+    assert [p.offset for p in rep.problems if p.kind == kind] == \
+        [b.at["trailer"] if kind == "trailer" else len(b.data)]
+
+
+def test_cli_exit_codes_and_output(ref, tmp_path, capsys):
+    good = tmp_path / "good.mig"
+    good.write_bytes(Built().data)
+    assert main(["check", str(good), "--reference", ref]) == 0
+    assert "would load" in capsys.readouterr().out
+    bad = tmp_path / "bad.mig"
+    b = Built(footer_id=9)
+    bad.write_bytes(b.data)
+    assert main(["check", str(bad), "--reference", ref]) == 1
+    out = capsys.readouterr().out
+    assert f"at offset {b.at['dev_footer'] + 1} (0x{b.at['dev_footer'] + 1:x}) [dev]: fatal: " \
+           "Mismatched section id in footer for dev - read 0x9 expected 0x2" in out
+    assert main(["check", str(bad), "--reference", ref, "--json"]) == 1
+    js = json.loads(capsys.readouterr().out)
+    assert js["loads"] is False and js["first_error"]["offset"] == b.at["dev_footer"] + 1
+    empty = tmp_path / "empty.mig"
+    empty.write_bytes(b"")
+    assert main(["check", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a QEMU migration stream" in err
