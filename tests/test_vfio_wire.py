@@ -198,9 +198,13 @@ def test_device_state_packet_layout():
 
 
 def test_channel_round_trip_and_ram_packets_skipped():
-    ram = struct.pack(">IIIIIIQII", 0x11223344, 1, 0, 2, 1, 4096, 5, 0, 0) + bytes(24) + \
-        b"pc.ram".ljust(256, b"\0") + struct.pack(">QQ", 0x1000, 0) + b"P" * 4096
-    assert len(ram) == 320 + 16 + 4096
+    # the offset array has MULTIFD_PACKET_SIZE / 4096 = 128 entries whatever pages_alloc is
+    ram = struct.pack(">IIIIIIQII", 0x11223344, 1, 0, 128, 1, 4096, 5, 0, 0) + bytes(24) + \
+        b"pc.ram".ljust(256, b"\0") + struct.pack(">Q", 0x1000) + bytes(8 * 127) + b"P" * 4096
+    assert len(ram) == 320 + 8 * 128 + 4096
+    assert ram == MF.ram_packet_header(5, ramblock="pc.ram", normal=[0x1000]) + b"P" * 4096
+    sync = MF.ram_packet_header(6, flags=1)           # 9.0+: a SYNC packet has pages_alloc 0
+    assert len(sync) == 320 + 8 * 128 and sync[12:16] == bytes(4)
     pk = MF.device_packets("0000:00:05.0/vfio", 0, [b"A" * 10, b"B" * 20], b"CFG")
     chan = MF.ChannelInit(2, b"U" * 16).encode() + pk[0].encode() + ram + pk[2].encode()
     recs = MF.parse_channel(chan)
@@ -213,6 +217,9 @@ def test_channel_round_trip_and_ram_packets_skipped():
     assert recs[2].to_json()["ramblock"] == "pc.ram" and recs[2].to_json()["normal_pages"] == 1
     assert recs[3].idx == 2 and recs[3].is_config
     assert b"".join(r.encode() for r in recs) == chan
+    two = MF.parse_channel(chan[:64] + sync + ram)
+    assert [r.kind for r in two[1:]] == ["multifd_ram", "multifd_ram"] and two[1].is_sync
+    assert two[2].offsets() == ((0x1000,), ()) and bytes(two[2].page(0)) == b"P" * 4096
 
 
 def test_reassemble_orders_by_idx_across_channels():

@@ -9,9 +9,14 @@ uuid, channel id); then packets, each with the common header
   next_packet_size bytes of payload; for VFIO the payload is
   ``VFIODeviceStatePacket``: be32 version (0), be32 idx, be32 flags
   (bit 0 = config state), data.
-* otherwise a RAM packet ``MultiFDPacket_t``: fixed part, pages_alloc x be64
-  offsets, then the page data (kept opaque here): normal_pages whole pages
-  without compression, next_packet_size bytes with it.
+* otherwise a RAM packet ``MultiFDPacket_t``: fixed part (320 bytes), the
+  offset array, then the page data: normal_pages whole pages without
+  compression, next_packet_size bytes with it.  The offset array always has
+  ``MULTIFD_PACKET_SIZE / page size`` entries (128 for 4 KiB pages): the
+  receiver reads a packet of its fixed ``packet_len``
+  (``multifd_recv_setup``: ``sizeof(MultiFDPacket_t) + 8 * page_count``)
+  whatever pages_alloc says, and 9.0+ SYNC packets carry pages_alloc 0
+  (``multifd_send_fill_packet`` fills no RAM fields for them).
 
 The VFIO save thread (``vfio_multifd_save_complete_precopy_thread``) sends
 data packets with idx 0, 1, 2, ... (one read() each) and then one config
@@ -113,13 +118,22 @@ class DeviceStatePacket:
         return d
 
 
+#: ``MultiFDPacket_t`` fields after the common header, up to ``ramblock``.
+_RAM_TAIL = struct.Struct(">IIIQI")
+
+
+def ram_page_count(page_size=4096) -> int:
+    """``multifd_ram_page_count()``: offsets per RAM packet (MULTIFD_PACKET_SIZE / page)."""
+    return W.MULTIFD_PACKET_SIZE // page_size
+
+
 class RamPacket:
-    """A RAM packet, kept as bytes (its header fields decoded for display)."""
+    """A RAM packet, kept as bytes; its fields, offsets and pages decoded on demand."""
 
     kind = "multifd_ram"
 
-    def __init__(self, raw, offset=None):
-        self.raw, self.offset = bytes(raw), offset
+    def __init__(self, raw, offset=None, page_size=4096):
+        self.raw, self.offset, self.page_size = bytes(raw), offset, page_size
 
     def encode(self):
         return self.raw
@@ -128,14 +142,82 @@ class RamPacket:
     def size(self):
         return len(self.raw)
 
+    @property
+    def flags(self):
+        return _HDR.unpack_from(self.raw, 0)[2]
+
+    @property
+    def is_sync(self):
+        return bool(self.flags & W.MULTIFD_FLAG_SYNC)
+
+    def fields(self):
+        """(pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages)."""
+        return _RAM_TAIL.unpack_from(self.raw, W.MULTIFD_HDR_SIZE)
+
+    @property
+    def packet_num(self):
+        return self.fields()[3]
+
+    @property
+    def ramblock(self):
+        raw = self.raw[W.MULTIFD_RAM_FIXED_SIZE - 256:W.MULTIFD_RAM_FIXED_SIZE]
+        return raw.split(b"\0", 1)[0].decode("latin-1")
+
+    def offsets(self):
+        """(normal page offsets, zero page offsets), as the packet lists them."""
+        _alloc, normal, _nps, _num, zero = self.fields()
+        n = normal + zero
+        offs = struct.unpack_from(f">{n}Q", self.raw, W.MULTIFD_RAM_FIXED_SIZE)
+        return offs[:normal], offs[normal:]
+
+    @property
+    def pages_offset(self):
+        """Where the page data starts, relative to the packet."""
+        return W.MULTIFD_RAM_FIXED_SIZE + 8 * ram_page_count(self.page_size)
+
+    def page(self, i) -> memoryview:
+        """The i-th normal page's bytes (no compression)."""
+        ps = self.page_size
+        at = self.pages_offset + i * ps
+        return memoryview(self.raw)[at:at + ps]
+
     def to_json(self):
         magic, version, flags = _HDR.unpack_from(self.raw, 0)
         t = W.MultiFDRamTail.parse(self.raw[W.MULTIFD_HDR_SIZE:W.MULTIFD_RAM_FIXED_SIZE])
         return {"kind": self.kind, "offset": self.offset, "size": self.size,
-                "flags": f"0x{flags:x}", "normal_pages": t.normal_pages,
+                "flags": f"0x{flags:x}", "pages_alloc": t.pages_alloc,
+                "normal_pages": t.normal_pages,
                 "zero_pages": t.zero_pages, "packet_num": t.packet_num,
                 "ramblock": t.ramblock.split(b"\0", 1)[0].decode("latin-1"),
                 "next_packet_size": t.next_packet_size}
+
+
+def ram_packet_header(packet_num, *, ramblock=None, normal=(), zero=(), flags=0,
+                      page_size=4096) -> bytes:
+    """The header + offset array QEMU 9.0+ writes for a RAM packet without compression
+    (``multifd_send_fill_packet`` / ``multifd_ram_fill_packet``): zero-filled to
+    ``packet_len``; a SYNC packet (``flags`` with MULTIFD_FLAG_SYNC) has no RAM fields
+    (pages_alloc, page counts, ramblock all 0).  The normal pages' bytes follow it."""
+    count = ram_page_count(page_size)
+    offs = list(normal) + list(zero)
+    if len(offs) > count:
+        raise ValueError(f"a RAM packet holds at most {count} pages")
+    sync = bool(flags & W.MULTIFD_FLAG_SYNC)
+    nps = 0 if sync else len(normal) * page_size
+    if sync:
+        tail = _RAM_TAIL.pack(0, 0, nps, packet_num, 0)
+        name = b""
+    else:
+        tail = _RAM_TAIL.pack(count, len(normal), nps, packet_num, len(zero))
+        name = (ramblock or "").encode("latin-1")[:255]
+    out = bytearray(W.MULTIFD_RAM_FIXED_SIZE + 8 * count)
+    _HDR.pack_into(out, 0, W.MULTIFD_MAGIC, W.MULTIFD_VERSION, flags)
+    out[W.MULTIFD_HDR_SIZE:W.MULTIFD_HDR_SIZE + len(tail)] = tail
+    base = W.MULTIFD_RAM_FIXED_SIZE - 256
+    out[base:base + len(name)] = name
+    if offs and not sync:
+        struct.pack_into(f">{len(offs)}Q", out, W.MULTIFD_RAM_FIXED_SIZE, *offs)
+    return bytes(out)
 
 
 def vfio_payload(idx, data, config=False):
@@ -157,7 +239,7 @@ def build_channel(packets, channel_id=0, uuid=bytes(16), init=True) -> bytes:
     return head + b"".join(p.encode() for p in packets)
 
 
-def parse_channel(data, *, init=True, name=None, max_pages=1 << 20, page_size=4096):
+def parse_channel(data, *, init=True, name=None, max_pages=None, page_size=4096):
     """Records of one channel's bytes: ChannelInit, then packets, with offsets."""
     buf = memoryview(bytes(data)) if not isinstance(data, memoryview) else data
     n = len(buf)
@@ -211,19 +293,25 @@ def parse_channel(data, *, init=True, name=None, max_pages=1 << 20, page_size=40
                 raise Truncated("channel ends inside a RAM packet header", pos, section=name,
                                 needed=W.MULTIFD_RAM_FIXED_SIZE, available=n - pos)
             pages_alloc, normal, nps = struct.unpack_from(">III", buf, pos + 12)
-            if pages_alloc > max_pages or normal > pages_alloc:
+            zero = struct.unpack_from(">I", buf, pos + 32)[0]
+            limit = ram_page_count(page_size) if max_pages is None else max_pages
+            if pages_alloc > limit or normal > pages_alloc or \
+                    (pages_alloc and zero > pages_alloc - normal):
                 raise LimitExceeded("RAM packet page count out of range", pos + 12,
-                                    section=name, expected=f"normal <= alloc <= {max_pages}",
-                                    found=f"{normal} of {pages_alloc}")
+                                    section=name,
+                                    expected=f"normal + zero <= alloc <= {limit}",
+                                    found=f"{normal} + {zero} of {pages_alloc}")
+            # The offset array has the receiver's page count of entries (its fixed
+            # packet_len), not pages_alloc: 9.0+ SYNC packets say pages_alloc 0.
             # Without compression the receiver reads normal_pages whole pages
             # (next_packet_size is stale in SYNC packets of 7.2, seen in real
             # captures); with compression it reads next_packet_size bytes.
             body = nps if flags & W.MULTIFD_FLAG_COMPRESSION_MASK else normal * page_size
-            total = W.MULTIFD_RAM_FIXED_SIZE + 8 * pages_alloc + body
+            total = W.MULTIFD_RAM_FIXED_SIZE + 8 * ram_page_count(page_size) + body
             if total > n - pos:
                 raise Truncated("RAM packet runs past the end of the channel", pos,
                                 section=name, needed=total, available=n - pos)
-            out.append(RamPacket(buf[pos:pos + total], pos))
+            out.append(RamPacket(buf[pos:pos + total], pos, page_size))
             pos += total
     return out
 

@@ -117,6 +117,8 @@ MULTIFD_FLAG_SYNC = 0x01
 MULTIFD_FLAG_COMPRESSION_MASK = 0x1F << 1
 MULTIFD_FLAG_DEVICE_STATE = 32 << 1     # 0x40
 MULTIFD_IDSTR_LEN = 256
+#: ``MULTIFD_PACKET_SIZE`` (migration/multifd.h): the page bytes one RAM packet holds.
+MULTIFD_PACKET_SIZE = 512 * 1024
 
 #: ``MultiFDInit_t``: the first 64 bytes of every multifd channel.
 MultiFDInit = Struct(
