@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COMMANDS = {"cat", "import", "cli-startup", "info", "decode-verify", "decode-json", "roundtrip"}
+COMMANDS = {"cat", "import", "cli-startup", "records-loop", "info", "decode-verify",
+            "decode-json", "roundtrip"}
 ROW = {"argv", "wall_s", "walls_s", "cpu_s", "max_rss_mb", "exit", "ratio", "ratio_after_startup"}
 
 
@@ -32,6 +33,8 @@ def test_bench_quick_writes_every_field(tmp_path):
         assert row["exit"] == 0, (name, row.get("stderr"))
         assert row["wall_s"] > 0 and row["max_rss_mb"] > 0
         assert (row["ratio"] is None) == (name in ("cat", "import", "cli-startup"))
+    assert cap["commands"]["records-loop"]["inner_s"] > 0
+    assert cap["commands"]["records-loop"]["inner_ratio"] is not None
     rss = [t for t in doc["targets"] if t["metric"] == "max_rss_mb"]
-    assert len(rss) == 4 and all({"capture", "command", "limit", "value", "met"} <= set(t)
+    assert len(rss) == 5 and all({"capture", "command", "limit", "value", "met"} <= set(t)
                                  for t in rss)
