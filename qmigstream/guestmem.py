@@ -48,8 +48,8 @@ import zlib
 import numpy as np
 
 from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
-                                RamCompressed, RamMemSize, RamPage, RamXbzrle, RamZero,
-                                RamZeroRun)
+                                RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamXbzrle,
+                                RamZero, RamZeroRun)
 from .codec.reader import StreamReader
 from .codec.records import Command, SectionHeader
 from .errors import QmigstreamError, StreamError
@@ -533,6 +533,7 @@ class GuestMemory:
         self._zero_page = bytes(page_size)
         self._hasher = _HashWorker() if hash else None
         self.channels = []
+        self.multifd_flushes = 0     # MULTIFD_FLUSH records seen (8.1+ multifd)
 
     def add_channel(self, channel: MultifdChannel):
         """Apply this multifd channel's pages along with the stream's RAM sections."""
@@ -627,6 +628,8 @@ class GuestMemory:
         elif isinstance(rec, MappedRamChunk):
             if rec.area == "pages":
                 self._mapped_pages(rec)
+        elif isinstance(rec, RamMultifdFlush):
+            self.multifd_flushes += 1
         return True
 
     def _section(self, h) -> bool:
@@ -1025,6 +1028,9 @@ def extract(stream, outdir: str, *, until_iteration: int | None = None,
         "iterations": mem.iterations(),
         "blocks": [b.to_json(hash) for b in mem.blocks.values()],
     }
+    notes = _notes(reader, mem, channels)
+    if notes:
+        manifest["notes"] = notes
     if physical:
         manifest["physical"] = _physical(mem, outdir, physical, machine_type,
                                          max_ram_below_4g, hash)
@@ -1034,6 +1040,18 @@ def extract(stream, outdir: str, *, until_iteration: int | None = None,
         f.write("\n")
     os.replace(tmp, os.path.join(outdir, "manifest.json"))
     return manifest
+
+
+def _notes(reader, mem, channels) -> list:
+    """What the stream itself says is missing from the extracted memory."""
+    out = []
+    if "x-ignore-shared" in reader.capabilities:
+        out.append("x-ignore-shared: blocks backed by shared memory are not sent; "
+                   "their files hold only what the stream carries (zeros)")
+    if mem.multifd_flushes and not channels:
+        out.append("the stream has MULTIFD_FLUSH records: with multifd the normal pages "
+                   "travel on the channels (give them with --multifd)")
+    return out
 
 
 def _physical(mem, outdir, machine, machine_type, max_below, hash):

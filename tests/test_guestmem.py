@@ -119,6 +119,8 @@ def test_every_record_kind_lands_on_its_page(tmp_path):
                                "stopped_early": False}
     saved = json.loads((out / "manifest.json").read_text())
     assert saved == json.loads(json.dumps(m))
+    assert m["notes"] == ["the stream has MULTIFD_FLUSH records: with multifd the normal "
+                          "pages travel on the channels (give them with --multifd)"]
 
 
 def test_zero_runs_are_holes_and_zeroing_punches_data(tmp_path):
@@ -367,6 +369,10 @@ def test_committed_captures_match_pmemsave(capture, tmp_path, name):
         data = (out / b["file"]).read_bytes()
         assert len(data) == b["used_length"]
         assert hashlib.sha256(data).hexdigest() == b["sha256"]
+    if name == "pc-7.2-ignore-shared-uuid":
+        assert m["notes"][0].startswith("x-ignore-shared: blocks backed by shared memory")
+    else:
+        assert "notes" not in m
     if name in NOT_IN_MAIN_STREAM:
         pytest.skip(NOT_IN_MAIN_STREAM[name])
     assert meta["memory"], "capture metadata lists pmemsave hashes"

@@ -87,5 +87,7 @@ def run_extract(args) -> int:
         pieces = "; ".join(f"{p['region']} 0x{p['gpa']:x}-0x{p['gpa'] + p['length']:x} "
                            f"<- {ph['block']}+0x{p['block_offset']:x}" for p in ph["map"])
         print(f"  physical.img ({ph['machine']}, {ph['size']:#x} bytes): {pieces}")
+    for n in m.get("notes", []):
+        print(f"  note: {n}")
     print(f"  manifest: {os.path.join(args.output, 'manifest.json')}")
     return 0
