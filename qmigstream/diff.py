@@ -91,7 +91,8 @@ class Difference:
             d = self.detail
             ranges = ", ".join(f"0x{s:x}-0x{e:x}" for s, e in d["ranges"][:8])
             more = f", ... ({len(d['ranges'])} ranges)" if len(d["ranges"]) > 8 else ""
-            return (f"{self.path}: {d['pages']} page{'s differ' if d['pages'] != 1 else ' differs'} "
+            verb = "pages differ" if d["pages"] != 1 else "page differs"
+            return (f"{self.path}: {d['pages']} {verb} "
                     f"({d['pages'] * d['page_size'] // 1024} KiB): {ranges}{more}")
         if self.kind == "bytes":
             d = self.detail

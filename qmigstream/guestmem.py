@@ -14,7 +14,9 @@ does with each record, done to a file instead of guest memory:
 * ``POSTCOPY_RAM_DISCARD`` zeroes the byte ranges it names (``ram_discard_range``);
 * mapped-ram areas: page *i* of a block is at ``pages_offset + i*page_size`` in
   the file and holds data when bit *i* of the block's bitmap is set
-  (``parse_ramblock_mapped_ram``); clear bits leave the page as it was (zero).
+  (``parse_ramblock_mapped_ram``); clear bits leave the page as it was (zero);
+* recorded multifd channels (:class:`MultifdChannel`): the normal pages of
+  each packet, one epoch per RAM iteration.
 
 Iterations are counted on the RAM section: the START section (setup) is
 iteration 0, the k-th PART section iteration k, the END section (completion)
@@ -24,7 +26,9 @@ giving memory as the destination holds it at that point.
 Files stay sparse: all-zero pages are never written (they become holes, and a
 page that was data and is zeroed later is punched back into a hole), pages that
 follow each other are written with one ``pwritev``, and no block is ever held
-in memory.  Memory use is bounded by one byte per page of bookkeeping.
+in memory.  Bookkeeping is one byte per page (:class:`PageMarks`), allocated
+1 GiB of guest at a time.  Each block's sha256 is computed in a second thread
+while it is written (:class:`_RunningHash`).
 
 File names are never taken from the stream: :func:`safe_file_names` maps block
 names (``pc.ram``, ``/rom@etc/acpi/tables``, or a hostile ``../../x``) to

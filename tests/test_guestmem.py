@@ -7,15 +7,13 @@ import hashlib
 import json
 import os
 import random
-import struct
 import zlib
 
 import pytest
 
 from qmigstream import guestmem, xbzrle
 from qmigstream.codec.build import StreamBuilder, mapped_ram_fill
-from qmigstream.codec.ram_records import (RamCompressed, RamEos, RamMultifdFlush, RamPage,
-                                          RamZero)
+from qmigstream.codec.ram_records import RamCompressed, RamEos, RamMultifdFlush
 from qmigstream.errors import StreamError
 from qmigstream.guestmem import CompressedPageError, GiB
 from qmigstream.wire.header import SectionType as T
@@ -551,7 +549,8 @@ def _variant(old: bytes, k: int) -> bytes:
     return bytes(new)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.lists(op, max_size=30), min_size=1, max_size=4), st.integers(0, 5))
 # zeroing or XBZRLE on a page of the run of pages still being collected
 @example([[("page", 3, 0), ("zero", 3, 0)]], 5)
