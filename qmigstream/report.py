@@ -1022,15 +1022,20 @@ def render_html(rep: Report) -> str:
     w('<p class="what">Page records of the RAM section in each phase, by kind. A page '
       'that did not change is not sent, so it does not appear. Hover a bar for its '
       'bytes.</p>')
-    cats = [p for p in rep.ram if any(v[0] for v in rep.ram[p].values())]
-    kinds = [k for k in RAM_KINDS if any(rep.ram[p][k][0] for p in cats)]
-    if cats:
-        series = [(KIND_LABELS[k], KIND_COLORS[k], [rep.ram[p][k][0] for p in cats])
+    empty = {k: [0, 0] for k in RAM_KINDS}
+    sent = [p for p in rep.ram if any(v[0] for v in rep.ram[p].values())]
+    if sent:
+        # every iteration, also those without page records, so the axis is the whole run
+        cats = sorted(set(sent) | set(rep.iteration_phases()), key=_phase_rank)
+        ram = {p: rep.ram.get(p, empty) for p in cats}
+    kinds = [k for k in RAM_KINDS if any(rep.ram[p][k][0] for p in sent)]
+    if sent:
+        series = [(KIND_LABELS[k], KIND_COLORS[k], [ram[p][k][0] for p in cats])
                   for k in kinds]
 
         def extra(i, name, cats=cats):
             k = next(k for k in kinds if KIND_LABELS[k] == name)
-            return f" records, {human(rep.ram[cats[i]][k][1])} on the wire"
+            return f" records, {human(ram[cats[i]][k][1])} on the wire"
         chart = svg_vbars(cats, series, "RAM records per phase and kind", "records",
                           tip_extra=extra)
         w(f'<div class="scroll">{chart}</div>')
@@ -1039,8 +1044,8 @@ def render_html(rep: Report) -> str:
         w("<details><summary>records and bytes of every phase</summary>")
         head = [("phase", 0)] + [(f"{k} records", 1) for k in kinds] + \
             [(f"{k} bytes", 1) for k in kinds]
-        w(_table(head, [[esc(p)] + [f"{rep.ram[p][k][0]:,}" for k in kinds]
-                        + [f"{rep.ram[p][k][1]:,}" for k in kinds] for p in cats]))
+        w(_table(head, [[esc(p)] + [f"{ram[p][k][0]:,}" for k in kinds]
+                        + [f"{ram[p][k][1]:,}" for k in kinds] for p in cats]))
         w("</details>")
     else:
         w('<p class="muted">No RAM page records in this stream'
