@@ -18,6 +18,8 @@ be started with the same machine arguments as the source.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import dataclasses
 import hashlib
 import os
@@ -30,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 
 from ..errors import QmigstreamError
 from .qmp import QMPClient, QMPError, QMPTimeout
@@ -52,6 +55,30 @@ class QemuError(QmigstreamError):
         super().__init__(message + (": " + " | ".join(tail) if tail else ""))
 
 
+#: every QEMU still running, killed at interpreter exit whatever happened
+_LIVE = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers():
+    for q in list(_LIVE):
+        q.kill()
+
+
+try:        # looked up here, not in the forked child (no dlopen between fork and exec)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
+_PR_SET_PDEATHSIG, _SIGKILL = 1, int(signal.SIGKILL)
+
+
+def _die_with_parent():
+    """In the child before exec: get SIGKILL when the parent dies (Linux
+    prctl PR_SET_PDEATHSIG), so even a killed test run leaves no QEMU behind."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, _SIGKILL)
+
+
 def qemu_binary() -> str | None:
     """Path of ``qemu-system-x86_64`` (``$QEMU`` overrides), or None."""
     return os.environ.get("QEMU") or shutil.which("qemu-system-x86_64")
@@ -64,6 +91,9 @@ class Qemu:
     ``incoming``: value for ``-incoming`` (``"defer"``, ``"exec:cat FILE"``...).
     ``timeout``: bound for every QMP reply; waits take their own timeouts.
     ``qmp_log``: every QMP command sent, in order, as ``{"execute", "arguments"}``.
+
+    QEMU is killed when the object is closed, at interpreter exit, and (Linux)
+    when the thread that started it dies: start it from a thread that outlives it.
     """
 
     def __init__(self, machine_args, *, incoming: str | None = None, binary: str | None = None,
@@ -95,7 +125,8 @@ class Qemu:
         with open(self._stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
+        _LIVE.add(self)
         deadline = time.monotonic() + self.timeout
         while True:
             if self.proc.poll() is not None:
