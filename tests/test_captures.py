@@ -156,9 +156,13 @@ def _summary(path):
     return s.finish(reader).to_json()
 
 
-def test_summary_of_cached_records_is_summarize(capture):
+def test_summary_of_cached_records_is_info_json(capture, capsys):
+    """The counts below are those of ``qmigstream info --json``."""
+    from qmigstream.cli import main as cli_main
     path, _ = capture("pc-7.2-running-xbzrle")
     assert _summary(path) == summarize(str(path)).to_json()
+    assert cli_main(["info", "--json", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out) == _summary(path)
 
 
 def _record_bytes(path, cls):
