@@ -227,3 +227,32 @@ def test_decode_verify_reads_every_payload_byte(tmp_path, capsys):
     assert f"payload:  {len(payload):,} bytes read, CRC-32 0x{zlib.crc32(payload):08x}" in out
     zeros = sum(r.count for r in recs if isinstance(r, RamZeroRun))
     assert f"({zeros:,} ZERO records)" in out
+
+
+def test_file_source_windows_equal_the_joined_windows(tmp_path):
+    """A file Source re-reads the window's unread tail with the next chunk instead of
+    joining; the records are the same whatever the chunk size."""
+    data = every_kind_stream(run=200)
+    path = tmp_path / "s.mig"
+    path.write_bytes(data)
+    ref = [key(r) for r in read_records(data, fast=False, compact=False)]
+    for chunk in (9, 100, 4099, 65536 + 3, 1 << 20):
+        with open(path, "rb", buffering=0) as f:
+            got = StreamReader(Source(f, chunk=chunk), compact=False).records()
+            assert [key(r) for r in got] == ref
+        with open(path, "rb", buffering=0) as f:
+            assert encode_records(StreamReader(Source(f, chunk=chunk)).records()) == data
+
+
+def test_file_source_keeps_the_bytes_it_read_when_the_file_changes(tmp_path):
+    data = bytes(range(256)) * 100
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    with open(path, "rb", buffering=0) as f:
+        src = Source(f, chunk=1000)
+        assert src.read(900) == data[:900]
+        with open(path, "r+b") as w:          # rewrite bytes already buffered
+            w.seek(900)
+            w.write(b"\xff" * 100)
+        assert src.read(200) == data[900:1100]
+        assert src.read(5000) == data[1100:6100]

@@ -70,10 +70,26 @@ class Source:
         have = len(self._buf) - self._pos
         if have >= need or self._eof:
             return have
-        parts = [self._buf[self._pos:]]
+        tail = self._buf[self._pos:]
         self._base += self._pos
         self._pos = 0
         want = max(need - have, self.chunk)
+        parts = [tail]
+        if have and self.seekable and type(self._f) is io.FileIO:
+            # Read the unread tail again together with the new bytes: the new
+            # window is one buffer from the kernel, not a join that copies it.
+            # Same window, byte for byte (the tail is checked).
+            self._f.seek(self._base - self._origin)
+            got = self._f.read(have + want)
+            if got[:have] == tail:
+                if len(got) >= need:
+                    self._buf = got
+                    return len(got)
+                parts = [got]
+                have = len(got)
+                want = max(need - have, 0) or self.chunk
+            else:       # the file changed under us: keep what was read before
+                self._f.seek(self._base + have - self._origin)
         while have < need and not self._eof:
             got = self._f.read(want)
             if not got:
