@@ -862,7 +862,9 @@ box-shadow:0 1px 2px rgba(0,0,0,.06),0 1px 8px rgba(0,0,0,.04)}
 box-shadow:0 1px 2px rgba(0,0,0,.06)}
 .tile b{display:block;font-size:1.35rem;font-weight:650;font-variant-numeric:tabular-nums}
 .tile span{color:var(--muted);font-size:.85rem}
-dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:4px 18px;margin:0}
+dl.meta{columns:2 420px;column-gap:28px;margin:0}
+dl.meta>div{break-inside:avoid;display:grid;grid-template-columns:120px 1fr;gap:0 12px;
+padding:3px 0}
 dl.meta dt{color:var(--muted)}dl.meta dd{margin:0;overflow-wrap:anywhere}
 code,.mono{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,monospace;font-size:.88em}
 code{background:var(--code);padding:1px 5px;border-radius:4px}
@@ -897,7 +899,7 @@ border-radius:6px;margin:12px 0;color:var(--warn)}
 details summary{cursor:pointer;color:var(--accent);margin-top:10px}
 footer{color:var(--muted);font-size:.85rem;margin-top:24px}
 @media (max-width:640px){main{padding:14px 10px 32px}.card{padding:14px 12px}
-h1{font-size:1.25rem}dl.meta{grid-template-columns:1fr}dl.meta dt{margin-top:6px}}
+h1{font-size:1.25rem}dl.meta>div{grid-template-columns:1fr}}
 """
 
 
@@ -934,7 +936,7 @@ def render_html(rep: Report) -> str:
     devices = [x for x in rep.sections.values() if _section_class(x) not in ("ram",)]
     ram_bytes = sum(x.bytes for x in rep.sections.values() if x.idstr == "ram")
     tiles = [(human(total), "stream size"),
-             (f"{rep.iterations:,}", "pre-copy iterations"),
+             (f"{rep.iterations:,}", "iterations"),
              (f"{sum(pages.values()):,}", "RAM pages sent"),
              (human(ram_bytes), "RAM section bytes"),
              (f"{len(devices):,}", "other sections"),
@@ -965,7 +967,8 @@ def render_html(rep: Report) -> str:
             subs.append(f"{sub.get('name', '?')}" + (f" ({vals})" if vals else ""))
         meta.append(("configuration", esc("; ".join(subs) or "no subsections")))
     w('<section class="card"><h2>Stream</h2><dl class="meta">'
-      + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in meta) + "</dl></section>")
+      + "".join(f"<div><dt>{esc(k)}</dt><dd>{v}</dd></div>" for k, v in meta)
+      + "</dl></section>")
 
     # -- phases ------------------------------------------------------------------
     w('<section class="card" id="phases"><h2>Bytes per phase</h2>')
