@@ -18,7 +18,8 @@ What is compared, area by area (``Difference.area``):
   ``0000:00:02.0/e1000/mac_reg[12]``); a payload either stream cannot decode
   is compared as bytes and reported with the first differing offset;
   payloads of iterative non-RAM sections (block, dirty-bitmap, VFIO) are
-  compared by length and sha256;
+  compared record by record (the first differing record, with its first
+  differing byte when the records are small);
 * ``ram`` - the RAM blocks (names, lengths) and the pages whose *final*
   content differs: both streams are replayed into temporary sparse files
   (:mod:`qmigstream.guestmem`) and compared chunk by chunk, holes skipped.
@@ -52,6 +53,9 @@ _TOP_LEVEL = (SectionFooter, Command, EndOfStream, PackagedEnd, VmDescription, T
 AREAS = ("header", "configuration", "sections", "device", "ram")
 #: Bytes read from each memory file at a time when comparing RAM.
 COMPARE_CHUNK = 8 << 20
+#: Payload records of iterative sections up to this size are kept whole (first
+#: differing byte reported); larger ones by length and sha256.
+SMALL_RECORD = 64 << 10
 
 
 # -- results ------------------------------------------------------------------------
@@ -59,7 +63,8 @@ COMPARE_CHUNK = 8 << 20
 @dataclasses.dataclass
 class Difference:
     """One difference.  ``kind`` is ``changed``, ``only_in_a``, ``only_in_b``,
-    ``order``, ``bytes`` (opaque payloads), ``length`` or ``pages`` (RAM)."""
+    ``order``, ``bytes`` (opaque payloads), ``record`` (iterative sections),
+    ``length`` or ``pages`` (RAM)."""
 
     area: str
     path: str
@@ -100,6 +105,15 @@ class Difference:
                     f" ({d['length_a']} vs {d['length_b']} bytes; {d['why']}){at}")
         if self.kind == "order":
             return f"{self.path}: {self.detail['text']}"
+        if self.kind == "record":
+            d = self.detail
+            if self.a is None:
+                return (f"{self.path}: {d['records_a']} vs {d['records_b']} payload records "
+                        f"(the first {d['record']} are equal)")
+            where = f" at byte {d['first_difference']}" if "first_difference" in d else ""
+            what = self.a if self.a == self.b else f"{self.a} / {self.b}"
+            return (f"{self.path}: payload record {d['record']} ({d['section_type_a']}, {what}, "
+                    f"{d['length_a']} vs {d['length_b']} bytes) differs{where}{at}")
         extra = ""
         if "first_difference" in self.detail:
             extra = f" (first differing byte {self.detail['first_difference']})"
@@ -183,6 +197,20 @@ class SectionEntry:
 
 
 @dataclasses.dataclass
+class RecordSummary:
+    """One payload record of an iterative (or non-vmstate) section: enough to
+    compare it without keeping big records (``data`` only up to
+    :data:`SMALL_RECORD` bytes)."""
+
+    section_type: str
+    kind: str
+    offset: int
+    length: int
+    digest: bytes
+    data: bytes | None
+
+
+@dataclasses.dataclass
 class DevicePayload:
     """One FULL device section's payload: ``tree`` when it was decoded, else bytes only."""
 
@@ -213,7 +241,7 @@ class StreamSnapshot:
         self.order = []                  # keys by first appearance
         self.commands = []
         self.devices = {}                # (idstr, instance, occurrence) -> DevicePayload
-        self.iterative = {}              # section key -> [length, sha256 object]
+        self.iterative = {}              # section key -> [RecordSummary]
         self.memory = None               # GuestMemory (closed) when ram
         self.ram_dir = None
         self._by_id = {}
@@ -303,10 +331,12 @@ class StreamSnapshot:
                                                     getattr(rec, "entry", None))
 
     def _iterative(self, e, rec):
-        slot = self.iterative.setdefault((e.idstr, e.instance_id), [0, hashlib.sha256()])
+        """Keep a summary of one payload record of a section compared record by record."""
         data = rec.encode()
-        slot[0] += len(data)
-        slot[1].update(data)
+        small = bytes(data) if len(data) <= SMALL_RECORD else None
+        self.iterative.setdefault((e.idstr, e.instance_id), []).append(RecordSummary(
+            self._current[1].type_name, rec.kind, rec.offset, len(data),
+            hashlib.sha256(data).digest(), small))
 
 
 def _config_value(s):
@@ -471,12 +501,31 @@ def _devices(sa, sb, out, notes, compared):
         ia, ib = sa.iterative.get(key), sb.iterative.get(key)
         if ia is None or ib is None:
             continue
-        if ia[0] != ib[0] or ia[1].digest() != ib[1].digest():
-            name = sa.sections[key].name if key in sa.sections else key[0]
-            out.append(Difference("device", name, "changed",
-                                  {"length": ia[0], "sha256": ia[1].hexdigest()},
-                                  {"length": ib[0], "sha256": ib[1].hexdigest()},
-                                  detail={"what": "payload of an iterative section"}))
+        name = sa.sections[key].name if key in sa.sections else key[0]
+        d = _records_diff(name, ia, ib)
+        if d is not None:
+            out.append(d)
+
+
+def _records_diff(name, ra, rb):
+    """The first payload record that differs between two record lists, or None."""
+    for i, (x, y) in enumerate(zip(ra, rb)):
+        if (x.section_type, x.kind, x.length, x.digest) == \
+                (y.section_type, y.kind, y.length, y.digest):
+            continue
+        detail = {"record": i, "records_a": len(ra), "records_b": len(rb),
+                  "section_type_a": x.section_type, "section_type_b": y.section_type,
+                  "length_a": x.length, "length_b": y.length}
+        oa, ob = x.offset, y.offset
+        if x.data is not None and y.data is not None and x.kind == y.kind:
+            k = _first_diff(x.data, y.data)
+            detail["first_difference"] = k
+            oa, ob = oa + k, ob + k
+        return Difference("device", name, "record", x.kind, y.kind, oa, ob, detail)
+    if len(ra) != len(rb):
+        return Difference("device", name, "record", detail={
+            "record": min(len(ra), len(rb)), "records_a": len(ra), "records_b": len(rb)})
+    return None
 
 
 def _ram(sa, sb, out, compared):

@@ -182,9 +182,44 @@ def test_iterative_section_payloads_by_length_and_hash(tmp_path):
     a, same, other = one(b"def", "a.mig"), one(b"def", "s.mig"), one(b"deg", "b.mig")
     assert D.diff(a, same).equal
     r = D.diff(a, other)
-    assert [(d.area, d.path, d.kind, d.a["length"], d.b["length"]) for d in r.differences] == \
-        [("device", "foo", "changed", 6, 6)]
-    assert r.differences[0].a["sha256"] == __import__("hashlib").sha256(b"abcdef").hexdigest()
+    end = next(x for x in read_records(a) if isinstance(x, OpaquePayload) and x.data == b"def")
+    assert [(d.area, d.path, d.kind, d.offset_a) for d in r.differences] == \
+        [("device", "foo", "record", end.offset + 2)]
+    assert r.differences[0].detail == {
+        "record": 1, "records_a": 2, "records_b": 2, "section_type_a": "END",
+        "section_type_b": "END", "length_a": 3, "length_b": 3, "first_difference": 2}
+    assert r.differences[0].text() == (
+        f"foo: payload record 1 (END, payload, 3 vs 3 bytes) differs at byte 2  "
+        f"(A @0x{end.offset + 2:x}, B @0x{end.offset + 2:x})")
+
+
+def test_vfio_sections_record_by_record(tmp_path):
+    from qmigstream.vfio.builder import DeviceWriter
+    from qmigstream.wire.vfio import PciConfigState
+
+    def one(stop, cfg, name):
+        b = StreamBuilder()
+        b.header()
+        b.configuration("pc-i440fx-8.2")
+        w = DeviceWriter("8.1-9.x", "0000:00:05.0/vfio", config=PciConfigState(
+            bytes([cfg]) + bytes(255)))
+        b.section(T.SECTION_START, "ram", b.ram_setup_records([("pc.ram", 4 * PS)]),
+                  version_id=4, section_id=0)
+        b.section(*w.start(), section_id=1)
+        b.section(*w.part(b"precopy"), section_id=1)
+        b.section(T.SECTION_END, "ram", [RamEos()], section_id=0)
+        b.section(*w.end([b"stop", stop]), section_id=1)
+        b.section(*w.full(), section_id=1)
+        b.eof()
+        return write(tmp_path, b, name)
+    a = one(b"copy", 1, "a.mig")
+    assert D.diff(a, one(b"copy", 1, "same.mig")).equal
+    r = D.diff(a, one(b"cop!", 1, "b.mig"))
+    assert [(d.path, d.kind, d.a, d.detail["section_type_a"], d.detail["first_difference"])
+            for d in r.differences] == [("0000:00:05.0/vfio", "record", "vfio_data", "END", 19)]
+    r = D.diff(a, one(b"copy", 2, "c.mig"))
+    assert [(d.a, d.detail["section_type_a"]) for d in r.differences] == \
+        [("vfio_config", "FULL")]
 
 
 def test_missing_configuration_reads_none(tmp_path):
