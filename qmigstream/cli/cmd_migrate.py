@@ -44,6 +44,12 @@ def register(sub):
     p.add_argument("--v1-window", type=_size, default=64 * 1024)
     p.add_argument("--v1-bitmap-bits", type=int, default=None,
                    help="v1 RFC: the device's dirty-bitmap buffer, in pfns")
+    p.add_argument("--multifd-channels", type=int, default=0, metavar="N",
+                   help="10.0+ profiles: RAM and VFIO device state on N multifd channel "
+                        "files OUTPUT.ch0 ... (0: off)")
+    p.add_argument("--load-config-after-iter", action="store_true", default=None,
+                   help="10.1+ with --multifd-channels: FULL carries DEV_CONFIG_LOAD_READY "
+                        "(x-migration-load-config-after-iter=on)")
     p.add_argument("--manifest", help="where to write the source manifest "
                                       "(default OUTPUT.json)")
     p.add_argument("--json", action="store_true")
@@ -59,7 +65,9 @@ def config_from_args(args) -> MigrateConfig:
                          downtime_ms=args.downtime_ms, dirty_rate=args.dirty_rate,
                          xbzrle=args.xbzrle, switchover_ack=args.switchover_ack,
                          v1_layout=args.v1_layout, v1_window=args.v1_window,
-                         v1_bitmap_bits=args.v1_bitmap_bits)
+                         v1_bitmap_bits=args.v1_bitmap_bits,
+                         multifd_channels=args.multifd_channels,
+                         load_config_after_iter=args.load_config_after_iter)
 
 
 def run(args) -> int:
@@ -86,5 +94,9 @@ def run(args) -> int:
     for d in res.devices:
         print(f"  device {d['idstr']}: {d['interface']} {d['profile']}, family {d['family']}, "
               f"{d['data_bytes']:,} bytes in {d['chunks']} chunks")
+    for c in res.channels:
+        pk = c["packets"]
+        print(f"  channel {c['file']}: {c['size']:,} bytes, {pk['ram']} RAM, {pk['sync']} SYNC, "
+              f"{pk['device_state']} device-state packets")
     print(f"  manifest: {manifest}  (qmigstream replay {res.path} --expect {manifest})")
     return 0

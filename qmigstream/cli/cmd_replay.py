@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 
-from ..pipeline.replay import load_expect, replay
+from ..pipeline.replay import channel_files, load_expect, replay
 
 
 def register(sub):
     p = sub.add_parser("replay", help="load a stream into resuming VFIO devices and guest RAM")
     p.add_argument("file")
     p.add_argument("--expect", help="source manifest (from migrate) to verify against")
+    p.add_argument("--channel", action="append", default=None, metavar="FILE",
+                   help="a multifd channel file (repeat per channel; default: the ones "
+                        "the --expect manifest lists)")
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -18,7 +22,15 @@ def register(sub):
 
 def run(args) -> int:
     expect = load_expect(args.expect) if args.expect else None
-    res = replay(args.file, expect=expect, page_size=args.page_size)
+    channels = args.channel
+    if channels is None and expect is not None:
+        channels = channel_files(args.file, expect)
+        if any(not os.path.exists(c) for c in channels):
+            # the manifest's names, beside the manifest itself
+            base = os.path.dirname(args.expect)
+            channels = [c if os.path.exists(c) else os.path.join(base, os.path.basename(c))
+                        for c in channels]
+    res = replay(args.file, expect=expect, page_size=args.page_size, channels=channels)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
     else:
@@ -45,6 +57,9 @@ def _text(res):
                None: ""}[d["verified"]]
         print(f"  {d['idstr']}: {d['interface']} {d['profile']}: {d['bytes']:,} bytes in "
               f"{d['chunks']} chunks, {state}{ver}")
+    for c in res.channels:
+        print(f"  channel {c['file']}: {c['ram']} RAM packets ({c['pages']:,} pages), "
+              f"{c['sync']} SYNC, {c['device_state']} device-state packets")
     if res.ok:
         for name, digest in res.ram.items():
             print(f"  RAM {name}: sha256 {digest}")

@@ -18,6 +18,15 @@ Order of the stream (``migration_thread`` in migration/migration.c, savevm.c):
 7. ``EOF`` and the VMDESCRIPTION trailer describing every FULL section, in the
    profile's JSON style (8.2+: with the configuration description first).
 
+With ``multifd_channels`` (10.0+ profiles, machine types >= 10.0) the RAM
+pages travel in RAM packets on channel files ``OUT.ch0`` ... (see
+:mod:`.multifd`); the main channel's RAM sections keep MEM_SIZE, a
+``MULTIFD_FLUSH`` at every scan wrap (and in setup) and EOS
+(``multifd_ram_flush_and_sync``, per-round mode); each VFIO device's END is a
+lone END_OF_STATE, its stop-and-copy data and config record go as
+device-state packets on the channels, and its FULL is END_OF_STATE (10.1+ with
+``load_config_after_iter``: DEV_CONFIG_LOAD_READY).
+
 Convergence: after each round, stop when the round count reaches
 ``iterations`` (if given), else when the remaining dirty bytes can be sent
 within ``downtime`` at ``bandwidth`` (and, with switchover-ack, every device
@@ -32,18 +41,20 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .. import __version__, vmdesc
-from ..codec.ram_records import RamEos, RamMemSize, RamBlockInfo
+from ..codec.ram_records import RamBlockInfo, RamEos, RamMemSize, RamMultifdFlush
 from ..codec.records import (Command, Configuration, EndOfStream, FileHeader, SectionFooter,
                              SectionHeader, VmDescription)
 from ..device.pci_device import PAGE, EmulatedPciDevice
 from ..errors import QmigstreamError
 from ..vfio import builder as VB
 from ..vfio import family as VF
+from ..vfio import multifd as MF
 from ..wire.commands import MigCmd
 from ..wire.header import SectionType as T
 from ..wire.vfio import PciConfigState
 from . import profiles as P
 from .guest import CpuWorkload, GuestRam, fill_initial
+from .multifd import MultifdSender, channel_paths
 from .ramsave import RamSaver
 from .template import load_template
 from .vfiodev import SourceV1, SourceV2
@@ -100,6 +111,8 @@ class MigrateConfig:
     v1_layout: str = "rfc"
     v1_window: int = 64 * 1024
     v1_bitmap_bits: int | None = None
+    multifd_channels: int = 0             # 0: no multifd
+    load_config_after_iter: bool | None = None   # 10.1+; None: the default (off on x86)
 
     def to_json(self):
         d = asdict(self)
@@ -120,6 +133,7 @@ class MigrationResult:
     ram: dict = field(default_factory=dict)           # block -> sha256 of final memory
     converged: str = ""
     config: dict = field(default_factory=dict)
+    channels: list = field(default_factory=list)      # multifd channel files
 
     def to_json(self):
         return asdict(self)
@@ -166,7 +180,7 @@ def _pci_address(i: int, spec: DeviceSpec) -> str:
 class _Device:
     """One VFIO device on the source: the emulated device and QEMU's side of its interface."""
 
-    def __init__(self, i, spec, prof, cfg, ram):
+    def __init__(self, i, spec, prof, cfg, ram, family=None):
         self.spec = spec
         self.idstr = f"{_pci_address(i, spec)}/vfio"
         main = ram.main
@@ -175,7 +189,7 @@ class _Device:
         dma_base = 0x100000 if main.used_length > 0x100000 + PAGE else 0
         self.device = EmulatedPciDevice(spec.profile, seed=spec.seed, memory=ram,
                                         dma_base=dma_base, dma_pages=dma_pages)
-        self.family = VF.get(prof.vfio_family)
+        self.family = VF.get(family or prof.vfio_family)
         if prof.interface == "v1":
             self.src = SourceV1(self.device, layout=cfg.v1_layout, window_size=cfg.v1_window,
                                 bitmap_bits=cfg.v1_bitmap_bits)
@@ -222,7 +236,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         raise QmigstreamError(f"{prof.name}: switchover-ack needs the v2 interface (8.1+)")
     if cfg.switchover_ack and not VF.get(prof.vfio_family).init_data_sent:
         raise QmigstreamError(f"{prof.name}: this release has no switchover-ack")
-    devices = [_Device(i, s, prof, cfg, ram) for i, s in enumerate(cfg.devices)]
+    family, lcai = _multifd_choice(prof, cfg, machine)
+    devices = [_Device(i, s, prof, cfg, ram, family) for i, s in enumerate(cfg.devices)]
     ram_sid = tpl.ram_section_id if tpl else 2
     next_sid = (tpl.max_section_id if tpl else ram_sid) + 1
     for d in devices:
@@ -233,6 +248,10 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     saver = RamSaver(ram, xbzrle_on=cfg.xbzrle, cache_size=cfg.xbzrle_cache)
     total_pfns = ram.main.npages
     res = MigrationResult(str(out_path), prof.name, config=cfg.to_json())
+    sender = None
+    if cfg.multifd_channels:
+        sender = MultifdSender(channel_paths(out_path, cfg.multifd_channels), ram.page_size,
+                               saver.counts)
     with open(out_path, "wb", buffering=1 << 20) as f:
         out = _Out(f, footers)
         out.rec(FileHeader())
@@ -247,8 +266,11 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         blocks = [b.info if b.info is not None else RamBlockInfo(b.name, b.used_length)
                   for b in ram]
         saver.setup()
-        out.section(T.SECTION_START, ram_sid, [RamMemSize(ram.total, blocks), RamEos()],
-                    "ram", 0, 4)
+        if sender is None:
+            setup = [RamMemSize(ram.total, blocks), RamEos()]
+        else:                          # ram_save_setup: flush and sync before EOS
+            setup = _then(_flush(sender, [RamMemSize(ram.total, blocks)]), RamEos())
+        out.section(T.SECTION_START, ram_sid, setup, "ram", 0, 4)
         for d in devices:
             d.src.setup()
             out.section(T.SECTION_START, d.sid, VB.start_records(d.family), d.idstr, 0, 1)
@@ -259,8 +281,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.phase = f"iteration {rounds + 1}"
             saver.sync()
             _merge_device_dirty(devices, ram, total_pfns)
-            before = out.offset
-            out.section(T.SECTION_PART, ram_sid, _then(saver.pass_bytes(), RamEos()))
+            before = out.offset + (sender.bytes if sender else 0)
+            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender))
             for d in devices:
                 if not d.precopy_active:
                     continue
@@ -276,7 +298,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
                 if d.family.protocol == "v1" and not chunk and d.src.precopy_done():
                     d.precopy_active = False      # v1: "DATA 0" ends its iteration
             rounds += 1
-            elapsed = (out.offset - before) * NS // max(1, cfg.bandwidth)
+            sent = out.offset + (sender.bytes if sender else 0) - before
+            elapsed = sent * NS // max(1, cfg.bandwidth)
             workload.run_for(elapsed)
             for d in devices:
                 d.run_for(elapsed)
@@ -296,16 +319,23 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         for d in devices:
             finals.append(d.src.stop_and_copy())
         _merge_device_dirty(devices, ram, total_pfns)
-        out.section(T.SECTION_END, ram_sid, _then(saver.pass_bytes(last_stage=True), RamEos()))
+        out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True))
         fulls = {}
+        packets = []
         for d, (chunks, zero) in zip(devices, finals):
             d.data_bytes += sum(len(c) for c in chunks)
             d.chunks += len(chunks)
             cstate = d.config_state()
             out.section(T.SECTION_END, d.sid, VB.end_records(d.family, chunks, cstate,
                                                              zero_terminator=zero))
-            fulls[d.idstr] = VB.full_records(d.family, cstate)
+            fulls[d.idstr] = VB.full_records(d.family, cstate, load_config_after_iter=lcai)
+            if d.family.end_over_multifd:
+                # vfio_multifd_save_complete_precopy_thread: data idx 0.., then config
+                packets += MF.device_packets(d.idstr, 0, chunks,
+                                             VB.config_record(cstate).encode())
             d.src.finish()
+        for pkt in packets:
+            sender.queue_device_state(pkt)
         # -- device state ------------------------------------------------------------
         out.phase = "devices"
         entries = []
@@ -331,6 +361,9 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
         res.size = out.offset
         res.phases = out.phases
+    if sender is not None:
+        sender.close()
+        res.channels = sender.entries()
     res.sha256 = _file_sha256(out_path)
     res.pages = dict(saver.counts)
     res.ram = ram.digests()
@@ -362,6 +395,54 @@ def _file_sha256(path) -> str:
 def _then(pieces, last):
     yield from pieces
     yield last
+
+
+def _flush(sender, first):
+    """``first``, then ``multifd_ram_flush_and_sync``'s MULTIFD_FLUSH (setup)."""
+    yield from first
+    sender.flush_and_sync()
+    yield RamMultifdFlush()
+
+
+def _ram_pass(saver, sender, last_stage=False):
+    """One RAM section's records: the main-channel pass, or with multifd the scan
+    whose pages go to the channels and whose wraps are MULTIFD_FLUSH; then EOS."""
+    if sender is None:
+        yield from saver.pass_bytes(last_stage=last_stage)
+    else:
+        for ev in saver.scan_pass():
+            if ev[0] == "wrap":
+                sender.flush_and_sync()
+                yield RamMultifdFlush()
+            else:
+                sender.queue_pages(ev[1], ev[2])
+    yield RamEos()
+
+
+def _multifd_choice(prof, cfg, machine):
+    """(VFIO family name or None, load_config_after_iter) for ``cfg``; refuses what
+    the release or machine type cannot do."""
+    n = cfg.multifd_channels
+    if not n:
+        if cfg.load_config_after_iter:
+            raise QmigstreamError("load-config-after-iter is a multifd device-state "
+                                  "setting: give multifd channels too")
+        return None, None
+    if n < 0 or n > 255:
+        raise QmigstreamError(f"multifd channels: {n} is not in 1..255 (multifd-channels)")
+    if not prof.multifd_device_state:
+        raise QmigstreamError(f"{prof.name}: this release has no multifd device-state "
+                              "transfer (10.0+ profiles have it; see `qmigstream profiles`)")
+    if not prof.multifd_transfer_possible(machine):
+        raise QmigstreamError(f"{prof.name}: machine type {machine} turns VFIO multifd "
+                              "transfer off (hw_compat_9_2: x-migration-multifd-transfer=off, "
+                              "send-switchover-start=off); it needs a 10.0+ machine type")
+    if cfg.xbzrle:
+        raise QmigstreamError("Multifd is not compatible with xbzrle (migration/options.c)")
+    lcai = bool(cfg.load_config_after_iter)
+    if lcai and not prof.load_config_after_iter:
+        raise QmigstreamError(f"{prof.name}: x-migration-load-config-after-iter is 10.1+")
+    return ("10.1+" if lcai else "10.x"), lcai
 
 
 def _merge_device_dirty(devices, ram, total_pfns):

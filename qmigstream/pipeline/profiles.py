@@ -17,7 +17,15 @@ follows:
 * ``v2_precopy`` — 8.1+ runs a v2 device in PRE_COPY during iterations (8.0
   has no iterate handler);
 * ``compress_page`` — the ``compress`` capability exists (removed in 9.1);
-* ``multifd_flush`` — the ``MULTIFD_FLUSH`` RAM flag exists (8.1+).
+* ``multifd_flush`` — the ``MULTIFD_FLUSH`` RAM flag exists (8.1+);
+* ``multifd_device_state`` — 10.0+ can send VFIO device state over multifd
+  channels (``multifd_device_state_supported``, migration/multifd-device-state.c;
+  ``vfio_multifd_transfer_supported`` also needs send-switchover-start, so
+  machine types >= 10.0: ``hw_compat_9_2`` turns ``x-migration-multifd-transfer``
+  off);
+* ``load_config_after_iter`` — 10.1+ has ``x-migration-load-config-after-iter``
+  (FULL carries ``DEV_CONFIG_LOAD_READY``; auto is on for ARM only, so off for
+  the x86 machine types here; ``hw_compat_10_0`` turns it off).
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ class Profile:
     multifd_flush: bool
     machine: str                  # default machine type (no --template)
     notes: str = ""
+    multifd_device_state: bool = False
+    load_config_after_iter: bool = False
 
     def machine_version(self, machine: str):
         m = re.search(r"-(\d+)\.(\d+)$", machine)
@@ -53,6 +63,10 @@ class Profile:
             return False
         v = self.machine_version(machine)
         return v is None or v >= (10, 0)
+
+    def multifd_transfer_possible(self, machine: str) -> bool:
+        """VFIO device state over multifd for this machine type (10.0+ machine types)."""
+        return self.multifd_device_state and self.sends_switchover_start(machine)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -82,11 +96,14 @@ PROFILES = {p.name: p for p in (
        "pc-i440fx-9.2", notes="as 8.2; COMPRESS_PAGE gone (9.1)"),
     _p("qemu-10.0", "10.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
        "pc-i440fx-10.0", notes="SWITCHOVER_START command (machine types >= 10.0); "
-       "VFIO on the main channel (multifd device-state transfer off)"),
+       "VFIO on the main channel, or with --multifd-channels device state on the "
+       "multifd channels", multifd_device_state=True),
     _p("qemu-10.1", "10.1", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
-       "pc-i440fx-10.1", notes="as 10.0"),
+       "pc-i440fx-10.1", notes="as 10.0; x-migration-load-config-after-iter",
+       multifd_device_state=True, load_config_after_iter=True),
     _p("qemu-11.0", "11.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
-       "pc-i440fx-11.0", notes="as 10.1"),
+       "pc-i440fx-11.0", notes="as 10.1", multifd_device_state=True,
+       load_config_after_iter=True),
 )}
 
 DEFAULT_PROFILE = "qemu-7.2"

@@ -17,6 +17,14 @@ migration/ram.c and ``migration/page_cache.c``:
   ``CACHED_PAGE_LIFETIME`` (2) dirty syncs is not replaced;
 * CONTINUE is set when a page is in the same block as the previous page
   record; that memory carries across sections (``last_sent_block``).
+
+With multifd (:meth:`RamSaver.scan_pass`, 10.x) the pass follows QEMU's scan
+itself (``ram_find_and_save_block`` / ``find_dirty_block``): it starts where
+the previous section's scan stopped (``last_seen_block`` / ``last_page``),
+reports each wrap past the last block (where 10.x flushes and syncs the
+channels and writes ``MULTIFD_FLUSH``) and ends when a scan that wrapped comes
+back to where its call started.  The passes above walk the blocks from the
+first each time, a simplification of the same scan.
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ class RamSaver:
         self.xbzrle_enabled = False
         self.cache = XbzrleCache(cache_size, ram.page_size) if xbzrle_on else None
         self.last_block = None
+        self.scan_pos = None
         self.sync_count = 0
         self.counts = {"normal": 0, "zero": 0, "xbzrle": 0, "xbzrle_unchanged": 0,
                        "xbzrle_overflow": 0, "cache_miss": 0}
@@ -90,8 +99,47 @@ class RamSaver:
             b.dirty[:] = True
 
     def setup(self):
-        """``ram_save_setup``: forget the last block sent."""
+        """``ram_save_setup``: forget the last block sent and the scan position."""
         self.last_block = None
+        self.scan_pos = None
+
+    def scan_pass(self):
+        """One section's scan as QEMU 10.x runs it with multifd, at block granularity.
+
+        Yields ``("pages", block, page_indices)`` (dirty pages in the order they are
+        sent; their dirty bits are cleared) and ``("wrap",)`` each time the scan
+        passes the end of the block list.  Follows ``ram_find_and_save_block``:
+        each call starts at (last_seen_block, last_page) with ``complete_round``
+        false; ``find_dirty_block`` gives up (``PAGE_ALL_CLEAN``) when, after a
+        wrap in the same call, it reaches that block at a page >= last_page.
+        After a page is sent the next call starts right after it, so every dirty
+        page of a block from that page on goes out in one batch.
+        """
+        blocks = list(self.ram)
+        n = len(blocks)
+        if not n or not sum(b.used_length for b in blocks):
+            return
+        lb, lp = self.scan_pos or (0, 0)
+        while True:                                    # one ram_find_and_save_block call
+            b, p, complete = lb, lp, False
+            while True:
+                blk = blocks[b]
+                dirty = np.flatnonzero(blk.dirty[p:]) + p if p < blk.npages else \
+                    np.zeros(0, dtype=np.int64)
+                nd = int(dirty[0]) if len(dirty) else blk.npages
+                if complete and b == lb and nd >= lp:  # PAGE_ALL_CLEAN
+                    self.scan_pos = (b, nd)
+                    return
+                if not len(dirty):
+                    b, p = b + 1, 0
+                    if b == n:
+                        yield ("wrap",)
+                        b, complete = 0, True
+                    continue
+                blk.dirty[dirty] = False
+                yield ("pages", blk, dirty)
+                lb, lp = b, int(dirty[-1]) + 1
+                break
 
     def sync(self):
         """``migration_bitmap_sync``: one more dirty-sync generation."""

@@ -21,6 +21,17 @@ point of a replay: **nothing is half-applied**.
 Destination devices come from the source's manifest (``--expect``, written by
 ``qmigstream migrate``) or are made to match the stream: the interface from the
 release family the sections show, the device profile from its first data blob.
+
+A 10.x multifd stream comes with its channel files (``channels``, or the ones
+the manifest lists).  Their RAM packets are applied at the sync points, as
+``multifd_recv_sync_main`` orders them: at each ``MULTIFD_FLUSH`` on the main
+channel every channel is read up to and including its next SYNC packet, so all
+pages of a round land before the main channel goes on (and before the same
+page of a later round).  Device-state packets are collected by idx
+(``vfio_multifd_load_state_buffer``: unknown version, idx 0xffffffff and an
+idx already filled are errors); after ``QEMU_VM_EOF`` each device's data is
+written in idx order (``vfio_load_bufs_thread``) and its config record, the
+packet with the CONFIG flag, loaded last at the commit.
 """
 
 from __future__ import annotations
@@ -32,12 +43,14 @@ from dataclasses import asdict, dataclass, field
 from ..codec import ram_records as R
 from ..codec.reader import StreamReader
 from ..codec.records import EndOfStream, SectionHeader
-from ..codec.sections.vfio import VfioConfig, VfioDataChunk, is_vfio_idstr
+from ..codec.sections.vfio import VfioConfig, VfioDataChunk, VfioMarker, is_vfio_idstr
 from ..device import blob as B
 from ..device.pci_device import EmulatedPciDevice
 from ..errors import DeviceError, QmigstreamError, StreamError
 from ..vfio import family as VF
+from ..vfio import multifd as MF
 from ..vfio.scan import scan
+from ..wire import vfio as W
 from .guest import GuestRam, RamLoader
 from .vfiodev import DestV1, DestV2
 
@@ -46,11 +59,15 @@ DEST_SEED = 0xDE57
 
 
 class ReplayError(QmigstreamError):
-    """A load that failed: ``offset`` (None if not tied to a byte), ``reason``, ``device``."""
+    """A load that failed: ``offset`` (None if not tied to a byte), ``reason``, ``device``;
+    ``file``: the multifd channel file the offset is in (None: the main stream)."""
 
-    def __init__(self, reason, offset=None, device=None, errno=None):
+    def __init__(self, reason, offset=None, device=None, errno=None, file=None):
         self.reason, self.offset, self.device, self.errno = reason, offset, device, errno
+        self.file = file
         where = f"at offset {offset} (0x{offset:x}): " if offset is not None else ""
+        if file:
+            where = f"{file}: {where}"
         dev = f"{device}: " if device else ""
         super().__init__(f"{where}{dev}{reason}")
 
@@ -77,6 +94,7 @@ class ReplayResult:
     pages: int = 0
     verified: bool | None = None
     mismatches: list = field(default_factory=list)
+    channels: list = field(default_factory=list)      # multifd channels read
 
     def to_json(self):
         return asdict(self)
@@ -104,8 +122,11 @@ class Destination:
         self.begun = True
 
     def write(self, chunk: VfioDataChunk):
-        self.io.write(chunk.data)
-        self.report.bytes += chunk.data_size
+        self.write_bytes(chunk.data)
+
+    def write_bytes(self, data):
+        self.io.write(data)
+        self.report.bytes += len(data)
         self.report.chunks += 1
 
     def commit(self):
@@ -140,13 +161,14 @@ def _profile_from_blob(data: bytes) -> str | None:
     return None
 
 
-def _plan_devices(path, expect, page_size):
+def _plan_devices(path, expect, page_size, channels=None):
     """idstr -> (interface, profile, features, v1_layout), from the manifest or the stream."""
     if expect is not None:
         return {d["idstr"]: (d["interface"], d["profile"], d.get("features"),
                              d.get("v1_layout")) for d in expect.get("devices", [])}
     plan = {}
-    devices, _hints = scan(path, page_size=page_size)
+    devices, _hints = scan(path, page_size=page_size,
+                           multifd=[(c.name, c.records) for c in channels or []] or None)
     for dev in devices.values():
         fam = dev.family.family if dev.family else None
         interface = VF.get(fam).protocol if fam else "v2"
@@ -156,20 +178,51 @@ def _plan_devices(path, expect, page_size):
     return plan
 
 
-def replay(path, *, expect=None, page_size=None, destinations=None) -> ReplayResult:
+def channel_files(path, expect) -> list:
+    """The multifd channel files a manifest lists: as written, else beside ``path``."""
+    import os
+    out = []
+    for ch in (expect or {}).get("channels", []) or []:
+        f = ch["file"]
+        if not os.path.exists(f):
+            alt = os.path.join(os.path.dirname(os.fspath(path)), os.path.basename(f))
+            f = alt if os.path.exists(alt) else f
+        out.append(f)
+    return out
+
+
+def replay(path, *, expect=None, page_size=None, destinations=None,
+           channels=None) -> ReplayResult:
     """Load ``path``; returns a :class:`ReplayResult`, never a half-loaded device.
 
     ``expect``: the source manifest (dict) to verify against; ``destinations``:
-    ready :class:`Destination` objects by idstr (else they are made here).
+    ready :class:`Destination` objects by idstr (else they are made here);
+    ``channels``: multifd channel files (default: those ``expect`` lists).
     """
+    result = ReplayResult(ok=False)
+    if channels is None:
+        channels = channel_files(path, expect)
+    try:
+        chans = [_Channel(c, page_size or 4096) for c in channels]
+    except (StreamError, OSError) as e:
+        err = e if isinstance(e, StreamError) else ReplayError(f"cannot read channel: {e}")
+        result.error = _error_json(err)
+        if destinations is not None:
+            result.devices = [_final_report(d) for d in destinations.values()]
+        return result
+    result.channels = [c.to_json() for c in chans]
     if destinations is None:
+        try:
+            plan = _plan_devices(path, expect, page_size, chans)
+        except StreamError as e:
+            result.error = _error_json(e)
+            return result
         destinations = {idstr: Destination(idstr, *spec[:2], features=spec[2],
                                            v1_layout=spec[3])
-                        for idstr, spec in _plan_devices(path, expect, page_size).items()}
-    result = ReplayResult(ok=False)
+                        for idstr, spec in plan.items()}
     ram = None
     try:
-        ram = _load(path, destinations, page_size, result)
+        ram = _load(path, destinations, page_size, result, chans)
         _commit(destinations)
     except (StreamError, DeviceError, ReplayError) as e:
         for d in destinations.values():
@@ -180,6 +233,7 @@ def replay(path, *, expect=None, page_size=None, destinations=None) -> ReplayRes
         result.devices = [_final_report(d) for d in destinations.values()]
         return result
     result.ok = True
+    result.channels = [c.to_json() for c in chans]
     result.ram = ram.digests()
     result.devices = [_final_report(d) for d in destinations.values()]
     if expect is not None:
@@ -193,11 +247,14 @@ def _final_report(d):
     return asdict(d.report)
 
 
-def _load(path, dests, page_size, result) -> GuestRam:
+def _load(path, dests, page_size, result, chans=()) -> GuestRam:
     reader = StreamReader(path, page_size=page_size)
     ram = loader = None
     current = None
+    section = None
     eof = False
+    mf = _MultifdLoad(chans, dests) if chans else None
+    full_markers = {}
     try:
         feed = None
         for rec in reader.records():
@@ -206,11 +263,18 @@ def _load(path, dests, page_size, result) -> GuestRam:
                 continue
             if isinstance(rec, SectionHeader):
                 idstr = reader.sections[rec.section_id].idstr
+                section = rec.type_name
                 current = dests.get(idstr) if is_vfio_idstr(idstr) else None
                 if is_vfio_idstr(idstr) and current is None:
                     raise ReplayError(f"no destination device for {idstr}", rec.offset)
                 if current is not None and rec.type_name == "START":
                     current.begin()
+            elif isinstance(rec, R.RamMultifdFlush) and mf is not None:
+                if loader is None:
+                    raise ReplayError("MULTIFD_FLUSH before the RAM block list", rec.offset)
+                mf.sync(loader, rec.offset)
+            elif isinstance(rec, VfioMarker) and current is not None and section == "FULL":
+                full_markers[current.idstr] = rec.marker
             elif isinstance(rec, VfioDataChunk) and current is not None:
                 if not current.begun:
                     raise ReplayError("device data before the device's setup section",
@@ -221,6 +285,9 @@ def _load(path, dests, page_size, result) -> GuestRam:
                     raise ReplayError(f"device rejected its data: {e} (errno {e.errno})",
                                       rec.offset, current.idstr, e.errno) from None
             elif isinstance(rec, VfioConfig) and current is not None:
+                if mf is not None and current.idstr in mf.transfers:
+                    raise ReplayError("got DEV_CONFIG_STATE in main migration channel but "
+                                      "doing multifd transfer", rec.offset, current.idstr)
                 current.config = rec
             elif isinstance(rec, R.RamMemSize):
                 if ram is not None:
@@ -238,6 +305,15 @@ def _load(path, dests, page_size, result) -> GuestRam:
             raise ReplayError(f"the stream has no sections for {', '.join(missing)}", None)
         if ram is None:
             raise ReplayError("the stream has no RAM block list", None)
+        if mf is not None:
+            mf.finish(loader)
+        for d in dests.values():
+            if d.config is None and full_markers.get(d.idstr) in (
+                    W.Marker.END_OF_STATE, W.Marker.DEV_CONFIG_LOAD_READY):
+                raise ReplayError("its FULL section says data and config travel on multifd "
+                                  "channels, and " + ("none were given" if mf is None else
+                                                      "they have no packets for it"),
+                                  None, d.idstr)
     except BaseException:
         if ram is not None:
             ram.close()
@@ -258,7 +334,7 @@ def _commit(dests):
 def _error_json(e) -> dict:
     if isinstance(e, ReplayError):
         return {"reason": e.reason, "offset": e.offset, "device": e.device, "errno": e.errno,
-                "message": str(e)}
+                "file": e.file, "message": str(e)}
     if isinstance(e, DeviceError):
         return {"reason": str(e), "offset": None, "device": None, "errno": e.errno,
                 "message": str(e)}
@@ -289,3 +365,123 @@ def _verify(result, expect, dests):
 def load_expect(path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+# -- multifd channels (10.x) -----------------------------------------------------------
+
+class _Channel:
+    """One multifd channel file, parsed whole, read forward by sync points."""
+
+    def __init__(self, path, page_size):
+        self.name = str(path)
+        with open(path, "rb") as f:
+            data = f.read()
+        self.size = len(data)
+        self.records = MF.parse_channel(data, name=self.name, page_size=page_size)
+        self.pos = 1                       # after MultiFDInit_t
+        self.counts = {"ram": 0, "sync": 0, "device_state": 0, "pages": 0}
+
+    def to_json(self):
+        return {"file": self.name, "size": self.size,
+                "channel": self.records[0].channel_id, **self.counts}
+
+
+class _MultifdLoad:
+    """``multifd_recv_thread`` and ``multifd_recv_sync_main``, in one thread."""
+
+    def __init__(self, chans, dests):
+        self.chans = chans
+        self.dests = dests
+        self.transfers = {}                # idstr -> DeviceTransfer
+
+    def _ram(self, ch, pkt, loader):
+        flags = pkt.flags
+        if flags & W.MULTIFD_FLAG_COMPRESSION_MASK:
+            raise StreamError("compressed multifd RAM packets are not supported", pkt.offset + 8,
+                              section=ch.name, found=f"flags 0x{flags:x}")
+        normal, zero = pkt.offsets()
+        if not normal and not zero:
+            return
+        ram = loader.ram
+        blk = ram.blocks.get(pkt.ramblock)
+        if blk is None:
+            raise StreamError(f"multifd: unknown ram block {pkt.ramblock!r}",
+                              pkt.offset + W.MULTIFD_RAM_FIXED_SIZE - 256, section=ch.name)
+        ps = blk.page_size
+        for i, off in enumerate(normal + zero):
+            if off > blk.used_length - ps:
+                raise StreamError("multifd: offset too long", pkt.offset +
+                                  W.MULTIFD_RAM_FIXED_SIZE + 8 * i, section=ch.name,
+                                  expected=f"<= 0x{blk.used_length - ps:x}", found=off)
+        for i, off in enumerate(normal):
+            blk.mem[off:off + ps] = pkt.page(i)
+        for off in zero:                   # multifd_recv_zero_page_process
+            blk.mem[off:off + ps] = bytes(ps)
+        loader.pages += len(normal) + len(zero)
+        ch.counts["pages"] += len(normal) + len(zero)
+
+    def _device(self, ch, pkt):
+        if pkt.idstr not in self.dests:
+            raise StreamError(f"device-state packet for {pkt.idstr!r}, which has no "
+                              "destination device", pkt.offset + W.MULTIFD_HDR_SIZE,
+                              section=ch.name)
+        t = self.transfers.get(pkt.idstr)
+        if t is None:
+            t = self.transfers[pkt.idstr] = MF.DeviceTransfer(pkt.idstr, pkt.instance_id)
+        t.add(pkt, ch.name)
+        ch.counts["device_state"] += 1
+
+    def _read(self, ch, loader, until_sync):
+        """Apply ``ch``'s packets up to and including its next SYNC (or to the end)."""
+        recs = ch.records
+        while ch.pos < len(recs):
+            pkt = recs[ch.pos]
+            ch.pos += 1
+            if isinstance(pkt, MF.DeviceStatePacket):
+                self._device(ch, pkt)
+                continue
+            if pkt.is_sync:
+                if not until_sync:
+                    raise StreamError("a SYNC packet no MULTIFD_FLUSH on the main channel "
+                                      "waits for", pkt.offset, section=ch.name)
+                ch.counts["sync"] += 1
+                self._ram(ch, pkt, loader)      # < 9.0 sources send pages with SYNC
+                return True
+            ch.counts["ram"] += 1
+            self._ram(ch, pkt, loader)
+        return False
+
+    def sync(self, loader, main_offset):
+        """``RAM_SAVE_FLAG_MULTIFD_FLUSH`` at ``main_offset``: every channel to its SYNC."""
+        for ch in self.chans:
+            if not self._read(ch, loader, True):
+                raise StreamError(f"channel ends before the sync point the main channel's "
+                                  f"MULTIFD_FLUSH at offset {main_offset} waits for",
+                                  ch.size, section=ch.name, expected="a SYNC packet",
+                                  found="end of channel")
+
+    def finish(self, loader):
+        """After EOF: the rest of each channel, then each device's data in idx order."""
+        for ch in self.chans:
+            self._read(ch, loader, False)
+        for idstr, t in self.transfers.items():
+            t.check()
+            dest = self.dests[idstr]
+            if not dest.begun:
+                raise ReplayError("device-state packets for a device whose setup section "
+                                  "never came", None, idstr)
+            for chname, pkt in t.data_packets():
+                try:
+                    dest.write_bytes(bytes(pkt.data))
+                except DeviceError as e:
+                    raise ReplayError(f"device rejected state buffer {pkt.idx}: {e} "
+                                      f"(errno {e.errno})", pkt.data_offset, idstr, e.errno,
+                                      chname) from None
+            cfg = t.config_bytes
+            chname, cpkt = t.packets[t.config_idx]
+            if cfg[:8] != W.CONFIG_STATE_BYTES:
+                raise StreamError("expected FLAG_DEV_CONFIG_STATE at the start of the "
+                                  "config packet", cpkt.data_offset, section=chname,
+                                  expected=W.CONFIG_STATE_BYTES, found=cfg[:8])
+            state, n = W.parse_config_state(cfg, 8, base=cpkt.data_offset, section=chname)
+            dest.config = VfioConfig(state, cpkt.data_offset)
