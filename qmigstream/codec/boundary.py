@@ -142,6 +142,10 @@ def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: i
                 if i + 5 + 16 <= len(view) or at_end:
                     if plausible_record(view, i + 5, known_ids, at_end, depth):
                         return i, "footer"
+                    # Inside a PACKAGED blob an EOF may end the nested state
+                    # (qemu_loadvm_state_main returns there).
+                    if depth > 0 and view[i + 5:i + 6] == b"\x00":
+                        return i, "footer"
                 else:
                     break  # need more bytes to judge this candidate
                 i = view.find(pat, i + 1)

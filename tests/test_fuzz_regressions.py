@@ -1,0 +1,45 @@
+"""Inputs the fuzzers found, each with the fix it needed (tests/fuzz_regressions/index.json).
+
+Every file is a minimal input; ``target`` is the fuzz target that failed on it
+(tests/fuzz_targets.py), ``was`` what happened, ``fix`` where it was fixed.
+``expect``: ``decodes`` (a valid stream that must decode and re-encode to the
+same bytes) or ``typed-error`` (bad input that must be refused with a
+QmigstreamError).  Every input must also pass its target's checks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import pytest
+
+import fuzz_targets as FT
+from qmigstream.codec.reader import read_records
+from qmigstream.codec.writer import encode_records
+from qmigstream.errors import QmigstreamError
+
+HERE = pathlib.Path(__file__).resolve().parent / "fuzz_regressions"
+INDEX = json.loads((HERE / "index.json").read_text())
+
+
+def test_every_file_is_listed():
+    files = {p.name for p in HERE.iterdir() if p.name != "index.json"}
+    assert files == set(INDEX)
+
+
+@pytest.mark.parametrize("name", sorted(INDEX))
+def test_regression(name):
+    meta = INDEX[name]
+    data = (HERE / name).read_bytes()
+    f = FT.run_one(meta["target"], data)
+    assert f is None, repr(f)
+    if meta["expect"] == "decodes":
+        assert encode_records(list(read_records(data))) == data
+        assert encode_records(list(read_records(io.BytesIO(data), fast=False))) == data
+    elif meta["expect"] == "typed-error":
+        with pytest.raises(QmigstreamError):
+            FT.TARGETS[meta["target"]](data)
+    else:
+        raise AssertionError(f"unknown expectation {meta['expect']!r}")
