@@ -85,6 +85,22 @@ def test_physical_option(tmp_path, capsys):
     assert (out / "physical.img").read_bytes() == (out / "pc.ram.img").read_bytes()
 
 
+@pytest.mark.parametrize("arg, below", [("2G", 2 << 30), ("0x80000000", 2 << 30),
+                                        ("3584M", 3 << 30), ("3221225472", 3 << 30),
+                                        ("4G", 3 << 30)])
+def test_max_ram_below_4g(tmp_path, capsys, arg, below):
+    """pc, 4 GiB: lowmem = max-ram-below-4g, cut to 3 GiB (gigabyte_align)."""
+    size = 4 << 30
+    p = write(tmp_path, stream([("pc.ram", size)], [[("pc.ram", 0, "page", page(1))]]))
+    rc, text, _ = run(capsys, "ram", "extract", p, "-o", str(tmp_path / "o"), "--physical",
+                      "pc", "--max-ram-below-4g", arg, "--json", "--no-sha256")
+    assert rc == 0
+    m = json.loads(text)["physical"]["map"]
+    assert m[0]["length"] == below
+    assert m[1] == {"region": "ram-above-4g", "gpa": 4 << 30, "block_offset": below,
+                    "length": size - below}
+
+
 def test_stdin(tmp_path):
     data = stream([("pc.ram", 4 * PS)], [[("pc.ram", 1, "page", page(9))]]).encode()
     out = tmp_path / "o"
@@ -106,8 +122,12 @@ def test_bad_input_exit_2_one_line(tmp_path, capsys):
     rc, _, err = run(capsys, "ram", "extract", str(p), "-o", str(tmp_path / "o"), "--physical",
                      "pc")
     assert rc == 2
+    for bad in (["--until-iteration", "-1"], ["--max-ram-below-4g", "lots"]):
+        with pytest.raises(SystemExit) as e:
+            main(["ram", "extract", str(p), "-o", str(tmp_path / "o"), *bad])
+        assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
-        main(["ram", "extract", str(p), "-o", str(tmp_path / "o"), "--until-iteration", "-1"])
+        main(["diff", str(p), str(p), "--until-iteration", "-2"])
     assert e.value.code == 2
 
 

@@ -17,13 +17,20 @@ def register(sub):
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="drop differences whose path matches this fnmatch pattern "
                         "(repeatable), e.g. 'timer/*'")
-    p.add_argument("--until-iteration", type=int, metavar="N",
+    p.add_argument("--until-iteration", type=_nonneg, metavar="N",
                    help="compare memory as of the end of RAM iteration N in both")
     p.add_argument("--multifd-a", action="append", default=[], metavar="CHANNEL",
                    help="a recorded multifd channel of A's migration (repeatable)")
     p.add_argument("--multifd-b", action="append", default=[], metavar="CHANNEL",
                    help="a recorded multifd channel of B's migration (repeatable)")
     p.set_defaults(func=run)
+
+
+def _nonneg(text):
+    n = int(text, 0)
+    if n < 0:
+        raise ValueError(text)
+    return n
 
 
 def run(args) -> int:

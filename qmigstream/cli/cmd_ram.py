@@ -56,10 +56,16 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _size(text):
-    t = text.strip().upper().rstrip("B")
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
-    return int(float(t[:-1] if unit else t) * _UNITS[unit]) if not t.startswith("0X") \
-        else int(t, 16)
+    """``2G``, ``3584M``, ``0xe0000000``, ``3221225472`` -> bytes."""
+    t = text.strip().upper()
+    if t.startswith("0X"):
+        return int(t, 16)
+    t = t[:-1] if t.endswith("B") else t
+    unit = t[-1:] if t[-1:] in ("K", "M", "G", "T") else ""
+    n = float(t[:len(t) - len(unit)]) * _UNITS[unit]
+    if n < 0 or n != int(n):
+        raise ValueError(text)
+    return int(n)
 
 
 def run_extract(args) -> int:
