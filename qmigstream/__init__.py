@@ -7,6 +7,8 @@ Layers, bottom up (a module imports only from layers below it):
 * ``qmigstream.codec``   - streaming reader (records with offsets) and writer
 * ``qmigstream.vmstate`` - device sections decoded through the VMDESCRIPTION JSON
 * ``qmigstream.device``  - emulated VFIO device with the v1 and v2 migration interfaces
+* ``qmigstream.guestmem`` - guest RAM replayed from a stream into sparse per-block files
+* ``qmigstream.diff``    - semantic differences between two streams (device fields, RAM pages)
 * ``qmigstream.cli``     - the ``qmigstream`` command
 """
 
