@@ -10,9 +10,13 @@ scenario's settings, the generator version and the command that regenerates
 the set.  Everything is a function of the settings: the same command writes
 the same bytes on every run and machine (no time stamps, no absolute paths).
 
+A multifd vector (``multifd-device-state``, 10.0+) also has its channel
+files ``<scenario>.mig.ch0``, ``.mig.ch1``, listed in the manifest like the
+others.
+
 ``check(dir)`` verifies a set: every file's size and digests, every stream's
-byte round trip and verified replay, and that regenerating each vector gives
-the very same bytes.  ``compare(dir, stream)`` says how another stream (e.g.
+(and channel's) byte round trip and verified replay, and that regenerating
+each vector gives the very same bytes.  ``compare(dir, stream)`` says how another stream (e.g.
 one a patched QEMU wrote) differs from the vector it should match.
 """
 
@@ -33,6 +37,7 @@ from ..codec.tree import tree_events
 from ..codec.writer import StreamWriter
 from ..errors import QmigstreamError
 from ..vfio import family as VF
+from ..vfio import multifd as MF
 from ..vfio.scan import scan
 from . import profiles as P
 from .migrate import DeviceSpec, MigrateConfig, migrate
@@ -50,7 +55,7 @@ class Scenario:
     name: str
     what: str
     settings: dict
-    needs: str = ""          # "v1", "v2", "switchover-ack", "precopy" or ""
+    needs: str = ""          # "v1", "v2", "switchover-ack", "precopy", "multifd" or ""
 
     def applies(self, prof: P.Profile) -> bool:
         if self.needs == "v1":
@@ -59,6 +64,8 @@ class Scenario:
             return prof.interface == "v2"
         if self.needs == "switchover-ack":
             return VF.get(prof.vfio_family).init_data_sent
+        if self.needs == "multifd":
+            return prof.multifd_transfer_possible(prof.machine)
         if self.needs == "precopy":
             return VF.get(prof.vfio_family).has_part and (prof.interface == "v1" or
                                                           prof.v2_precopy)
@@ -98,6 +105,10 @@ SCENARIOS = [Scenario(*s) for s in (
     ("xbzrle", "XBZRLE pages across iterations",
      {"iterations": 4, "dirty_rate": 10000, "xbzrle": True,
       "devices": [_dev("sized:16K")]}),
+    ("multifd-device-state", "10.x multifd: RAM packets, SYNC points and two devices' "
+     "stop-and-copy data and config as device-state packets on 2 channels",
+     {"iterations": 3, "dirty_rate": 5000, "multifd_channels": 2,
+      "devices": [_dev("sized:1536K", dma=1000), _dev("mtty", seed=3)]}, "multifd"),
 )]
 
 SCENARIO_NAMES = [s.name for s in SCENARIOS]
@@ -162,7 +173,8 @@ def make_vector(directory, prof: P.Profile, sc: Scenario) -> dict:
     stream = os.path.join(sub, f"{sc.name}.mig")
     cfg = config_for(prof, sc)
     res = migrate(stream, cfg)
-    rr = replay(stream, expect=res.to_json())
+    channels = [c["file"] for c in res.channels]
+    rr = replay(stream, expect=res.to_json(), channels=channels)
     if not (rr.ok and rr.verified):
         raise QmigstreamError(f"{prof.name}/{sc.name}: the vector does not replay: "
                               f"{rr.error or rr.mismatches}")
@@ -182,13 +194,19 @@ def make_vector(directory, prof: P.Profile, sc: Scenario) -> dict:
         "ram": res.ram, "pages": res.pages, "rounds": res.rounds, "converged": res.converged,
         "phases": res.phases,
     }
+    if channels:
+        state["channels"] = [{"file": os.path.basename(c["file"]), "size": c["size"],
+                              "packets": c["packets"]} for c in res.channels]
+        state["destination_channels"] = [
+            {k: v for k, v in c.items() if k != "file"} for c in rr.channels]
     _write_json(os.path.join(sub, f"{sc.name}.state.json"), state)
     rel = lambda name: f"{prof.name}/{name}"  # noqa: E731
     return {"profile": prof.name, "scenario": sc.name, "what": sc.what,
             "settings": cfg.to_json(),
             "files": [_file_entry(os.path.join(directory, rel(f"{sc.name}{ext}")),
                                   rel(f"{sc.name}{ext}"))
-                      for ext in (".mig", ".decode.json", ".state.json")]}
+                      for ext in (".mig", ".decode.json", ".state.json") +
+                      tuple(f".mig.ch{i}" for i in range(len(channels)))]}
 
 
 def _source_before(res, rr):
@@ -272,6 +290,20 @@ def check(directory, *, regenerate=True) -> CheckResult:
             with open(stream, "rb") as f:
                 if buf.getvalue() != f.read():
                     res.fail(f"{name}: does not round-trip byte for byte")
+        for fe in v["files"]:
+            path = os.path.join(directory, fe["file"])
+            if ".mig.ch" not in fe["file"] or not os.path.exists(path):
+                continue
+            with open(path, "rb") as f:
+                raw = f.read()
+            try:
+                recs = MF.parse_channel(raw, name=fe["file"])
+                again = MF.build_channel(recs[1:], recs[0].channel_id, recs[0].uuid)
+            except QmigstreamError as e:
+                res.fail(f"{fe['file']}: does not parse as a multifd channel: {e}")
+                continue
+            if again != raw:
+                res.fail(f"{fe['file']}: does not round-trip byte for byte")
         if regenerate:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
