@@ -260,16 +260,37 @@ def test_running_guest_iterations_and_xbzrle(reports):
     assert sum(n for k, n in rep["phases"].items() if k.startswith("iteration")) == part
 
 
-def test_many_rounds_are_grouped(reports):
-    """18,135 rounds of PART sections (RAM and dirty-bitmap): at most 128 groups."""
-    page, rep, info, _ = reports["pc-7.2-dirty-bitmaps"]
-    assert rep["iterations"] == info["ram"]["sections"]["PART"] == 18135
-    groups = [k for k in rep["phases"] if k.startswith("iteration")]
-    w = rep["iterations_per_phase"]
-    assert MAX_ITERATION_BUCKETS // 2 < len(groups) <= MAX_ITERATION_BUCKETS
-    assert groups[0] == f"iterations 1–{w}" and groups[-1].endswith("–18135")
-    assert len(groups) == -(-18135 // w)
-    assert sum(rep["phases"].values()) == info["size"]
+def test_many_rounds_are_grouped():
+    """5,000 rounds of PART sections: at most 128 groups, the bytes still exact."""
+    b = StreamBuilder()
+    b.header()
+    b.configuration("pc-i440fx-7.2")
+    b.section(T.SECTION_START, "ram", b.ram_setup_records([("pc.ram", 64 * PS)]),
+              version_id=4, section_id=2)
+    for i in range(5000):
+        recs = [b.ram_page_record("pc.ram", (i % 64) * PS, zero=True)]
+        if i % 1000 == 0:
+            recs.append(b.ram_page_record("pc.ram", 0, bytes([i % 251]) * PS))
+        b.section(T.SECTION_PART, "ram", recs + [RamEos()], section_id=2)
+    b.section(T.SECTION_END, "ram", [RamEos()], section_id=2)
+    b.eof()
+    data = b.encode()
+    rep = collect(io.BytesIO(data))
+    d = rep.to_json()
+    assert d["iterations"] == 5000 and d["iterations_per_phase"] == 64
+    groups = rep.iteration_phases()
+    assert len(groups) == -(-5000 // 64) == 79
+    assert groups[0] == "iterations 1–64" and groups[-1] == "iterations 4993–5000"
+    assert sum(d["phases"].values()) == len(data) == d["size"]
+    per = d["ram"]["records_per_phase"]
+    assert sum(x["zero"] for x in per.values()) == 5000
+    assert per["iterations 1–64"]["normal"] == 1 and per["iterations 4993–5000"]["zero"] == 8
+    assert [k for k, x in per.items() if x["normal"]] == \
+        [f"iterations {64 * (n // 64) + 1}–{64 * (n // 64) + 64}" for n in range(0, 5000, 1000)]
+    page = render_html(rep)
+    p = parse_page(page)
+    assert "iterations 4993–5000" in " ".join(p.text)
+    svgs(page)
 
 
 # --- names from the stream are text --------------------------------------------
