@@ -83,15 +83,19 @@ def t_decode(data: bytes):
     """read_records (bytes, file, pipe; fast and schema paths) + re-encode."""
     from qmigstream.codec.reader import read_records
     from qmigstream.codec.writer import encode_records
-    mode = len(data) % 4
+    mode = len(data) % 6
     if mode == 0:
         src, opts = data, {}
     elif mode == 1:
         src, opts = io.BytesIO(data), {"fast": False, "compact": False}
     elif mode == 2:
         src, opts = io.BufferedReader(_Pipe(data)), {}
-    else:
+    elif mode == 3:
         src, opts = data, {"vmstate": False}
+    elif mode == 4:
+        src, opts = io.BufferedReader(_Pipe(data)), {"no_lookahead": True, "fast": False}
+    else:
+        src, opts = data, {"mapped_ram": True}
     recs = list(read_records(src, **opts))
     out = encode_records(recs)
     assert out == data, f"re-encode differs at {_first_diff(out, data)} " \
@@ -200,6 +204,33 @@ def t_diff(data: bytes):
         shutil.rmtree(d, ignore_errors=True)
 
 
+_MULTIFD_STREAM = None
+
+
+def t_multifd(data: bytes):
+    """A recorded multifd channel: parse_channel (+ reassemble) and ram extract with it."""
+    from qmigstream import guestmem
+    from qmigstream.vfio.multifd import parse_channel, reassemble
+    global _MULTIFD_STREAM
+    init = len(data) % 2 == 0
+    try:
+        recs = parse_channel(data, init=init)
+        reassemble([("ch0", recs)])
+    except QmigstreamError:
+        pass
+    if _MULTIFD_STREAM is None:
+        import strategies
+        _MULTIFD_STREAM = strategies.fixture_seeds()["pc-7.2-multifd.0"]
+    d = tempfile.mkdtemp(prefix="qmigstream-fuzz-")
+    try:
+        ch = os.path.join(d, "ch0")
+        with open(ch, "wb") as f:
+            f.write(data)
+        guestmem.extract(_MULTIFD_STREAM, os.path.join(d, "out"), channels=[ch], hash=False)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def t_qcow2(data: bytes):
     from qmigstream.codec.reader import read_records
     from qmigstream.qcow2 import Qcow2Image
@@ -228,6 +259,7 @@ TARGETS = {
     "ram": t_ram,
     "diff": t_diff,
     "qcow2": t_qcow2,
+    "multifd": t_multifd,
 }
 
 

@@ -145,6 +145,20 @@ def test_fuzz_diff(data):
 
 
 @st.composite
+def multifd_channels(draw):
+    d = S.HypothesisDraw(draw)
+    seeds = S.multifd_channel_seeds()
+    base = seeds[d.choice(sorted(seeds))][:d.int(64, 12000)]
+    return S.mutate(d, base)
+
+
+@settings(max_examples=30, **FAST)
+@given(multifd_channels())
+def test_fuzz_multifd(data):
+    ok("multifd", data)
+
+
+@st.composite
 def qcow2_images(draw):
     d = S.HypothesisDraw(draw)
     vm = S.stream(d)[:3000]
