@@ -1051,9 +1051,17 @@ def render_html(rep: Report) -> str:
                         + [f"{ram[p][k][1]:,}" for k in kinds] for p in cats]))
         w("</details>")
     else:
-        w('<p class="muted">No RAM page records in this stream'
-          + (" (pages travel on the multifd channels)" if s.multifd_flushes
-             or "multifd" in s.capabilities else "") + ".</p>")
+        w('<p class="muted">No RAM page records in this stream.</p>')
+    if s.multifd_flushes or "multifd" in s.capabilities:
+        w('<p class="what">multifd: page data travels on separate channels, which are not '
+          'part of this file; the records here are those of the main channel'
+          + (f" ({s.multifd_flushes:,} MULTIFD_FLUSH records)" if s.multifd_flushes else "")
+          + ".</p>")
+    if s.mapped_ram_bitmaps:
+        n = sum(s.mapped_ram_bitmaps.values())
+        w(f'<p class="what">mapped-ram: pages are stored in place in each block\'s area of '
+          f'the file, not as records; the blocks\' bitmaps mark {n:,} pages as written '
+          f'({esc(", ".join(f"{b}: {c:,}" for b, c in s.mapped_ram_bitmaps.items()))}).</p>')
     w("</section>")
 
     blocks = {b["name"]: b for b in s.ram_blocks}

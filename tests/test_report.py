@@ -566,3 +566,56 @@ def test_chromium_renders_the_page(capture, tmp_path, capsys):
     # wider than any swatch of the HTML legend
     assert widest_run("56b4e9") > 200
     assert widest_run("8e6bbf") > 60
+
+
+def test_mapped_ram_pages_are_counted_from_the_bitmaps():
+    from qmigstream.codec.build import mapped_ram_fill
+    b = StreamBuilder()
+    b.header()
+    b.configuration("pc-q35-9.0", capabilities=["mapped-ram"])
+    recs = b.ram_setup_records([("pc.ram", 8 * PS)], mapped_ram=True)
+    for i in (1, 5, 6):
+        mapped_ram_fill(recs, "pc.ram", i, bytes([i]) * PS)
+    b.section(T.SECTION_START, "ram", recs, version_id=4, section_id=2)
+    b.section(T.SECTION_END, "ram", [RamEos()], section_id=2)
+    b.eof()
+    data = b.encode()
+    rep = collect(io.BytesIO(data))
+    assert sum(rep.phases.values()) == len(data)
+    assert rep.phases["setup"] > 8 * PS and rep.iterations == 0
+    page = render_html(rep)
+    assert "the blocks' bitmaps mark 3 pages as written (pc.ram: 3)" in \
+        " ".join(parse_page(page).text)
+    assert "No RAM page records in this stream." in page
+    svgs(page)
+
+
+@pytest.mark.parametrize("profile,extra", [
+    ("qemu-7.2", ["--xbzrle"]),
+    ("qemu-10.0", ["--switchover-ack"]),
+])
+def test_phases_agree_with_the_writer(capture, tmp_path, capsys, profile, extra):
+    """Streams written by `qmigstream migrate`, which counts its own bytes per phase as it
+    writes them: the report finds the same phases, rounds, pages and VFIO data."""
+    tpl, _ = capture("pc-7.2-paused")
+    mig = tmp_path / "m.mig"
+    code, _, err = run_cli(capsys, "migrate", "-o", mig, "--profile", profile, "--template",
+                           tpl, "--device", "sized:192K", "--iterations", "4", *extra)
+    assert code == 0, err
+    manifest = json.loads(mig.with_name("m.mig.json").read_text())
+    code, stdout, err = run_cli(capsys, "report", mig, "-o", tmp_path / "m.html", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["phases"] == manifest["phases"]
+    assert rep["iterations"] == manifest["rounds"] == 4
+    assert rep["sha256"] == manifest["sha256"] and rep["size"] == manifest["size"]
+    per = rep["ram"]["records_per_phase"]
+    for kind in ("zero", "normal", "xbzrle"):
+        assert sum(d[kind] for d in per.values()) == manifest["pages"][kind], kind
+    (dev,) = manifest["devices"]
+    (v,) = rep["vfio"]
+    assert (v["idstr"], v["data_bytes"], v["chunks"]) == (dev["idstr"], dev["data_bytes"],
+                                                           dev["chunks"])
+    page = (tmp_path / "m.html").read_text(encoding="utf-8")
+    parse_page(page)
+    svgs(page)
