@@ -209,7 +209,7 @@ class Report:
         self.iterations = 0
         self.sha256 = None
         self.size = 0
-        self.error = None                    # one line, when the stream could not be read to the end
+        self.error = None                    # one line: why the stream was not read to the end
         self.error_offset = None
         self._phase = "header"
         self._round = set()
@@ -979,8 +979,8 @@ def render_html(rep: Report) -> str:
     items = []
     for p, n in _phase_groups(rep.phases).items():
         col = PHASE_COLORS["iteration"][1] if p == "iterations" else _phase_color(p)
-        lab = {"devices": "device state", "iterations":
-               f"iterations 1–{rep.iterations}" if rep.iterations > 1 else "iteration 1"}.get(p, p)
+        its = f"iterations 1–{rep.iterations}" if rep.iterations > 1 else "iteration 1"
+        lab = {"devices": "device state", "iterations": its}.get(p, p)
         items.append((col, lab, f"{human(n)} · {100 * n / (total or 1):.1f}%"))
     w(legend(items))
     w("<details><summary>bytes of every phase</summary>")

@@ -23,7 +23,7 @@ from qmigstream.cli import main
 from qmigstream.codec.build import StreamBuilder
 from qmigstream.codec.ram_records import RamEos
 from qmigstream.codec.records import OpaquePayload
-from qmigstream.report import MAX_ITERATION_BUCKETS, collect, render_html
+from qmigstream.report import collect, render_html
 from qmigstream.wire.header import SectionType as T
 
 from conftest import ROOT, capture_names
