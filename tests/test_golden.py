@@ -24,7 +24,8 @@ def test_every_scenario_that_applies_is_written(vector_set):
     assert ("qemu-5.2", "v1-partial-bitmap") in names
     assert ("qemu-8.2", "switchover-ack") in names
     assert ("qemu-5.2", "switchover-ack") not in names
-    assert {s["scenario"] for s in m["skipped"]} == {"switchover-ack", "v1-partial-bitmap"}
+    assert {s["scenario"] for s in m["skipped"]} == {"switchover-ack", "v1-partial-bitmap",
+                                                     "multifd-device-state"}
     for v in m["vectors"]:
         assert [f["file"].rsplit(".", 2)[-2:] for f in v["files"]][0][-1] == "mig"
         for f in v["files"]:
@@ -93,3 +94,31 @@ def test_compare_equal_and_different(vector_set, tmp_path, capsys):
 def test_not_a_vector_set_is_exit_2(tmp_path, capsys):
     assert main(["golden", "check", str(tmp_path)]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_multifd_vector_lists_and_checks_its_channels(tmp_path, capsys):
+    d = tmp_path / "mf"
+    m = G.generate(str(d), ["qemu-9.2", "qemu-10.0"], ["multifd-device-state"])
+    assert m["skipped"] == [{"profile": "qemu-9.2", "scenario": "multifd-device-state",
+                             "why": "needs multifd"}]
+    (v,) = m["vectors"]
+    names = [f["file"] for f in v["files"]]
+    assert names == [f"qemu-10.0/multifd-device-state{e}" for e in
+                     (".mig", ".decode.json", ".state.json", ".mig.ch0", ".mig.ch1")]
+    for f in v["files"]:
+        assert os.path.getsize(os.path.join(d, f["file"])) == f["size"]
+    assert v["settings"]["multifd_channels"] == 2
+    state = json.load(open(os.path.join(d, "qemu-10.0", "multifd-device-state.state.json")))
+    assert [c["file"] for c in state["channels"]] == ["multifd-device-state.mig.ch0",
+                                                      "multifd-device-state.mig.ch1"]
+    assert all(x["verified"] for x in state["destination_after"])
+    assert main(["golden", "check", str(d)]) == 0
+    assert "1 vectors checked: all good" in capsys.readouterr().out
+    ch = d / "qemu-10.0" / "multifd-device-state.mig.ch1"
+    data = bytearray(ch.read_bytes())
+    data[70] ^= 1                                     # the first packet's header
+    ch.write_bytes(data)
+    assert main(["golden", "check", str(d), "--no-regenerate"]) == 1
+    out = capsys.readouterr().out
+    assert "qemu-10.0/multifd-device-state.mig.ch1: sha256" in out
+    assert "multifd-device-state.mig.ch1: does not parse as a multifd channel" in out
