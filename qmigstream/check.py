@@ -345,7 +345,7 @@ class Checker:
             sname = src.peek(2 + ln)[2:]
             if len(sname) != ln:
                 break
-            sname = sname.decode("latin-1")
+            sname = _c_str(sname)   # QEMU compares C strings
             if not sname.startswith("configuration"):
                 break
             if sname not in known:
@@ -373,7 +373,7 @@ class Checker:
                 for _ in range(count):
                     coff = src.offset
                     cl = self.be(1, "capability name length", "configuration")
-                    cn = self.read(cl, "capability name", "configuration").decode("latin-1")
+                    cn = _c_str(self.read(cl, "capability name", "configuration"))
                     if cn not in self.prof.capabilities:
                         self.fatal(coff, "configuration", f"Received unknown capability {cn}",
                                    "configuration")
@@ -497,7 +497,7 @@ class Checker:
     def _start_full(self, off, t):
         sid = self.be(4, "section id")
         ln = self.be(1, "section idstr length")
-        idstr = self.read(ln, "section idstr").decode("latin-1")
+        idstr = _c_str(self.read(ln, "section idstr"))
         inst = self.be(4, "instance id")
         voff = self.src.offset
         ver = self.be(4, "version id")
@@ -794,7 +794,7 @@ class Checker:
             return self.last_block
         noff = self.src.offset
         ln = self.be(1, "RAM block name length", name)
-        bname = self.read(ln, "RAM block name", name).decode("latin-1")
+        bname = _c_str(self.read(ln, "RAM block name", name))
         if self.blocks is None or bname not in self.blocks:
             self.fatal(noff, "ram-block", f"Can't find block {bname}", name)
         self.last_block = bname
@@ -815,7 +815,7 @@ class Checker:
         while total:
             boff = self.src.offset
             ln = self.be(1, "RAM block name length", name)
-            bname = self.read(ln, "RAM block name", name).decode("latin-1")
+            bname = _c_str(self.read(ln, "RAM block name", name))
             length = self.be(8, "RAM block length", name)
             if bname not in self.blocks:
                 self.fatal(boff, "ram-block", f'Unknown ramblock "{bname}", cannot accept '
@@ -847,7 +847,7 @@ class Checker:
         ignore = "x-ignore-shared" in self.stream_caps
         while acc < total and p < len(buf):
             ln = buf[p]
-            nm = buf[p + 1:p + 1 + ln].decode("latin-1")
+            nm = _c_str(buf[p + 1:p + 1 + ln])
             if p + 9 + ln > len(buf):
                 break
             length = _U64.unpack_from(buf, p + 1 + ln)[0]
