@@ -132,15 +132,14 @@ class SectionInfo:
         """How the payload was decoded, in words."""
         out = []
         if self.decoded_bytes:
-            out.append(f"field by field ({self.fields} fields"
+            out.append(f"field by field ({self.fields:,} field{'s' if self.fields != 1 else ''}"
                        + (f", vmsd {self.vmsd_name}" if self.vmsd_name else "") + ")")
         if self.opaque_bytes:
             why = "; ".join(self.opaque_reasons) or "no reason given"
             how = ", ".join(sorted(self.bounded_by))
             out.append(f"opaque: {why}" + (f" (end found by {how})" if how else ""))
         if self.kinds:
-            out.append("records: " + ", ".join(f"{k} x{v:,}" if v > 1 else k
-                                               for k, v in self.kinds.most_common()))
+            out.append("records: " + ", ".join(f"{v:,} {k}" for k, v in self.kinds.most_common()))
         return "; ".join(out) or "empty payload"
 
 
@@ -791,12 +790,21 @@ def svg_vbars(categories, series, label, y_label, *, mode="stack", value_fmt=Non
             gw = bw / n
             for j, (name, col, vals) in enumerate(series):
                 v = vals[i]
-                if not v:
-                    continue
-                h = min(v * sc, bottom - top)
                 tip = f"{cat} · {name}: {value_fmt(v)}"
                 if tip_extra:
-                    tip += tip_extra(i, name)
+                    extra = tip_extra(i, name)
+                    if not extra:
+                        continue            # nothing of this series here
+                    tip += extra
+                elif not v:
+                    continue
+                if not v:
+                    # present but empty (a zero-length chunk): a mark on the axis
+                    mx = cx - bw / 2 + j * gw + gw / 2
+                    out.append(f'<path d="M{_fmt(mx)} {bottom - 7} l5 7 l-10 0 z" fill="{col}">'
+                               f'<title>{esc(tip)}</title></path>')
+                    continue
+                h = min(max(v * sc, 2), bottom - top)
                 out.append(f'<rect x="{_fmt(cx - bw / 2 + j * gw)}" y="{_fmt(bottom - h)}" '
                            f'width="{_fmt(max(gw - 1, 0.8))}" height="{_fmt(max(h, 0.5))}" '
                            f'fill="{col}"><title>{esc(tip)}</title></rect>')
@@ -879,7 +887,7 @@ svg .value{fill:var(--fg);font-size:12px;font-variant-numeric:tabular-nums}
 svg .inbar{fill:#fff;font-size:13px;font-weight:600;pointer-events:none}
 svg .break{stroke:var(--card);stroke-width:3;fill:none}
 svg text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif}
-ul.legend{list-style:none;display:flex;flex-wrap:wrap;gap:6px 18px;padding:0;margin:10px 0 0;
+ul.legend{list-style:none;display:flex;flex-wrap:wrap;gap:6px 18px;padding:0;margin:10px 0 14px;
 font-size:.9rem}
 ul.legend li{display:flex;align-items:center;gap:6px}
 .sw{display:inline-block;width:12px;height:12px;border-radius:3px;flex:none}
@@ -1111,7 +1119,8 @@ def render_html(rep: Report) -> str:
     w('<section class="card" id="vfio"><h2>VFIO devices</h2>')
     if rep.vfio:
         w('<p class="what">Device data chunks (DEV_DATA_STATE) per phase, bytes of data '
-          'without the 16-byte chunk headers.</p>')
+          'without the 16-byte chunk headers. A triangle on the axis is a zero-length '
+          'chunk (what a v1 device writes when it has nothing pending).</p>')
         order = []
         for v in rep.vfio.values():
             for p in v.phases:
@@ -1125,8 +1134,13 @@ def render_html(rep: Report) -> str:
         def vextra(i, name, order=order):
             v = next(v for v in vs if v.name == name)
             c = v.phases.get(order[i])
-            return (f" bytes in {c[0]:,} chunk{'s' if c[0] != 1 else ''} "
-                    f"({c[2]:,}–{c[3]:,} bytes each)") if c else ""
+            if not c:
+                return ""
+            if c[0] == 1:
+                return " bytes in 1 chunk"
+            if c[2] == c[3]:
+                return f" bytes in {c[0]:,} chunks of {c[2]:,} bytes"
+            return f" bytes in {c[0]:,} chunks ({c[2]:,}–{c[3]:,} bytes each)"
         if order:
             chart = svg_vbars(order, series, "VFIO data per phase", "bytes", mode="group",
                               value_fmt="{:,}".format, tip_extra=vextra)

@@ -398,6 +398,9 @@ def test_vfio_5_2_zero_chunks():
     assert v.family.family == "5.2"
     assert dict(v.phases) == {"iteration 1": [1, 100, 100, 100], "iteration 2": [1, 0, 0, 0],
                               "completion": [2, 50, 0, 50]}
+    p = parse_page(render_html(rep))
+    assert f"iteration 2 · {DEV}: 0 bytes in 1 chunk" in p.titles      # the zero-length mark
+    assert f"completion · {DEV}: 50 bytes in 2 chunks (0–50 bytes each)" in p.titles
 
 
 # --- cut streams, pipes ---------------------------------------------------------
