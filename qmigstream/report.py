@@ -210,6 +210,7 @@ class Report:
         self.size = 0
         self.error = None                    # one line: why the stream was not read to the end
         self.error_offset = None
+        self.records = 0                     # records read
         self._phase = "header"
         self._round = set()
         self._sec = None
@@ -490,6 +491,7 @@ def collect(source, *, name=None, progress=None, **options) -> Report:
         for rec in reader.records():
             rep.feed(rec)
             n += 1
+            rep.records = n
             if progress is not None and not n & 255:
                 progress(reader.src.offset)
     except QmigstreamError as e:

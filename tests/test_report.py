@@ -428,6 +428,19 @@ def test_not_a_stream(tmp_path, capsys):
     bad.write_bytes(b"hello world")
     code, _, err = run_cli(capsys, "report", bad, "-o", tmp_path / "bad.html")
     assert code == 2 and "bad magic" in err
+    assert not (tmp_path / "bad.html").exists()
+    code, _, err = run_cli(capsys, "report", bad, "-o", tmp_path / "no" / "such" / "dir.html")
+    assert code == 2 and "dir.html" in err
+
+
+def test_page_on_stdout(capture, capsys):
+    path, meta = capture("pc-7.2-paused")
+    code, out, err = run_cli(capsys, "report", path, "-o", "-")
+    assert code == 0, err
+    assert out.startswith("<!DOCTYPE html>") and meta["stream"]["sha256"] in out
+    parse_page(out)
+    code, out, err = run_cli(capsys, "report", path, "-o", "-", "--json")
+    assert code == 2 and "both want stdout" in err
 
 
 def test_from_a_pipe(capture, tmp_path):
