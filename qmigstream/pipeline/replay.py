@@ -202,6 +202,10 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
     result = ReplayResult(ok=False)
     if channels is None:
         channels = channel_files(path, expect)
+    if destinations is None and expect is not None:
+        destinations = {idstr: Destination(idstr, *spec[:2], features=spec[2],
+                                           v1_layout=spec[3])
+                        for idstr, spec in _plan_devices(path, expect, page_size).items()}
     try:
         chans = [_Channel(c, page_size or 4096) for c in channels]
     except (StreamError, OSError) as e:
@@ -231,6 +235,7 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
             ram.close()
         result.error = _error_json(e)
         result.devices = [_final_report(d) for d in destinations.values()]
+        result.channels = [c.to_json() for c in chans]
         return result
     result.ok = True
     result.channels = [c.to_json() for c in chans]
@@ -292,7 +297,13 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
             elif isinstance(rec, R.RamMemSize):
                 if ram is not None:
                     ram.close()
-                ram = GuestRam([(b.name, b.used_length) for b in rec.blocks], reader.page_size)
+                ram = None
+                try:
+                    ram = GuestRam([(b.name, b.used_length) for b in rec.blocks],
+                                   reader.page_size)
+                except QmigstreamError as e:
+                    raise ReplayError(f"cannot hold the stream's RAM blocks: {e}",
+                                      rec.offset) from None
                 loader = RamLoader(ram)
                 feed = loader.feed
 
