@@ -379,7 +379,11 @@ class BlockImage:
         self.running = None          # _RunningHash while the block is written
         self.sha256 = None           # hex digest once known
         self.fd = create_file(path)
-        self.resize(used_length)
+        try:
+            self.resize(used_length)
+        except ExtractError:
+            self.close()
+            raise
 
     def resize(self, used_length: int):
         """Set the block's length (MEM_SIZE may name it again with another length)."""
@@ -387,7 +391,13 @@ class BlockImage:
         self.written.resize(-(-used_length // ps))
         if self.running is not None and used_length < self.running.cursor:
             self.running.valid = False
-        os.ftruncate(self.fd, used_length)
+        try:
+            os.ftruncate(self.fd, used_length)
+        except (OSError, OverflowError) as e:
+            # A length from the stream no file here can have (EFBIG, or beyond off_t).
+            why = e.strerror if isinstance(e, OSError) else "beyond the largest file offset"
+            raise ExtractError(f"RAM block {self.name!r}: cannot make a file of "
+                               f"{used_length:#x} bytes: {why}") from None
         self.used_length = used_length
         self.sha256 = None
 

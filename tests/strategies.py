@@ -302,6 +302,9 @@ def deep_packaged(depth):
     return b"QEVM\x00\x00\x00\x03" + inner + b"\x00"
 
 
+HUGE_LENGTHS = [1 << 36, 1 << 40, 1 << 50, 1 << 62, (1 << 63) - PS]
+
+
 def stream(d, *, max_depth=3):
     """A whole stream; returns its bytes."""
     b = StreamBuilder(footers=d.int(0, 4) != 0)
@@ -311,7 +314,12 @@ def stream(d, *, max_depth=3):
     for _ in range(d.int(0, 2)):
         _command(d, b, 0, max_depth)
     blocks = list(dict.fromkeys(name(d) for _ in range(d.int(1, 3))))
-    b.section(T.SECTION_START, "ram", b.ram_setup_records([(n, 16 * PS) for n in blocks]),
+    lengths = [16 * PS] * len(blocks)
+    if d.int(0, 7) == 0:
+        # a block no host can hold (MEM_SIZE stays the exact sum, as QEMU writes it)
+        huge = HUGE_LENGTHS + ([(1 << 64) - PS] if len(blocks) == 1 else [])
+        lengths[d.int(0, len(blocks) - 1)] = d.choice(huge)
+    b.section(T.SECTION_START, "ram", b.ram_setup_records(list(zip(blocks, lengths))),
               version_id=4, section_id=1000)
     for _ in range(d.int(0, 3)):
         b.section(T.SECTION_PART, "ram", _ram_ops(d, b, blocks, d.int(0, 8)),

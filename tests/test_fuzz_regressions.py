@@ -1,6 +1,6 @@
 """Inputs the fuzzers found, each with the fix it needed (tests/fuzz_regressions/index.json).
 
-Every file is a minimal input; ``target`` is the fuzz target that failed on it
+Every file is a minimal input; ``target``/``targets`` the fuzz targets that failed on it
 (tests/fuzz_targets.py), ``was`` what happened, ``fix`` where it was fixed.
 ``expect``: ``decodes`` (a valid stream that must decode and re-encode to the
 same bytes) or ``typed-error`` (bad input that must be refused with a
@@ -33,13 +33,16 @@ def test_every_file_is_listed():
 def test_regression(name):
     meta = INDEX[name]
     data = (HERE / name).read_bytes()
-    f = FT.run_one(meta["target"], data)
-    assert f is None, repr(f)
+    targets = meta.get("targets") or [meta["target"]]
+    for target in targets:
+        f = FT.run_one(target, data)
+        assert f is None, repr(f)
     if meta["expect"] == "decodes":
         assert encode_records(list(read_records(data))) == data
         assert encode_records(list(read_records(io.BytesIO(data), fast=False))) == data
     elif meta["expect"] == "typed-error":
         with pytest.raises(QmigstreamError):
-            FT.TARGETS[meta["target"]](data)
+            for target in targets:
+                FT.TARGETS[target](data)
     else:
         raise AssertionError(f"unknown expectation {meta['expect']!r}")

@@ -55,7 +55,13 @@ class RamBlock:
         self.page_size = page_size
         self.info = info                     # the template's RamBlockInfo (extras kept)
         self.npages = used_length // page_size
-        self.mem = mmap.mmap(-1, max(used_length, page_size))
+        try:
+            self.mem = mmap.mmap(-1, max(used_length, page_size))
+        except (OSError, OverflowError) as e:
+            # A length from the stream the host cannot map (ENOMEM, or beyond ssize_t).
+            why = e.strerror if isinstance(e, OSError) else "beyond the largest mapping"
+            raise QmigstreamError(f"RAM block {name!r}: cannot map {used_length:#x} bytes: "
+                                  f"{why}") from None
         self.pages = np.frombuffer(self.mem, dtype=np.uint8,
                                    count=used_length).reshape(self.npages, page_size) \
             if used_length else np.zeros((0, page_size), np.uint8)
