@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from ..pipeline.replay import channel_files, load_expect, replay
 
@@ -37,7 +38,10 @@ def run(args) -> int:
         _text(res)
     if not res.ok:
         # 2: the input is not a usable stream; 1: a stream that does not load
-        return 2 if res.error.get("malformed") else 1
+        if res.error.get("malformed"):
+            print(f"qmigstream replay: error: {res.error['message']}", file=sys.stderr)
+            return 2
+        return 1
     if res.verified is False:
         return 1
     return 0
