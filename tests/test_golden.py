@@ -112,6 +112,8 @@ def test_multifd_vector_lists_and_checks_its_channels(tmp_path, capsys):
     assert [c["file"] for c in state["channels"]] == ["multifd-device-state.mig.ch0",
                                                       "multifd-device-state.mig.ch1"]
     assert all(x["verified"] for x in state["destination_after"])
+    # 1 MiB + rest + config of the sized device, data + config of the mtty
+    assert sum(c["packets"]["device_state"] for c in state["channels"]) == 5
     assert main(["golden", "check", str(d)]) == 0
     assert "1 vectors checked: all good" in capsys.readouterr().out
     ch = d / "qemu-10.0" / "multifd-device-state.mig.ch1"
