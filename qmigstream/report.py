@@ -152,6 +152,7 @@ class VfioInfo:
         self.config_bytes = 0
         self.config_phase = None
         self.sections = []               # (type, [stub records]) for family inference
+        self._shapes = set()
         self.family = None
 
     @property
@@ -165,6 +166,23 @@ class VfioInfo:
     @property
     def chunks(self):
         return sum(p[0] for p in self.phases.values())
+
+    def keep_new_shapes(self):
+        """Drop the last PART section if one of the same shape was kept before.
+
+        Family inference asks whether some section has a given shape (markers,
+        zero-length or oversized chunks), so one of each shape is enough and the
+        list stays short however many rounds there are.
+        """
+        if not self.sections or self.sections[-1][0] != "PART":
+            return
+        recs = self.sections[-1][1]
+        shape = tuple((r.kind, getattr(r, "marker", None), bool(getattr(r, "data_size", 1)),
+                       getattr(r, "data_size", 0) > (1 << 20)) for r in recs)
+        if shape in self._shapes:
+            self.sections.pop()
+        else:
+            self._shapes.add(shape)
 
     def chunk(self, key, n):
         p = self.phases.get(key)
@@ -308,6 +326,7 @@ class Report:
                     v = self.vfio[key] = VfioInfo(*key)
                 self._vfio = v
                 self._vfio_recs = []
+                v.keep_new_shapes()
                 v.sections.append((t, self._vfio_recs))
             else:
                 self._vfio = None
@@ -837,7 +856,8 @@ def _section_class(s):
     return "device"
 
 
-_SECTION_CLASS_LABEL = {"ram": "RAM", "vfio": "VFIO", "iterative": "other iterative",
+_SECTION_CLASS_LABEL = {"ram": "RAM", "vfio": "VFIO", "iterative": "other iterative (block, "
+                        "dirty bitmaps, ...)",
                         "device": "device state (FULL)", "other": "grouped"}
 
 
@@ -1018,13 +1038,8 @@ def render_html(rep: Report) -> str:
       'biggest first.</p>')
     if rows:
         w(f'<div class="scroll">{svg_hbars(rows, "bytes per section", "bytes")}</div>')
-        used = []
-        for x in secs[:TOP_SECTIONS]:
-            c = _section_class(x)
-            if c not in used:
-                used.append(c)
-        if rest:
-            used.append("other")
+        shown = {_section_class(x) for x in secs[:TOP_SECTIONS]} | ({"other"} if rest else set())
+        used = [c for c in SECTION_COLORS if c in shown]
         w(legend([(SECTION_COLORS[c], _SECTION_CLASS_LABEL[c], "") for c in used]))
     else:
         w('<p class="muted">No sections.</p>')

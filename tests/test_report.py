@@ -635,3 +635,19 @@ def test_phases_agree_with_the_writer(capture, tmp_path, capsys, profile, extra)
     page = (tmp_path / "m.html").read_text(encoding="utf-8")
     parse_page(page)
     svgs(page)
+
+
+def test_vfio_sections_kept_for_family_inference_stay_few():
+    """Family inference sees one PART of each shape, and decides as on the whole list."""
+    from qmigstream.vfio.scan import scan
+    for fam, pre in (("6.0-7.2", [b"p" * 10] * 40 + [None] + [b"q" * 3] * 40),
+                     ("8.1-9.x", [b"p" * 10] * 80)):
+        b, _ = build_stream(fam, [(DEV, 40, pre, [b"s" * 5], state())])
+        data = b.encode()
+        rep = collect(io.BytesIO(data))
+        v = rep.vfio[(DEV, 0)]
+        full, _ = scan(data)
+        assert (v.family.family, v.family.candidates, v.family.reason) == \
+            (full[(DEV, 0)].family.family, full[(DEV, 0)].family.candidates,
+             full[(DEV, 0)].family.reason)
+        assert len(v._shapes) <= 2 and rep.iterations == len(pre)
