@@ -1079,7 +1079,7 @@ def _physical(mem, outdir, machine, machine_type, max_below, hash):
     size = write_physical(b.path, out, pieces)
     d = {"file": "physical.img", "machine": machine, "block": "pc.ram", "size": size,
          "max_ram_below_4g": max_below, "map": pieces}
-    if 4 * GiB + b.used_length >= AMD_HT_START:
+    if 4 * GiB + b.used_length + 64 * GiB >= AMD_HT_START:     # the PCI hole64 comes on top
         d["note"] = ("with an AMD vCPU on a 7.1+ machine type QEMU would place RAM above 4G "
                      "at 1 TiB instead (pc_memory_init); this image uses 4 GiB")
     if hash:
