@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from qmigstream.cli import main
-from qmigstream.codec import ram_records as R
 from qmigstream.codec.reader import read_records
 from qmigstream.codec.records import SectionHeader
 from qmigstream.codec.sections.vfio import VfioConfig, VfioDataChunk, VfioMarker
