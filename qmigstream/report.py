@@ -906,7 +906,8 @@ svg .tick{fill:var(--muted);font-size:12px}
 svg .label{fill:var(--muted);font-size:12px;font-style:italic}
 svg .name{fill:var(--fg);font-size:13px}
 svg .value{fill:var(--fg);font-size:12px;font-variant-numeric:tabular-nums}
-svg .inbar{fill:#fff;font-size:13px;font-weight:600;pointer-events:none}
+svg .inbar{fill:#fff;font-size:13px;font-weight:600;pointer-events:none;
+stroke:rgba(0,0,0,.4);stroke-width:2px;paint-order:stroke;stroke-linejoin:round}
 svg .break{stroke:var(--card);stroke-width:3;fill:none}
 svg text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif}
 ul.legend{list-style:none;display:flex;flex-wrap:wrap;gap:6px 18px;padding:0;margin:10px 0 14px;
