@@ -426,18 +426,21 @@ class BlockImage:
 MULTIFD_MAGIC, MULTIFD_VERSION = 0x11223344, 1
 #: MULTIFD_PACKET_SIZE (migration/multifd.h): a packet holds at most this many bytes of pages.
 MULTIFD_PACKET_SIZE = 512 * 1024
-MULTIFD_FLAG_SYNC, MULTIFD_FLAG_COMPRESSION_MASK = 0x1, 0xE
+MULTIFD_FLAG_SYNC, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZLIB = 0x1, 0xE, 0x2
 _MF_HEAD = struct.Struct(">IIIIIIQ")          # magic .. packet_num; then 4 x u64, ramblock[256]
 _MF_FIXED = 64 + 256
 
 
 class MultifdChannel:
-    """One recorded multifd channel (QEMU 7.2-8.x, no compression), read packet by packet.
+    """One recorded multifd channel (QEMU 7.2-8.x), read packet by packet.
 
     The channel starts with ``MultiFDInit_t`` (64 bytes); each packet is
     ``MultiFDPacket_t`` with ``pages_alloc`` be64 offsets, then
     ``normal_pages`` raw pages (``multifd_recv_unfill_packet`` and
-    ``nocomp_recv_pages``, migration/multifd.c).  Packets up to and including
+    ``nocomp_recv_pages``, migration/multifd.c) or, with
+    ``multifd-compression=zlib``, ``next_packet_size`` bytes of one zlib stream
+    that runs on across the channel's packets, flushed at the end of each
+    (``zlib_recv_pages``, migration/multifd-zlib.c).  Packets up to and including
     a ``MULTIFD_FLAG_SYNC`` one form an epoch: the source syncs the channels
     right before the EOS of every RAM section (``multifd_send_sync_main``), so
     epoch *k* holds the normal pages of RAM iteration *k*.
@@ -459,6 +462,7 @@ class MultifdChannel:
             raise StreamError(f"{self.name}: unsupported multifd version", 4,
                               expected=MULTIFD_VERSION, found=version)
         self.channel_id = init[24]
+        self._inflate = None             # the channel's zlib stream, once it has one
 
     def _read(self, n, what):
         data = self.f.read(n)
@@ -493,17 +497,41 @@ class MultifdChannel:
                 raise StreamError(f"{self.name}: multifd packet page counts out of range", off + 12,
                                   expected=f"normal <= pages_alloc <= {limit}",
                                   found=f"{normal} / {alloc}")
-            if flags & MULTIFD_FLAG_COMPRESSION_MASK:
-                raise StreamError(f"{self.name}: compressed multifd packets are not supported",
-                                  off + 8, found=f"flags {flags:#x}")
+            method = flags & MULTIFD_FLAG_COMPRESSION_MASK
+            if method not in (0, MULTIFD_FLAG_ZLIB):
+                raise StreamError(f"{self.name}: multifd compression other than zlib is not "
+                                  "supported", off + 8, found=f"flags {flags:#x}")
             offsets = struct.unpack(f">{alloc}Q", self._read(8 * alloc, "packet offsets"))
             name = head[64:64 + 255].split(b"\0", 1)[0].decode("latin-1")
-            if normal:
+            if normal and method:
+                data = self._inflated(_next, normal * ps, off)
+                yield name, offsets[:normal], data, off
+            elif normal:
                 data = self._read(normal * ps, "packet pages")
                 yield name, offsets[:normal], data, off
             if flags & MULTIFD_FLAG_SYNC:
                 self.epoch += 1
                 return
+
+    def _inflated(self, size, want, off):
+        """Read ``size`` compressed bytes and inflate exactly ``want`` bytes of pages."""
+        if size > 2 * MULTIFD_PACKET_SIZE:         # zbuff_len in multifd-zlib.c
+            raise StreamError(f"{self.name}: compressed multifd packet larger than its "
+                              "buffer", off + 20, expected=f"<= {2 * MULTIFD_PACKET_SIZE}",
+                              found=size)
+        data = self._read(size, "compressed packet pages")
+        if self._inflate is None:
+            self._inflate = zlib.decompressobj()
+        try:
+            out = self._inflate.decompress(data, want + 1)
+        except zlib.error as e:
+            raise StreamError(f"{self.name}: multifd zlib data does not inflate: {e}",
+                              off + _MF_FIXED) from None
+        if len(out) != want or self._inflate.unconsumed_tail:
+            raise StreamError(f"{self.name}: multifd packet inflates to the wrong size", off,
+                              expected=want, found=f"{len(out)} bytes" +
+                              (" and more" if self._inflate.unconsumed_tail else ""))
+        return out
 
     def close(self):
         self.f.close()

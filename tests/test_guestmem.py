@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import random
+import struct
 import zlib
 
 import pytest
@@ -511,14 +512,20 @@ def test_multifd_channel_errors(multifd_capture, tmp_path):
     with pytest.raises(StreamError, match="not a multifd channel") as e:
         guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
     assert e.value.offset == 0
-    # the second packet (the first with pages) claims zlib compression
+    # the second packet (the first with pages) claims zstd compression
     off = 64 + 320 + 128 * 8
     comp = bytearray(data)
-    comp[off + 11] |= 0x2
+    comp[off + 11] |= 0x4
     bad.write_bytes(bytes(comp))
-    with pytest.raises(StreamError, match="compressed multifd") as e:
+    with pytest.raises(StreamError, match="compression other than zlib") as e:
         guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
     assert e.value.offset == off + 8
+    # ... or zlib, but its raw pages are no zlib stream
+    comp[off + 11] = (comp[off + 11] & ~0x4) | 0x2
+    bad.write_bytes(bytes(comp))
+    with pytest.raises(StreamError, match="does not inflate") as e:
+        guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
+    assert e.value.offset == off + 320
     bad.write_bytes(bytes(data[:off + 320 + 128 * 8 + 100]))
     with pytest.raises(StreamError, match="channel ends inside packet pages"):
         guestmem.extract(str(path), str(tmp_path / "o"), channels=[str(bad)])
@@ -653,3 +660,52 @@ def test_destination_qemu_loads_the_same_memory(capture, tmp_path, name, extra):
     ram = (out / "pc.ram.img").read_bytes()
     assert ram[:0xA0000] == low.read_bytes()
     assert ram[0x100000:] == high.read_bytes()
+
+
+@requires_qemu
+@pytest.mark.qemu
+@pytest.mark.parametrize("compression", ["none", "zlib"])
+def test_fresh_multifd_capture_with_channels(tmp_path, compression):
+    """QEMU 7.2 migrating over multifd (2 channels, each recorded), with and
+    without zlib: main stream plus channels give the memory pmemsave reports."""
+    from _qemu_capture import seeded_blob
+    from qmigstream.qemu.runner import Qemu, UnixSink
+    blob = tmp_path / "blob"
+    data = seeded_blob(blob, 2 << 20, 31)
+    args = ["-machine", "pc", "-m", "32",
+            "-device", f"loader,file={blob},addr=0x400000,force-raw=on"]
+    low, high = tmp_path / "low", tmp_path / "high"
+    with UnixSink(str(tmp_path / "mig.sock")) as sink, Qemu(args) as q:
+        q.set_capabilities({"multifd": True})
+        q.set_parameters({"multifd-channels": 2, "multifd-compression": compression})
+        q.execute("migrate", uri=sink.uri)
+        assert q.wait_migration(60)["status"] == "completed"
+        q.pmemsave(0, 0xA0000, str(low))
+        q.pmemsave(0x100000, (32 << 20) - 0x100000, str(high))
+        q.quit()
+        sink.wait_idle(10, connections=3)
+        streams = [bytes(s) for s in sink.streams]
+    main = tmp_path / "main.mig"
+    main.write_bytes(next(s for s in streams if s[:4] == b"QEVM"))
+    chans = []
+    for i, s in enumerate(x for x in streams if x[:4] == b"\x11\x22\x33\x44"):
+        chans.append(tmp_path / f"ch{i}")
+        chans[-1].write_bytes(s)
+    assert len(chans) == 2
+    methods = set()
+    for c in chans:                       # the packets carrying pages, by their flags
+        raw, pos = c.read_bytes(), 64
+        while pos < len(raw):
+            _, _, flags, alloc, normal, nxt, _ = struct.unpack_from(">IIIIIIQ", raw, pos)
+            pos += 320 + 8 * alloc
+            if normal:
+                methods.add(flags & 0xE)
+                pos += nxt if flags & 0xE else normal * PS
+    assert methods == {2 if compression == "zlib" else 0}
+    out = tmp_path / "out"
+    m = guestmem.extract(str(main), str(out), channels=[str(c) for c in chans])
+    ram = (out / "pc.ram.img").read_bytes()
+    assert ram[:0xA0000] == low.read_bytes() and ram[0x100000:] == high.read_bytes()
+    assert ram[0x400000:0x600000] == data
+    blk = next(b for b in m["blocks"] if b["name"] == "pc.ram")
+    assert blk["pages"]["multifd"] >= (2 << 20) // PS * 6 // 7 and blk["pages"]["page"] == 0
