@@ -36,22 +36,39 @@ def description_size(entry: dict, depth: int = 0) -> int:
     """Payload bytes implied by one ``devices[]`` entry of the VMDESCRIPTION JSON."""
     if depth > 64:
         raise LimitExceeded("description nested too deeply", None)
+    if not isinstance(entry, dict):
+        raise ValueError("a description that is not an object")
     if "fields" not in entry and "size" in entry:
-        return int(entry["size"])
+        return _count(entry["size"])
     total = 0
-    for f in entry.get("fields", ()):
-        n = int(f.get("array_len", 1))
+    for f in _objects(entry.get("fields", ())):
+        n = _count(f.get("array_len", 1))
         if "struct" in f and isinstance(f["struct"], dict) and f["struct"]:
             one = description_size(f["struct"], depth + 1)
             # The described size of a struct element is authoritative.
-            one = int(f.get("size", one))
+            one = _count(f.get("size", one))
         else:
-            one = int(f.get("size", 0))
+            one = _count(f.get("size", 0))
         total += n * one
-    for s in entry.get("subsections", ()):
-        name = str(s.get("vmsd_name", "")).encode("latin-1", "replace")
+    for s in _objects(entry.get("subsections", ())):
+        # the wire name is the UTF-8 of the JSON string (as vmstate.decode has it)
+        name = str(s.get("vmsd_name", "")).encode("utf-8", "surrogateescape")
         total += 1 + 1 + len(name) + 4 + description_size(s, depth + 1)
     return total
+
+
+def _objects(v) -> list:
+    """``fields``/``subsections`` of a description: a list of objects, else ValueError."""
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, dict) for x in v):
+        raise ValueError("'fields'/'subsections' is not a list of objects")
+    return v
+
+
+def _count(v) -> int:
+    """A size or count from the description: a non-negative JSON integer, else ValueError."""
+    if type(v) is not int or v < 0:
+        raise ValueError(f"not a non-negative integer: {v!r}")
+    return v
 
 
 def _printable(b: bytes) -> bool:

@@ -434,7 +434,11 @@ def _name_bytes(desc: dict, where: str, offset: int | None = None) -> bytes:
     name = desc.get("vmsd_name")
     if not isinstance(name, str):
         raise DescriptionError(f"{where}: subsection without a 'vmsd_name'", offset)
-    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:       # a lone surrogate escape (\ud800): no wire name
+        raise DescriptionError(f"{where}: subsection name {name!r} has no byte form",
+                               offset) from None
     if len(raw) > 255:
         raise DescriptionError(f"{where}: subsection name longer than 255 bytes", offset)
     return raw
