@@ -558,6 +558,7 @@ def screenshot(page_path, png, tmp_path):
     return png.read_bytes()
 
 
+@pytest.mark.slow
 @requires_chromium
 def test_chromium_renders_the_page(capture, tmp_path, capsys):
     path, _ = capture("pc-7.2-running-xbzrle")
