@@ -382,3 +382,16 @@ def test_multifd_channels_in_diff(capture, tmp_path, capsys):
     j = json.loads(capsys.readouterr().out)
     # 7.2 sends no capability in the configuration for multifd: nothing differs.
     assert j["equal"] and j["compared"]["ram_blocks"] == 6 and with_ch.equal
+
+
+def test_until_iteration_compares_memory_at_that_point(tmp_path):
+    from test_guestmem import stream as ram_stream
+    a = ram_stream([("pc.ram", 4 * PS)], [[("pc.ram", 0, "page", page(1))],
+                                          [("pc.ram", 1, "page", page(2))]])
+    b = ram_stream([("pc.ram", 4 * PS)], [[("pc.ram", 0, "page", page(1))],
+                                          [("pc.ram", 1, "page", page(3))]])
+    pa, pb = write(tmp_path, a, "a.mig"), write(tmp_path, b, "b.mig")
+    assert D.diff(pa, pb, until_iteration=1).equal
+    r = D.diff(pa, pb, until_iteration=2)
+    assert [(d.path, d.detail["ranges"]) for d in r.differences] == [("pc.ram", [(PS, 2 * PS)])]
+    assert main(["diff", pa, pb, "--until-iteration", "1"]) == 0
