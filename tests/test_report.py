@@ -234,11 +234,12 @@ def test_decoded_and_opaque_devices(reports):
 
 def test_running_guest_iterations_and_xbzrle(reports):
     page, rep, info, path = reports["pc-7.2-running-xbzrle"]
-    assert rep["iterations"] == 113 == info["ram"]["sections"]["PART"]
+    assert rep["iterations"] == info["ram"]["sections"]["PART"] > 10
     per = rep["ram"]["records_per_phase"]
     assert len([p for p in per if p.startswith("iteration ")]) == len(per) - 1   # + completion
-    assert sum(d["xbzrle"] for d in per.values()) == info["ram"]["pages"]["xbzrle"] == 3338
-    assert "3,338 records" in page
+    xbzrle = info["ram"]["pages"]["xbzrle"]
+    assert sum(d["xbzrle"] for d in per.values()) == xbzrle > 0
+    assert f"{xbzrle:,} records" in page            # the legend
     p = parse_page(page)
     # one tooltip per (phase, kind) bar, with the records and bytes of that bar
     bars = [t for t in p.titles if " · XBZRLE delta: " in t]
