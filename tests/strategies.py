@@ -485,8 +485,10 @@ def mutate(d, data: bytes, others=(), starts=None) -> bytes:
         if not buf:
             buf += d.bytes(1, 16)
             continue
-        op = d.int(0, 9)
-        if op <= 2:                                  # byte flips
+        op = d.int(0, 11)
+        if op >= 10:                                 # a value in the trailer's JSON
+            buf = bytearray(mutate_description(d, bytes(buf)))
+        elif op <= 2:                                # byte flips
             for _ in range(d.int(1, 4)):
                 i = d.int(0, len(buf) - 1)
                 buf[i] ^= 1 << d.int(0, 7) if d.bool() else d.int(1, 255)
@@ -522,6 +524,61 @@ def mutate(d, data: bytes, others=(), starts=None) -> bytes:
             else:
                 buf[j:j] = piece
     return bytes(buf)
+
+
+HOSTILE_JSON = [None, True, False, 0, -1, 1.5, float("inf"), 2 ** 64, 10 ** 30, "", "x",
+                "\ud800", "\udcff", "\u00e9" * 3, [], {}, [1], ["x"], {"a": 1}, [{}],
+                {"vmsd_name": "v", "version": 1, "fields": []}]
+
+
+def find_trailer(data: bytes):
+    """(offset, parsed JSON) of a VMDESCRIPTION trailer that runs to the end, or None."""
+    pos = len(data)
+    for _ in range(8):
+        pos = data.rfind(b"\x06", 0, pos)
+        if pos < 0:
+            return None
+        if data[pos + 5:pos + 6] == b"{" and \
+                struct.unpack(">I", data[pos + 1:pos + 5].rjust(4, b"\0"))[0] == len(data) - pos - 5:
+            try:
+                return pos, json.loads(data[pos + 5:].decode("utf-8", "surrogateescape"))
+            except (ValueError, RecursionError):
+                return None
+    return None
+
+
+def mutate_description(d, data: bytes) -> bytes:
+    """Replace, drop or repeat one value of the trailer's JSON (types the writer never emits)."""
+    found = find_trailer(data)
+    if found is None:
+        return data
+    pos, obj = found
+    slots = []
+
+    def walk(node, depth):
+        if len(slots) > 3000 or depth > 60:
+            return
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            slots.append((node, k))
+            if isinstance(v, (dict, list)):
+                walk(v, depth + 1)
+    if isinstance(obj, (dict, list)):
+        walk(obj, 0)
+    if not slots:
+        return data
+    node, k = d.choice(slots)
+    how = d.int(0, 5)
+    if how == 0 and isinstance(node, dict):
+        del node[k]
+    elif how == 1 and isinstance(node, list):
+        node.insert(k, node[k])
+    elif how == 2 and isinstance(node[k], int) and not isinstance(node[k], bool):
+        node[k] = node[k] + d.choice([-1, 1, 8, 1 << 32])
+    else:
+        node[k] = d.choice(HOSTILE_JSON)
+    js = json.dumps(obj).encode("utf-8", "surrogateescape")
+    return data[:pos] + b"\x06" + struct.pack(">I", len(js)) + js
 
 
 # -- seeds from the real captures ------------------------------------------------------------

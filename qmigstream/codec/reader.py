@@ -23,7 +23,7 @@ from ..wire.header import SectionType as T
 from .records import (Command, ConfigSubsection, Configuration, EndOfStream, FileHeader,
                       PackagedEnd, SectionFooter, SectionHeader, TrailingBytes,
                       VmDescription)
-from .boundary import SectionIds
+from .boundary import MAX_SCAN, SectionIds
 from .sections import handler_for
 from .sections.ram import RamState
 from .source import Source, open_source
@@ -85,6 +85,11 @@ class StreamReader:
 
     def check_end_at(self, src, n, section_id) -> bool:
         """Is ``n`` bytes from here a plausible payload end (footer or next record)?"""
+        # ``n`` comes from the stream's description: never buffer more than the input
+        # holds (or, size unknown, than a payload scan would look at).
+        left = src.remaining_known()
+        if n < 0 or n > (left if left is not None else MAX_SCAN):
+            return False
         buf = src.peek(n + 5)
         if len(buf) < n:
             return False
