@@ -405,3 +405,15 @@ def test_scan_pass_follows_find_dirty_block():
     assert run() == [("wrap",)]                 # nothing dirty: one wrap, all clean
     assert not any(b.dirty.any() for b in ram)
     assert np.array_equal(ram.block("a").dirty, np.zeros(16, bool))
+
+
+def test_a_template_machine_below_10_0_is_refused(capture, tmp_path):
+    """A 7.2 capture's machine type keeps x-migration-multifd-transfer off (hw_compat_9_2)."""
+    from conftest import capture_names
+    if "pc-7.2-paused" not in capture_names():
+        pytest.skip("pc-7.2-paused not committed")
+    tpl, _ = capture("pc-7.2-paused")
+    cfg = MigrateConfig(profile="qemu-10.0", template=str(tpl), multifd_channels=2,
+                        devices=[DeviceSpec("mtty")], iterations=1)
+    with pytest.raises(QmigstreamError, match=r"machine type pc-i440fx-7\.2 turns VFIO multifd"):
+        migrate(tmp_path / "t.mig", cfg)
