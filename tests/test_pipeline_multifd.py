@@ -417,3 +417,28 @@ def test_a_template_machine_below_10_0_is_refused(capture, tmp_path):
                         devices=[DeviceSpec("mtty")], iterations=1)
     with pytest.raises(QmigstreamError, match=r"machine type pc-i440fx-7\.2 turns VFIO multifd"):
         migrate(tmp_path / "t.mig", cfg)
+
+
+def test_a_sync_point_the_main_channel_never_reaches(outputs, tmp_path):
+    """One SYNC packet more than MULTIFD_FLUSH records: QEMU's receiving thread would wait
+    at it for good; the replay refuses, naming the packet."""
+    path, res, fam = outputs["10.0"]
+    chans = channels_of(res)
+    raw = open(chans[0], "rb").read()
+    extra = tmp_path / "extra"
+    extra.write_bytes(raw + MF.ram_packet_header(999, flags=1))
+    rr = _replay_broken(res, path, [str(extra), chans[1]])
+    assert rr.error["offset"] == len(raw) and rr.error["section"] == str(extra)
+    assert "no MULTIFD_FLUSH on the main channel waits for" in rr.error["message"]
+
+
+def test_device_state_for_a_device_the_destination_lacks(outputs, tmp_path):
+    path, res, fam = outputs["10.0"]
+    chans = channels_of(res)
+    raw = open(chans[1], "rb").read()
+    stray = MF.DeviceStatePacket("0000:00:1f.0/vfio", 0, MF.vfio_payload(0, b"x"))
+    bad = tmp_path / "stray"
+    bad.write_bytes(raw + stray.encode())
+    rr = _replay_broken(res, path, [chans[0], str(bad)])
+    assert rr.error["offset"] == len(raw) + 12 and "no destination device" in \
+        rr.error["message"]
