@@ -23,6 +23,7 @@ def test_bench_quick_writes_every_field(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["format"] == "qmigstream-bench" and doc["version"] == 1
     assert {"date", "machine", "repeat", "ratio", "ratio_after_startup", "load_average",
+            "bytecode_cache",
             "rss_floor_mb", "captures", "targets"} <= set(doc)
     assert {"nproc", "cpu_model", "python", "platform", "qemu"} <= set(doc["machine"])
     cap = doc["captures"]["quick"]
