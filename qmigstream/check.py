@@ -50,6 +50,8 @@ PAGE = 4096
 F_FULL, F_ZERO, F_MEM, F_PAGE, F_EOS, F_CONT, F_XBZRLE, F_HOOK, F_COMP = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x100)
 PAGE_KINDS = F_ZERO | F_PAGE | F_COMP | F_XBZRLE
+# PostcopyState of the destination (migration/postcopy-ram.h)
+PS_NONE, PS_ADVISE, PS_DISCARD, PS_LISTENING, PS_RUNNING = range(5)
 
 
 class Profile:
@@ -180,6 +182,8 @@ class Destination:
         self.states = {}                # (idstr, instance) -> decoded Vmsd (own values)
         self.blocks = None              # RAM block name -> used_length, or None
         self.lengths = {}               # (idstr, instance) -> payload length seen
+        self.uuid = None                # the destination's -uuid, when the reference says
+        self.block_devices = None       # block-migration device names, when known
         self.source = "assumed"
 
 
@@ -196,6 +200,9 @@ def destination_from_reference(path, prof: Profile) -> Destination:
         if k == "configuration":
             d.config_expected = True
             d.machine = _c_str(rec.machine)
+            u = rec.subsection("configuration/uuid")
+            if u is not None:
+                d.uuid = bytes(u.value["uuid"])
         elif k == "section" and rec.full:
             cur = (rec.idstr, rec.instance_id)
             d.sections[cur] = rec.version_id
@@ -209,6 +216,8 @@ def destination_from_reference(path, prof: Profile) -> Destination:
             d.blocks = {b.name: b.used_length for b in rec.blocks}
         elif k == "footer":
             d.footers = True
+        elif k == "block" and rec.device is not None:
+            d.block_devices = (d.block_devices or set()) | {rec.device}
     if d.footers is None:
         d.footers = False
     devs = rd._desc_devices or []
@@ -237,6 +246,7 @@ class Checker:
         self.last_block = None
         self.blocks = None                 # destination RAM blocks (name -> used_length)
         self.postcopy_advised = False
+        self.ps = PS_NONE                  # PostcopyState (migration/postcopy-ram.h)
         self.own_entries = None            # the stream's own description devices
         self._own_cursor = {}
         self.rd = None                     # reader context for the codec's section handlers
@@ -332,6 +342,7 @@ class Checker:
         name = self.read(n, "machine name", "configuration",
                          qemu="Failed to load configuration:name")
         page_bits = None
+        uuid_check = None
         caps = []
         # vmstate_subsection_load() of the configuration vmsd
         known = ("configuration/target-page-bits", "configuration/capabilities",
@@ -379,10 +390,20 @@ class Checker:
                                    "configuration")
                     caps.append(cn)
             else:
-                self.read(16, "uuid", "configuration")
-                self.note(src.offset - 16, "uuid", "configuration/uuid: whether it matches "
-                          "depends on the destination's -uuid and validate-uuid",
+                uoff = src.offset
+                got = self.read(16, "uuid", "configuration")
+                uuid_check = (uoff, got)
+        # vmstate_uuid_post_load() runs when its subsection has been read
+        if uuid_check is not None:
+            uoff, got = uuid_check
+            want = self.dest.uuid
+            if want is None:
+                self.note(uoff, "uuid", "configuration/uuid: the destination's -uuid is not "
+                          "known (a reference made with -uuid and validate-uuid says it)",
                           "configuration", level="unchecked")
+            elif got != want:
+                self.fatal(uoff, "configuration", f"UUID received is {_uuid(got)} and local "
+                           f"is {_uuid(want)}", "configuration")
         # configuration_post_load()
         local = self.expect_machine or self.dest.machine
         sent = name.decode("latin-1")
@@ -555,7 +576,9 @@ class Checker:
                            f"0x{inst:x} of device 'ram' (ram_load takes only version 4, "
                            f"not {ver})", name)
             self._ram(name)
-        elif idstr in ("block", "dirty-bitmap") or is_vfio_idstr(idstr):
+        elif idstr == "block":
+            self._block_section(name)
+        elif idstr == "dirty-bitmap" or is_vfio_idstr(idstr):
             self._codec_section(t, sid, idstr, inst, ver, name)
         else:
             self._device(off, t, sid, idstr, inst, ver, name)
@@ -701,7 +724,31 @@ class Checker:
         self.note(src.offset - n, "unchecked-payload", f"no layout for this section: "
                   f"{n} bytes bounded by {how}, fields not verified", name, level="unchecked")
 
-    # -- block, dirty-bitmap, vfio: the codec's handlers --------------------------------
+    # -- block migration: block.c block_load ----------------------------------------------
+    def _block_section(self, name):
+        known = self.dest.block_devices
+        while True:
+            off = self.src.offset
+            word = self.be(8, "block record word", name)
+            flags = word & 0x1FF
+            if flags & 0x01:                      # BLK_MIG_FLAG_DEVICE_BLOCK
+                ln = self.be(1, "block device name length", name)
+                dev = _c_str(self.read(ln, "block device name", name))
+                if known is not None and dev not in known:
+                    self.fatal(off + 8, "block", f"Error unknown block device {dev}", name)
+                if known is None:
+                    self.note(off + 8, "block", f"block device {dev!r}: whether the "
+                              f"destination has it is not known", name, level="unchecked")
+                if not flags & 0x08:              # BLK_MIG_FLAG_ZERO_BLOCK
+                    self.read(1 << 20, "block data", name)
+            elif flags & 0x04:                    # BLK_MIG_FLAG_PROGRESS
+                pass
+            elif not flags & 0x02:                # BLK_MIG_FLAG_EOS
+                self.fatal(off, "block", f"Unknown block migration flags: 0x{flags:x}", name)
+            if flags & 0x02:
+                return
+
+    # -- dirty-bitmap, vfio: the codec's handlers --------------------------------
     def _codec_section(self, t, sid, idstr, inst, ver, name):
         from .codec.reader import SectionInfo
         from .codec.records import SectionHeader
@@ -885,14 +932,18 @@ class Checker:
             self.fatal(off + 3, "command", f"{cname} received with bad length - expecting "
                        f"{fixed}, got {ln}")
         if cname == "OPEN_RETURN_PATH":
+            if getattr(self, "return_path", False):
+                self.note(off, "command", "CMD_OPEN_RETURN_PATH called when RP already open "
+                          "(QEMU goes on)")
             self.return_path = True
         elif cname == "PING":
             v = self.be(4, "PING value")
             if not getattr(self, "return_path", False):
                 self.fatal(off, "command", f"CMD_PING (0x{v:x}) received with no return path")
         elif cname == "POSTCOPY_ADVISE":
-            if self.postcopy_advised:
-                self.fatal(off, "command", "CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")
+            ps, self.ps = self.ps, PS_ADVISE
+            if ps != PS_NONE:
+                self.fatal(off, "command", f"CMD_POSTCOPY_ADVISE in wrong postcopy state ({ps})")
             self.postcopy_advised = True
             if ln == 0:
                 if self.caps is not None and "postcopy-ram" in self.caps:
@@ -913,6 +964,35 @@ class Checker:
                           "destination host", level="unchecked")
             else:
                 self.fatal(off + 3, "command", f"CMD_POSTCOPY_ADVISE invalid length ({ln})")
+        elif cname == "POSTCOPY_LISTEN":
+            ps, self.ps = self.ps, PS_LISTENING
+            if ps not in (PS_ADVISE, PS_DISCARD):
+                self.fatal(off, "command", f"CMD_POSTCOPY_LISTEN in wrong postcopy state ({ps})")
+            self.note(off, "postcopy", "POSTCOPY_LISTEN: QEMU goes on in a listen thread; "
+                      "check walks the rest of the stream as precopy", level="unchecked")
+        elif cname == "POSTCOPY_RUN":
+            if self.ps != PS_LISTENING:
+                self.fatal(off, "command", f"CMD_POSTCOPY_RUN in wrong postcopy state "
+                           f"({self.ps})")
+            self.ps = PS_RUNNING
+            self.note(off, "postcopy", "POSTCOPY_RUN: not modelled further", level="unchecked")
+        elif cname == "POSTCOPY_RAM_DISCARD":
+            if self.ps not in (PS_ADVISE, PS_DISCARD):
+                self.fatal(off, "command", f"CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state "
+                           f"({self.ps})")
+            self.ps = PS_DISCARD
+            if ln < 1 + 1 + 1 + 1 + 2 * 8:
+                self.fatal(off + 3, "command", f"CMD_POSTCOPY_RAM_DISCARD invalid length ({ln})")
+            body = self.read(ln, "POSTCOPY_RAM_DISCARD payload")
+            if body[0] != 0:
+                self.fatal(off + 5, "command", f"CMD_POSTCOPY_RAM_DISCARD invalid version "
+                           f"({body[0]})")
+            self.note(off, "postcopy", "POSTCOPY_RAM_DISCARD ranges not checked",
+                      level="unchecked")
+        elif cname == "POSTCOPY_RESUME":
+            # loadvm_postcopy_handle_resume: outside POSTCOPY_RECOVER it complains, goes on
+            self.note(off, "command", "loadvm_postcopy_handle_resume: illegal resume received "
+                      "(QEMU goes on)")
         elif cname == "PACKAGED":
             n = self.be(4, "PACKAGED length")
             start = self.src.offset
@@ -921,8 +1001,7 @@ class Checker:
             self._main(depth + 1, start + n)
         else:
             self.read(ln, f"{cname} payload")
-            self.note(off, "command", f"{cname}: postcopy/COLO commands are not modelled "
-                      f"by check", level="unchecked")
+            self.note(off, "command", f"{cname}: not modelled by check", level="unchecked")
 
     # -- after QEMU_VM_EOF -------------------------------------------------------------
     def _after_eof(self):
@@ -959,6 +1038,11 @@ class Checker:
         if rest:
             self.note(src.offset, "trailing-bytes", f"{rest} bytes after the end of the "
                       f"stream: QEMU never reads them")
+
+
+def _uuid(b: bytes) -> str:
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _strncmp(a: bytes, b: bytes, n: int) -> int:
@@ -1035,10 +1119,13 @@ def _locate_field(desc, target, vmsd_name, depth):
 
 
 def _inflates(data: bytes) -> bool:
+    """Does one ``inflate(Z_NO_FLUSH)`` into a page succeed (Z_OK or Z_STREAM_END)?
+    (ram.c qemu_uncompress_data: a cut zlib stream or extra output still is Z_OK.)"""
+    if not data:
+        return False            # no progress possible: Z_BUF_ERROR
     try:
-        d = zlib.decompressobj()
-        out = d.decompress(data, PAGE + 1)
-        return len(out) <= PAGE and d.eof
+        zlib.decompressobj().decompress(data, PAGE)
+        return True
     except zlib.error:
         return False
 

@@ -24,6 +24,8 @@ class Mutation:
     capture: str
     what: str
     data: bytes
+    #: destination capabilities for this case (None: the capture's own)
+    capabilities: dict | None = None
 
 
 class Index:
@@ -42,6 +44,9 @@ class Index:
         self.payloads = []            # device payload records (DeviceState/OpaquePayload)
         self.eof = None
         self.trailer = None
+        self.commands = []
+        self.compressed = []
+        self.blocks = []
         section = None
         for rec in read_records(data, compact=False):
             k = rec.kind
@@ -65,6 +70,12 @@ class Index:
                 self.payloads.append((section, rec))
                 if k == "device_state":
                     self.states.setdefault(section.idstr, (section, rec))
+            elif k == "command":
+                self.commands.append(rec)
+            elif k == "ram_compressed":
+                self.compressed.append(rec)
+            elif k == "block":
+                self.blocks.append(rec)
             elif k == "eof" and rec.depth == 0:
                 self.eof = rec
             elif k == "vmdescription":
@@ -271,4 +282,86 @@ def old_machine_mutations(name: str, data: bytes, ix: Index | None = None) -> li
                         data[:ix.eof.offset]))
     out.append(Mutation("garbage-appended", name, f"16 bytes appended at {len(data)}",
                         data + b"\x01" * 16))
+    return out
+
+
+def _generic(name, data, ix, out):
+    out.append(Mutation("original", name, "unchanged", data))
+    out.append(Mutation("cut-before-eof", name, f"cut at {ix.eof.offset} (right before "
+                        f"QEMU_VM_EOF)", data[:ix.eof.offset]))
+    if ix.trailer is not None:
+        out.append(Mutation("trailer-removed", name, f"cut at {ix.trailer.offset} "
+                            f"(VMDESCRIPTION removed)", data[:ix.trailer.offset]))
+    out.append(Mutation("garbage-appended", name, f"64 bytes of 0x01 appended at {len(data)}",
+                        data + b"\x01" * 64))
+
+
+def _cmd(ix, name):
+    return next(c for c in ix.commands if c.name == name)
+
+
+def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
+    """A few generic cases plus the ones a capture's own features allow."""
+    ix = ix or Index(data)
+    out = []
+    _generic(name, data, ix, out)
+
+    def add(mname, what, new, caps=None):
+        out.append(Mutation(mname, name, what, new, caps))
+
+    if name == "pc-7.2-noconfig":
+        conf = b"\x07" + _U32.pack(13) + b"pc-i440fx-7.2"
+        add("configuration-inserted", "a configuration record (pc-i440fx-7.2) inserted at 8 "
+            "(the destination runs with send-configuration=off)", data[:8] + conf + data[8:])
+    if name == "q35-7.2-paused":
+        c = ix.config
+        add("machine-name", f"machine name at {c.offset + 5}: {c.machine.decode()!r} -> "
+            f"'pc-q35-7.1'", _put(data, c.offset + 5 + len(c.machine) - 1, b"1"))
+    if name == "pc-7.2-compress":
+        r = ix.compressed[0]
+        lo = r.offset + (8 if r.flags & 0x20 else 9 + len(r.block))
+        add("compress-length", f"COMPRESS_PAGE record at {r.offset}: be32 length at {lo} -> "
+            f"8192 (above compressBound(4096))", _put(data, lo, _U32.pack(8192)))
+        add("compress-data", f"COMPRESS_PAGE record at {r.offset}: zlib header byte at "
+            f"{lo + 4} 0x{data[lo + 4]:02x} -> 0x00", _put(data, lo + 4, b"\x00"))
+        add("compress-without-capability", "unchanged; the destination does not have the "
+            "compress capability", data, {})
+    if name == "pc-7.2-postcopy-advised":
+        rp = _cmd(ix, "OPEN_RETURN_PATH")
+        adv = _cmd(ix, "POSTCOPY_ADVISE")
+        add("listen-before-advise", f"command at {rp.offset}: OPEN_RETURN_PATH (1) -> "
+            f"POSTCOPY_LISTEN (4)", _put(data, rp.offset + 1, struct.pack(">H", 4)))
+        add("resume-then-ping", f"command at {rp.offset}: OPEN_RETURN_PATH (1) -> "
+            f"POSTCOPY_RESUME (9), so PING finds no return path",
+            _put(data, rp.offset + 1, struct.pack(">H", 9)))
+        add("unknown-command", f"command at {rp.offset}: OPEN_RETURN_PATH (1) -> 11",
+            _put(data, rp.offset + 1, struct.pack(">H", 11)))
+        add("ping-bad-length", f"command at {rp.offset}: OPEN_RETURN_PATH (1, length 0) -> "
+            f"PING (2)", _put(data, rp.offset + 1, struct.pack(">H", 2)))
+        add("advise-zero-length", f"POSTCOPY_ADVISE at {adv.offset}: length 16 -> 0, its "
+            f"16 bytes removed", data[:adv.offset + 3] + b"\x00\x00" + data[adv.offset + 21:])
+        add("advise-page-size", f"POSTCOPY_ADVISE at {adv.offset}: target page size at "
+            f"{adv.offset + 13} 4096 -> 8192", _put(data, adv.offset + 13, _U64.pack(8192)))
+        add("advise-twice", f"command at {rp.offset}: OPEN_RETURN_PATH -> a second "
+            f"POSTCOPY_ADVISE of length 0 before it",
+            data[:rp.offset] + b"\x08\x00\x03\x00\x00" + data[rp.offset:])
+        add("advise-without-capability", "unchanged; the destination does not have the "
+            "postcopy-ram capability", data, {})
+    if name == "pc-7.2-ignore-shared-uuid":
+        u = ix.config.subsection("configuration/uuid")
+        uo = u.offset + 2 + len(u.name) + 4
+        add("uuid", f"configuration/uuid at {uo}: last byte +1",
+            _put(data, uo + 15, bytes([(data[uo + 15] + 1) & 0xFF])))
+        add("ignore-shared-without-capability", "unchanged; the destination does not have "
+            "the x-ignore-shared capability", data, {"validate-uuid": True})
+    if name == "pc-7.2-block":
+        dev = next(b for b in ix.blocks if b.device is not None)
+        eos = next(b for b in ix.blocks if b.flags == 0x02)
+        add("block-device-name", f"block record at {dev.offset}: device name at "
+            f"{dev.offset + 9} {dev.device!r} -> 'x'",
+            _put(data, dev.offset + 9, b"x" * len(dev.device)))
+        add("block-flags-unknown", f"block EOS record at {eos.offset}: flags 0x02 -> 0x20",
+            _put(data, eos.offset, _U64.pack(0x20)))
+        add("block-flags-extra", f"block EOS record at {eos.offset}: flags 0x02 -> 0x22 "
+            f"(an unknown bit beside EOS)", _put(data, eos.offset, _U64.pack(0x22)))
     return out
