@@ -222,10 +222,29 @@ def destination_from_reference(path, prof: Profile) -> Destination:
         d.footers = False
     devs = rd._desc_devices or []
     for e in devs:
-        if isinstance(e, dict):
-            key = (e.get("name"), e.get("instance_id"))
+        key = _entry_key(e)
+        if key is not None:
             d.entries.setdefault(key, e)
     return d
+
+
+def _entry_key(e):
+    """(name, instance_id) of a devices[] entry, None if the JSON has other types there."""
+    if isinstance(e, dict) and type(e.get("name")) is str and \
+            type(e.get("instance_id")) is int:
+        return e["name"], e["instance_id"]
+    return None
+
+
+def _usable_layout(e) -> bool:
+    """Is a devices[] entry shaped like one QEMU writes (names strings, numbers ints)?"""
+    if not isinstance(e, dict):
+        return False
+    v = e.get("version")
+    if "vmsd_name" in e:
+        return type(e["vmsd_name"]) is str and type(v) is int and \
+            isinstance(e.get("fields", []), list)
+    return type(e.get("size")) is int
 
 
 # -- the check ---------------------------------------------------------------------
@@ -449,8 +468,9 @@ class Checker:
             devs = found[2].get("devices")
         self.own_entries = {}
         for e in devs if isinstance(devs, list) else ():
-            if isinstance(e, dict):
-                self.own_entries.setdefault((e.get("name"), e.get("instance_id")), []).append(e)
+            key = _entry_key(e)
+            if key is not None:
+                self.own_entries.setdefault(key, []).append(e)
         d = self.dest
         if d.sections is None and found:
             d.sections = {k: v[0].get("version") for k, v in self.own_entries.items()
@@ -610,6 +630,10 @@ class Checker:
         ref_entry = self.dest.entries.get(key)
         own = self._own_entry(key) if t == 4 else None
         layout = ref_entry or own
+        if layout is not None and not _usable_layout(layout):
+            self.note(src.offset, "description", "the description of this section is "
+                      "malformed: its layout is not used", name, level="unchecked")
+            layout = None
         if t != 4 and layout is None:
             self.note(src.offset, "unchecked-payload", "iterative section of a handler "
                       "check does not model: payload not verified", name, level="unchecked")
@@ -634,7 +658,8 @@ class Checker:
                     layout = dict(layout)
                     layout["fields"] = [f for f in layout.get("fields", ())
                                         if not (isinstance(f, dict) and
-                                                f.get("name") in skipped)]
+                                                isinstance(f.get("name"), str) and
+                                                f["name"] in skipped)]
                     self.note(off, "version", f"version {ver} < {layout['version']}: QEMU "
                               f"does not read {', '.join(sorted(skipped))} (added later)",
                               name)
