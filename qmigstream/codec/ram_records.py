@@ -202,6 +202,12 @@ class RamZero(_PageRecord):
     def _body_size(self):
         return 1
 
+    @property
+    def size(self) -> int:
+        if self.flags & _CONT:
+            return 9
+        return 10 + len(self.block.encode("latin-1"))
+
     def fields(self):
         d = super().fields()
         if self.fill:
@@ -262,6 +268,12 @@ class RamPage(_PageRecord):
 
     def _body_size(self):
         return len(self.data)
+
+    @property
+    def size(self) -> int:
+        if self.flags & _CONT:
+            return 8 + len(self.data)
+        return 9 + len(self.block.encode("latin-1")) + len(self.data)
 
     def fields(self):
         d = super().fields()
