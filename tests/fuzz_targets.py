@@ -263,6 +263,18 @@ TARGETS = {
 }
 
 
+def warm_up():
+    """Import what the targets import and load the seeds they use, so that the first
+    run's time budget is not spent on imports."""
+    import strategies  # noqa: F401
+    from qmigstream import analyze, diff, guestmem, qcow2, vmdesc, vmstate  # noqa: F401
+    from qmigstream.codec import reader, writer  # noqa: F401
+    from qmigstream.pipeline import replay  # noqa: F401
+    from qmigstream.vfio import multifd, scan  # noqa: F401
+    have_check()
+    strategies.fixture_seeds()
+
+
 # -- one run with its checks ---------------------------------------------------------
 
 def _alarm(signum, frame):

@@ -26,6 +26,7 @@ from qmigstream.codec.reader import MAX_PACKAGED_DEPTH, read_records
 from qmigstream.codec.writer import encode_records
 from qmigstream.errors import LimitExceeded, QmigstreamError, StreamError
 
+FT.warm_up()
 FAST = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 BUDGET = 10.0
 

@@ -354,9 +354,10 @@ class DeviceTransfer:
         if self.config_idx is None:
             raise StreamError(f"no config packet for {self.idstr}", None,
                               expected="a packet with flags bit 0 set", found="none")
-        missing = [i for i in range(self.config_idx) if i not in self.packets]
-        if missing:
-            raise StreamError(f"{self.idstr}: state buffer {missing[0]} missing", None,
+        # The first gap is at most len(packets) in: a huge config idx costs nothing.
+        missing = next((i for i in range(self.config_idx) if i not in self.packets), None)
+        if missing is not None:
+            raise StreamError(f"{self.idstr}: state buffer {missing} missing", None,
                               expected=f"idx 0..{self.config_idx}", found="gap")
         beyond = [i for i in self.packets if i > self.config_idx]
         if beyond:
