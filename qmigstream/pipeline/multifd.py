@@ -20,7 +20,8 @@ QEMU's threads replaced by one deterministic schedule:
   header;
 * ``multifd_send_fill_packet`` zero-fills the header to ``packet_len`` (320
   bytes + 8 x page count), sets ``packet_num`` from one counter shared by all
-  channels; a SYNC packet (``multifd_send_sync_main(MULTIFD_SYNC_ALL)``) goes
+  channels (taken in the channel thread, so in QEMU the order across channels
+  follows thread timing; here: the order packets are handed out); a SYNC packet (``multifd_send_sync_main(MULTIFD_SYNC_ALL)``) goes
   to every channel and has no RAM fields;
 * ``multifd_ram_flush_and_sync`` first sends the partly filled packet, then
   the SYNC packets (here in channel order 0, 1, ...), and the caller writes
