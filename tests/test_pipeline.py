@@ -280,3 +280,21 @@ def test_fast_ram_pass_equals_the_record_path():
         ra.main.write(0x200000, bytes(8192))           # pages that turn zero
         rb.main.write(0x200000, bytes(8192))
     assert sa.counts["xbzrle"] > 0 and sa.counts["zero"] > 0
+
+
+def test_v1_round_stops_at_the_first_device_that_sent_data(tmp_path):
+    """7.2's qemu_savevm_state_iterate: a v1 device that sent data is "not done", so the
+    next device gets no PART that round; a device with nothing pending writes DATA 0."""
+    p = tmp_path / "two.mig"
+    migrate(p, small("qemu-7.2", iterations=6, dirty_rate=0,
+                     devices=[DeviceSpec("sized:128K", seed=1), DeviceSpec("mtty", seed=2)]))
+    devices, _ = scan(str(p))
+    big, small_dev = devices.values()
+    parts = lambda d: [s for s in d.sections if s["type"] == "PART"]  # noqa: E731
+    sizes = [[r.data_size for r in s["records"] if r.kind == "vfio_data"] for s in parts(big)]
+    # the 128K device sends one 64 KiB window per round until it runs dry (then DATA 0)
+    assert len(sizes) == 6 and all(len(x) == 1 for x in sizes)
+    dry = [i for i, x in enumerate(sizes) if x == [0]]
+    assert dry and all(x[0] > 0 for x in sizes[:dry[0]])
+    # the second device's PARTs only come in rounds where the first one was done
+    assert len(parts(small_dev)) == 6 - dry[0]

@@ -295,8 +295,12 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
                     d.chunks += 1
                 payload = VB.part_records(d.family, chunk or None, init_data_sent=init)
                 out.section(T.SECTION_PART, d.sid, payload)
-                if d.family.protocol == "v1" and not chunk and d.src.precopy_done():
-                    d.precopy_active = False      # v1: "DATA 0" ends its iteration
+                # vfio_save_iterate's answer: v1 "not done" (0) after sending data,
+                # done (1) after "DATA 0"; v2 always 1.  Up to 10.0 a round ends
+                # at the first handler that is not done.
+                done = bool(d.family.protocol == "v2" or not chunk)
+                if not done and not prof.iterate_walks_all:
+                    break
             rounds += 1
             sent = out.offset + (sender.bytes if sender else 0) - before
             elapsed = sent * NS // max(1, cfg.bandwidth)
@@ -465,8 +469,7 @@ def _converged(cfg, rounds, saver, devices) -> str:
         return ""
     pending = saver.dirty_bytes()
     for d in devices:
-        if d.precopy_active:
-            pending += d.device.stop_copy_length()
+        pending += d.src.pending_estimate()
     if acks and pending * 1000 <= cfg.downtime_ms * cfg.bandwidth:
         return (f"remaining {pending} bytes fit in the downtime limit "
                 f"({cfg.downtime_ms} ms at {cfg.bandwidth} B/s)")

@@ -23,6 +23,10 @@ follows:
   ``vfio_multifd_transfer_supported`` also needs send-switchover-start, so
   machine types >= 10.0: ``hw_compat_9_2`` turns ``x-migration-multifd-transfer``
   off);
+* ``iterate_walks_all`` — each round walks every iterative handler; before
+  (``qemu_savevm_state_iterate`` up to 10.0) a round stops at the first
+  handler whose iterate returns 0 ("not done"), which a v1 VFIO device does
+  whenever it sent data;
 * ``load_config_after_iter`` — 10.1+ has ``x-migration-load-config-after-iter``
   (FULL carries ``DEV_CONFIG_LOAD_READY``; auto is on for ARM only, so off for
   the x86 machine types here; ``hw_compat_10_0`` turns it off).
@@ -52,6 +56,7 @@ class Profile:
     notes: str = ""
     multifd_device_state: bool = False
     load_config_after_iter: bool = False
+    iterate_walks_all: bool = False
 
     def machine_version(self, machine: str):
         m = re.search(r"-(\d+)\.(\d+)$", machine)
@@ -100,9 +105,9 @@ PROFILES = {p.name: p for p in (
        "multifd channels", multifd_device_state=True),
     _p("qemu-10.1", "10.1", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
        "pc-i440fx-10.1", notes="as 10.0; x-migration-load-config-after-iter",
-       multifd_device_state=True, load_config_after_iter=True),
+       multifd_device_state=True, load_config_after_iter=True, iterate_walks_all=True),
     _p("qemu-11.0", "11.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
-       "pc-i440fx-11.0", notes="as 10.1", multifd_device_state=True,
+       "pc-i440fx-11.0", notes="as 10.1", multifd_device_state=True, iterate_walks_all=True,
        load_config_after_iter=True),
 )}
 

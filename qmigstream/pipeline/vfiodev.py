@@ -57,8 +57,11 @@ class SourceV1:
         n = r.read_field("data_size")
         return r.read(off, n) if n else b""
 
-    def precopy_done(self) -> bool:
-        return self.region.read_field("pending_bytes") == 0
+    def pending_estimate(self) -> int:
+        """What ``vfio_save_pending`` would report: the bytes the session still holds
+        (the whole state before setup), without touching the region."""
+        sess = self.region._save
+        return sess.pending() if sess is not None else self.device.stop_copy_length()
 
     def dirty_pages(self, total_pfns: int) -> set:
         if self.layout == "rfc":
@@ -130,11 +133,9 @@ class SourceV2:
             return 0
         return self.file.precopy_info()[0]
 
-    def precopy_done(self) -> bool:
-        if self.file is None:
-            return True
-        initial, dirty = self.file.precopy_info()
-        return initial == 0 and dirty == 0
+    def pending_estimate(self) -> int:
+        """``VFIO_DEVICE_FEATURE_MIG_DATA_SIZE``: the device's estimate of what is left."""
+        return self.dev.mig_data_size()
 
     def dirty_pages(self, total_pfns: int) -> set:
         if not self.logging:
