@@ -36,6 +36,7 @@ def test_bench_quick_writes_every_field(tmp_path):
         assert (row["ratio"] is None) == (name in ("cat", "import", "cli-startup"))
     assert cap["commands"]["records-loop"]["inner_s"] > 0
     assert cap["commands"]["records-loop"]["inner_ratio"] is not None
+    assert cap["commands"]["records-loop"]["ratio_after_startup"] is None
     rss = [t for t in doc["targets"] if t["metric"] == "max_rss_mb"]
     assert len(rss) == 5 and all({"capture", "command", "limit", "value", "met"} <= set(t)
                                  for t in rss)
