@@ -685,6 +685,8 @@ class Checker:
         if have is not None and have < size:
             self._truncated_device(layout, poff, have, size, name, idstr)
         data = self.read(size, f"the {vmsd_name or 'old-style'} state of {idstr}", name)
+        if vmsd_name:
+            data = self._subsection_versions(layout, data, poff, name)
         try:
             tree = vmstate.decode(layout, data, poff)
         except Truncated as e:
@@ -698,6 +700,42 @@ class Checker:
                       "checked", name, level="unchecked")
             return
         self._equal_fields(tree, key, name, inst, idstr)
+
+    def _subsection_versions(self, layout, data, poff, name):
+        """vmstate_subsection_load() keeps a subsection's be32 version in a uint8_t: only
+        its low byte counts.  Check each against the destination's subsection version and
+        return the payload with accepted versions written as described (for decoding)."""
+        try:
+            found = list(_subsections_at(layout, 0, 0))
+        except (TypeError, ValueError, KeyError, AttributeError, StreamError):
+            return data
+        buf = None
+        for pos, sub in found:
+            if pos + 4 > len(data):
+                break
+            wire = struct.unpack_from(">I", data, pos)[0]
+            want = sub.get("version")
+            sname = sub.get("vmsd_name")
+            if type(want) is not int or not isinstance(sname, str):
+                continue
+            v8 = wire & 0xFF
+            if v8 > want:
+                self.fatal(poff + pos, "version", f"{sname}: incoming version_id {v8} is too "
+                           f"new for local version_id {want}", name)
+            mn = self.prof.minimum_version(sname, want)
+            if mn is not None and v8 < mn:
+                self.fatal(poff + pos, "version", f"{sname}: incoming version_id {v8} is too "
+                           f"old for local minimum version_id  {mn}", name)
+            if v8 < want:
+                self.note(poff + pos, "version", f"subsection {sname} version {v8} < {want}: "
+                          f"fields QEMU skips are not modelled", name, level="unchecked")
+            if wire != want and v8 == want:
+                self.note(poff + pos, "version", f"subsection {sname} version 0x{wire:x}: "
+                          f"QEMU keeps the low byte ({v8}) and accepts it", name)
+            if wire != want:
+                buf = buf or bytearray(data)
+                struct.pack_into(">I", buf, pos, want)
+        return bytes(buf) if buf is not None else data
 
     def _truncated_device(self, layout, poff, have, size, name, idstr):
         """The stream ends inside a vmstate payload: QEMU names the field it was reading."""
@@ -727,6 +765,12 @@ class Checker:
                 continue
             want = theirs[path][1]
             bad = None
+            if typ == "pci config":
+                self._pci_config(value, want, foff, path, name, inst, idstr)
+                continue
+            if typ == "virtio":
+                self._virtio_pci(value, want, foff, path, name, inst, idstr)
+                continue
             if typ == "int32 le":
                 if not 0 <= value <= want:
                     bad = f"Invalid value {value} expecting positive value <= {want}"
@@ -737,6 +781,40 @@ class Checker:
                 self.fatal(foff, "equal", f"{bad} ({path}, {typ}: the destination has "
                            f"{want}); QEMU: error while loading state for instance "
                            f"0x{inst:x} of device '{idstr}'", name)
+
+    def _pci_config(self, got, want, foff, path, name, inst, idstr):
+        """get_pci_config_device (hw/pci/pci.c): bytes under cmask & ~wmask & ~w1cmask must
+        be the destination's.  The masks known without the device: pci_init_cmask's
+        header bytes and the id/next bytes of each capability (pci_add_capability)."""
+        if not isinstance(got, bytes) or not isinstance(want, bytes) or len(got) != len(want):
+            return
+        for i, cmask in _pci_fixed_bytes(want):
+            if (got[i] ^ want[i]) & cmask:
+                self.fatal(foff + i, "pci-config", f"get_pci_config_device: Bad config data: "
+                           f"i=0x{i:x} read: {got[i]:x} device: {want[i]:x} cmask: {cmask:x} "
+                           f"wmask: 0 w1cmask:0 ({path}); QEMU: error while loading state "
+                           f"for instance 0x{inst:x} of device '{idstr}'", name)
+        if self._pci_note_done is None:
+            self._pci_note_done = True
+            self.note(foff, "pci-config", "PCI config: only the header's read-only bytes and "
+                      "capability ids/links are compared; a device's other read-only bits "
+                      "(its cmask/wmask) are not known", name, level="unchecked")
+
+    _pci_note_done = None
+
+    def _virtio_pci(self, got, want, foff, path, name, inst, idstr):
+        """A virtio-pci device's ``virtio`` field starts with virtio_pci_load_config's
+        pci_device_load(): the vmstate PCIDevice (int32 le version_id, config)."""
+        if not (isinstance(got, bytes) and isinstance(want, bytes)) or \
+                len(got) < 260 or len(want) < 260 or not idstr.split("/")[-1].startswith("virtio"):
+            return
+        v, own = struct.unpack(">i", got[:4])[0], struct.unpack(">i", want[:4])[0]
+        if not 0 <= v <= own:
+            self.fatal(foff, "equal", f"Invalid value {v} expecting positive value <= {own} "
+                       f"({path}: PCIDevice.version_id, int32 le); QEMU: error while loading "
+                       f"state for instance 0x{inst:x} of device '{idstr}'", name)
+        self._pci_config(got[4:260], want[4:260], foff + 4, path + "<PCIDevice.config>",
+                         name, inst, idstr)
 
     def _bounded_by_scan(self, sid, name):
         src = self.src
@@ -1065,6 +1143,20 @@ class Checker:
                       f"stream: QEMU never reads them")
 
 
+def _pci_fixed_bytes(config: bytes):
+    """(index, cmask) of the config bytes every PCI device's loader compares."""
+    out = [(0, 0xFF), (1, 0xFF), (2, 0xFF), (3, 0xFF), (6, 0x10), (8, 0xFF), (9, 0xFF),
+           (0x0A, 0xFF), (0x0B, 0xFF), (0x0E, 0xFF), (0x34, 0xFF)]
+    if len(config) < 0x40 or not config[6] & 0x10:
+        return out
+    p, seen = config[0x34], set()
+    while 0x40 <= p < len(config) - 1 and p not in seen:
+        seen.add(p)
+        out += [(p, 0xFF), (p + 1, 0xFF)]
+        p = config[p + 1]
+    return out
+
+
 def _uuid(b: bytes) -> str:
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -1093,7 +1185,7 @@ def _unsigned(v, typ):
 
 
 _CHECKED_TYPES = ("uint8 equal", "uint16 equal", "int32 equal", "uint32 equal",
-                  "int64 equal", "int32 le")
+                  "int64 equal", "int32 le", "pci config", "virtio")
 
 
 def _typed_fields(tree):
@@ -1103,7 +1195,8 @@ def _typed_fields(tree):
     def walk(node, path):
         for f in node.fields:
             p = f"{path}.{f.name}"
-            if f.type in _CHECKED_TYPES and f.array_len is None and isinstance(f.value, int):
+            if f.type in _CHECKED_TYPES and f.array_len is None and \
+                    isinstance(f.value, (int, bytes)):
                 out[p] = (f.type, f.value, f.offset)
             for i, sub in enumerate(f.nested()):
                 walk(sub, f"{p}[{i}]")
@@ -1111,6 +1204,26 @@ def _typed_fields(tree):
             walk(s, f"{path}/{s.vmsd_name}")
     walk(tree, tree.vmsd_name or "?")
     return out
+
+
+def _subsections_at(desc, pos, depth):
+    """(offset of the be32 version, description) of every subsection in ``desc``'s bytes
+    starting at ``pos``, nested ones included, in wire order."""
+    if depth > 64:
+        return
+    for f in desc.get("fields", ()):
+        n = f.get("array_len", 1)
+        size = f["size"]
+        sub = f.get("struct")
+        if isinstance(sub, dict) and sub.get("fields") is not None and size:
+            for k in range(n):
+                yield from _subsections_at(sub, pos + k * size, depth + 1)
+        pos += n * size
+    for sub in desc.get("subsections", ()):
+        name = sub["vmsd_name"].encode()
+        yield pos + 2 + len(name), sub
+        yield from _subsections_at(sub, pos + 6 + len(name), depth + 1)
+        pos += 6 + len(name) + vmstate.payload_size(sub)
 
 
 def _locate_field(desc, target, vmsd_name, depth):

@@ -96,6 +96,26 @@ class Index:
         raise LookupError(f"no field {name!r} in {idstr!r}")
 
 
+def _subsection_header(ix, idstr, vmsd_name):
+    """Offset of the first subsection header ``vmsd_name`` in section ``idstr``."""
+    _, st = ix.states[idstr]
+
+    def walk(node):
+        for f in node.fields:
+            for sub in f.nested():
+                hit = walk(sub)
+                if hit is not None:
+                    return hit
+        for sub in node.subsections:
+            if sub.vmsd_name == vmsd_name:
+                return sub.offset
+            hit = walk(sub)
+            if hit is not None:
+                return hit
+        return None
+    return walk(st.tree)
+
+
 def _put(data: bytes, off: int, new: bytes) -> bytes:
     return data[:off] + new + data[off + len(new):]
 
@@ -235,6 +255,22 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         _put(data, foff, struct.pack(">i", 1)))
     add("le-field-negative", f"{host.idstr} version_id (int32 le) at {foff}: {fld.value} "
         f"-> -1", _put(data, foff, struct.pack(">i", -1)))
+    piix = next(s for s in ix.sections if s.idstr.endswith("/PIIX3"))
+    coff, cfg = ix.field(piix.idstr, "config[0]")
+    add("pci-config-readonly", f"{piix.idstr} PCI config at {coff}: device id byte at "
+        f"{coff + 2} 0x{cfg.value[2]:02x} -> 0x{cfg.value[2] ^ 1:02x}",
+        _put(data, coff + 2, bytes([cfg.value[2] ^ 1])))
+    add("pci-config-writable", f"{piix.idstr} PCI config at {coff}: interrupt line byte at "
+        f"{coff + 0x3c} 0x{cfg.value[0x3c]:02x} -> 0x{cfg.value[0x3c] ^ 0x0f:02x}",
+        _put(data, coff + 0x3c, bytes([cfg.value[0x3c] ^ 0x0F])))
+    sub = _subsection_header(ix, "fdc", "fdrive/media_rate")
+    if sub is not None:
+        vo = sub + 2 + len("fdrive/media_rate")
+        add("subsection-version-wide", f"subsection fdrive/media_rate at {sub}: be32 "
+            f"version at {vo} 1 -> 0x0000c201 (QEMU keeps a uint8_t)",
+            _put(data, vo, _U32.pack(0xC201)))
+        add("subsection-version-too-new", f"subsection fdrive/media_rate at {sub}: version "
+            f"at {vo} 1 -> 2", _put(data, vo, _U32.pack(2)))
     # truncations
     add("cut-header", "cut at 6 (inside the file version)", data[:6])
     add("cut-config", f"cut at {c.offset + 8} (inside the machine name)",
@@ -317,6 +353,13 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         c = ix.config
         add("machine-name", f"machine name at {c.offset + 5}: {c.machine.decode()!r} -> "
             f"'pc-q35-7.1'", _put(data, c.offset + 5 + len(c.machine) - 1, b"1"))
+    if name == "pc-7.2-devices":
+        sec, st = next((sec, st) for sec, st in ix.payloads
+                       if sec.idstr.endswith("/virtio-rng"))
+        off = st.offset + 4 + 2       # the virtio field: be32 PCIDevice version, config
+        add("virtio-pci-config", f"{sec.idstr}: PCI device id byte at {off} (config byte 2 "
+            f"inside the virtio field at {st.offset}) xor 1",
+            _put(data, off, bytes([data[off] ^ 1])))
     if name == "pc-7.2-compress":
         r = ix.compressed[0]
         lo = r.offset + (8 if r.flags & 0x20 else 9 + len(r.block))

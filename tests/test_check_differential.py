@@ -39,7 +39,9 @@ EXPECTED = {
     "cut-ram": False, "cut-device": False, "cut-before-footer": False,
     "cut-before-eof": False, "cut-trailer-header": True, "cut-trailer": True,
     "trailer-removed": True, "trailer-damaged": True, "trailer-type": True,
-    "garbage-appended": True, "eof-garbage": False,
+    "garbage-appended": True, "eof-garbage": False, "pci-config-readonly": False,
+    "pci-config-writable": True, "subsection-version-wide": True,
+    "subsection-version-too-new": False,
 }
 XBZRLE = {"xbzrle-length-overflow": False, "xbzrle-encoding-flag": False,
           "xbzrle-decode-error": False, "original": True}
