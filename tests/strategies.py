@@ -357,6 +357,29 @@ def stream(d, *, max_depth=3):
     return b.encode()
 
 
+def mapped_ram_stream(d):
+    """A ``file:`` migration with mapped-ram: block areas with bitmaps at fixed offsets."""
+    from qmigstream.codec.build import mapped_ram_fill
+    b = StreamBuilder()
+    b.header()
+    b.configuration("pc-q35-9.0", capabilities=["mapped-ram"])
+    blocks = [(n, PS * d.int(1, 40)) for n in dict.fromkeys(name(d) for _ in range(d.int(1, 3)))]
+    recs = b.ram_setup_records(blocks, mapped_ram=True, multifd_flush=d.bool())
+    for _ in range(d.int(0, 6)):
+        blk, length = d.choice(blocks)
+        mapped_ram_fill(recs, blk, d.int(0, length // PS - 1), (d.bytes(1, 8) * PS)[:PS])
+    b.section(T.SECTION_START, "ram", recs, version_id=4)
+    b.section(T.SECTION_END, "ram", [RamEos()])
+    if d.bool():
+        entry, data = device_entry(d, "timer", 0)
+        b.section(T.SECTION_FULL, "timer", [OpaquePayload(data)], version_id=2)
+        b.eof()
+        b.vmdescription(VD.dump({"page_size": PS, "devices": [entry]}, VD.JSONWRITER))
+    else:
+        b.eof()
+    return b.encode()
+
+
 def vfio_stream(d):
     """A stream with RAM and one or two VFIO devices of one release family."""
     from qmigstream.vfio.builder import plan
@@ -735,10 +758,14 @@ def _strategies():
         keys = sorted(seeds)
         return seeds[keys[draw(st.integers(0, len(keys) - 1))]]
 
-    any_stream = st.one_of(streams(), vfio_streams(), seed_streams())
+    @st.composite
+    def mapped_ram_streams(draw):
+        return mapped_ram_stream(HypothesisDraw(draw))
+
+    any_stream = st.one_of(streams(), vfio_streams(), mapped_ram_streams(), seed_streams())
     return {
         "streams": streams, "vfio_streams": vfio_streams, "device_payloads": device_payloads,
-        "seed_streams": seed_streams,
+        "seed_streams": seed_streams, "mapped_ram_streams": mapped_ram_streams,
         "any_stream": any_stream,
         "mutated_streams": mutated(any_stream),
         "mutated": mutated,

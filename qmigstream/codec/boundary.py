@@ -18,6 +18,7 @@ record says which method bounded it (``OpaquePayload.how``).
 
 from __future__ import annotations
 
+import re
 import struct
 
 from ..errors import LimitExceeded, Truncated
@@ -30,6 +31,9 @@ MAX_SCAN = 256 << 20
 
 _BE32 = struct.Struct(">I")
 _HDR = struct.Struct(">IB")
+#: Where a record may start: a section or command type byte, or an EOF that is
+#: followed by a VMDESCRIPTION trailer or ends the input.
+_CANDIDATE = re.compile(rb"[\x01-\x04\x08]|\x00(?=\x06)|\x00\Z")
 
 
 def description_size(entry: dict, depth: int = 0) -> int:
@@ -147,6 +151,7 @@ def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: i
     step = 1 << 16
     want = step
     start_scan = 0
+    settled = 0
     while True:
         have = src.fill(want)
         buf, pos = src.window()
@@ -173,11 +178,17 @@ def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: i
                 start_scan = max(0, (i if i >= 0 else len(view) - 4))
         if footers is not True:
             limit = len(view) if at_end else len(view) - 300
-            q = 0
-            while q < limit:
-                if view[q] in (0, 1, 2, 3, 4, 8) and plausible_record(view, q, known_ids, at_end, depth):
+            # Only bytes that can start a record are tried (an EOF only where a
+            # trailer or the end follows, see plausible_record), from where the
+            # previous, shorter window stopped: positions below its limit had
+            # all the bytes they need and were rejected for good.
+            m = _CANDIDATE.search(view, settled)
+            while m is not None and m.start() < limit:
+                q = m.start()
+                if plausible_record(view, q, known_ids, at_end, depth):
                     return q, "next-header"
-                q += 1
+                m = _CANDIDATE.search(view, q + 1)
+            settled = max(settled, limit)
             if at_end:
                 if depth > 0:
                     return len(view), "end-of-package"
