@@ -755,6 +755,12 @@ class Checker:
         mine = _typed_fields(tree)
         theirs = _typed_fields(own) if own is not None else None
         for path, (typ, value, foff) in mine.items():
+            if typ == "pci irq state":
+                self._irq_state(value, foff, name)
+                continue
+            if typ == "virtio" and isinstance(value, bytes) and len(value) >= 276 and \
+                    idstr.split("/")[-1].startswith("virtio"):
+                self._irq_state(value[260:276], foff + 260, name)
             if theirs is None:
                 self.note(foff, "equal", f"{path} ({typ}) = {value}: the destination's own "
                           f"value is not known (give --reference)", name, level="unchecked")
@@ -801,6 +807,15 @@ class Checker:
                       "(its cmask/wmask) are not known", name, level="unchecked")
 
     _pci_note_done = None
+
+    def _irq_state(self, value, foff, name):
+        """get_pci_irq_state (hw/pci/pci.c): each of the four be32 levels is 0 or 1."""
+        if not isinstance(value, bytes) or len(value) != 16:
+            return
+        for i in range(4):
+            v = struct.unpack_from(">i", value, 4 * i)[0]
+            if v not in (0, 1):
+                self.fatal(foff + 4 * i, "pci-irq", f"irq state {v}: must be 0 or 1.", name)
 
     def _virtio_pci(self, got, want, foff, path, name, inst, idstr):
         """A virtio-pci device's ``virtio`` field starts with virtio_pci_load_config's
@@ -1185,7 +1200,7 @@ def _unsigned(v, typ):
 
 
 _CHECKED_TYPES = ("uint8 equal", "uint16 equal", "int32 equal", "uint32 equal",
-                  "int64 equal", "int32 le", "pci config", "virtio")
+                  "int64 equal", "int32 le", "pci config", "virtio", "pci irq state")
 
 
 def _typed_fields(tree):

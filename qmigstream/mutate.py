@@ -263,6 +263,9 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
     add("pci-config-writable", f"{piix.idstr} PCI config at {coff}: interrupt line byte at "
         f"{coff + 0x3c} 0x{cfg.value[0x3c]:02x} -> 0x{cfg.value[0x3c] ^ 0x0f:02x}",
         _put(data, coff + 0x3c, bytes([cfg.value[0x3c] ^ 0x0F])))
+    ioff, _ = ix.field(piix.idstr, "irq_state")
+    add("pci-irq-state", f"{piix.idstr} PCI irq state at {ioff}: level 0 -> 2",
+        _put(data, ioff, _U32.pack(2)))
     sub = _subsection_header(ix, "fdc", "fdrive/media_rate")
     if sub is not None:
         vo = sub + 2 + len("fdrive/media_rate")
@@ -407,4 +410,33 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             _put(data, eos.offset, _U64.pack(0x20)))
         add("block-flags-extra", f"block EOS record at {eos.offset}: flags 0x02 -> 0x22 "
             f"(an unknown bit beside EOS)", _put(data, eos.offset, _U64.pack(0x22)))
+    return out
+
+
+def random_mutations(name: str, data: bytes, n: int, seed: int,
+                     ix: Index | None = None) -> list:
+    """``n`` seeded random cases: one byte set to a random value (anywhere before the
+    trailer, or within the device sections, or within the first 300 bytes) or a cut."""
+    import random
+    ix = ix or Index(data)
+    rnd = random.Random(seed)
+    end = ix.trailer.offset if ix.trailer is not None else len(data)
+    first_dev = min((s.offset for s in ix.sections if s.idstr != "ram"), default=0)
+    out = []
+    for i in range(n):
+        k = rnd.random()
+        if k < 0.15:
+            cut = rnd.randrange(len(data))
+            out.append(Mutation(f"random-{i}", name, f"cut at {cut}", data[:cut]))
+            continue
+        if k < 0.6:
+            lo, hi = 0, end
+        elif k < 0.9:
+            lo, hi = first_dev, end
+        else:
+            lo, hi = 0, min(300, end)
+        p = rnd.randrange(lo, hi)
+        v = rnd.randrange(256)
+        out.append(Mutation(f"random-{i}", name, f"byte at {p}: 0x{data[p]:02x} -> 0x{v:02x}",
+                            _put(data, p, bytes([v]))))
     return out

@@ -41,7 +41,7 @@ EXPECTED = {
     "trailer-removed": True, "trailer-damaged": True, "trailer-type": True,
     "garbage-appended": True, "eof-garbage": False, "pci-config-readonly": False,
     "pci-config-writable": True, "subsection-version-wide": True,
-    "subsection-version-too-new": False,
+    "subsection-version-too-new": False, "pci-irq-state": False,
 }
 XBZRLE = {"xbzrle-length-overflow": False, "xbzrle-encoding-flag": False,
           "xbzrle-decode-error": False, "original": True}
