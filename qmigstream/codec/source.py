@@ -15,6 +15,9 @@ import struct
 from ..errors import Truncated
 
 CHUNK = 1 << 20
+#: Most bytes asked of the file object in one read() (a read() of N allocates N
+#: bytes before it knows how many the input has; N comes from length fields).
+READ_MAX = 8 << 20
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -80,7 +83,7 @@ class Source:
             # window is one buffer from the kernel, not a join that copies it.
             # Same window, byte for byte (the tail is checked).
             self._f.seek(self._base - self._origin)
-            got = self._f.read(have + want)
+            got = self._f.read(have + min(want, READ_MAX))
             if got[:have] == tail:
                 if len(got) >= need:
                     self._buf = got
@@ -91,7 +94,7 @@ class Source:
             else:       # the file changed under us: keep what was read before
                 self._f.seek(self._base + have - self._origin)
         while have < need and not self._eof:
-            got = self._f.read(want)
+            got = self._f.read(min(want, READ_MAX))
             if not got:
                 self._eof = True
                 break
