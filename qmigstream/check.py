@@ -762,6 +762,19 @@ class Checker:
                     idstr.split("/")[-1].startswith("virtio"):
                 self._irq_state(value[260:276], foff + 260, name)
             if theirs is None:
+                if typ == "int32 le" and value < 0:
+                    # get_int32_le: 0 <= v <= own value; the lower bound needs no destination
+                    self.fatal(foff, "equal", f"Invalid value {value} expecting positive value "
+                               f"<= the destination's own ({path}, int32 le: a negative value "
+                               f"fails whatever the destination has); QEMU: error while "
+                               f"loading state for instance 0x{inst:x} of device '{idstr}'",
+                               name)
+                if isinstance(value, bytes):
+                    if typ == "pci config":
+                        self.note(foff, "pci-config", f"{path}: the destination's read-only "
+                                  f"PCI config bytes are not known (give --reference)", name,
+                                  level="unchecked")
+                    continue
                 self.note(foff, "equal", f"{path} ({typ}) = {value}: the destination's own "
                           f"value is not known (give --reference)", name, level="unchecked")
                 continue

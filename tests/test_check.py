@@ -17,7 +17,19 @@ DESC = {"page_size": PAGE, "devices": [
     {"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1, "fields": [
         {"name": "a", "type": "uint32", "size": 4},
         {"name": "n", "type": "uint8 equal", "size": 1},
-        {"name": "v", "type": "int32 le", "size": 4}]}]}
+        {"name": "v", "type": "int32 le", "size": 4}]},
+    {"name": "0000:00:02.0/pcidev", "instance_id": 0, "vmsd_name": "pcidev", "version": 1,
+     "fields": [{"name": "config", "type": "pci config", "size": 256},
+                {"name": "irq_state", "type": "pci irq state", "size": 16}],
+     "subsections": [{"vmsd_name": "pcidev/sub", "version": 1,
+                      "fields": [{"name": "x", "type": "uint8", "size": 1}]}]}]}
+
+#: a PCI config space: vendor 0x8086, device 0x1234, status CAP_LIST, one capability at 0x40
+CONFIG = bytearray(256)
+CONFIG[0:4] = b"\x86\x80\x34\x12"
+CONFIG[6] = 0x10
+CONFIG[0x34] = 0x40
+CONFIG[0x40:0x42] = b"\x05\x00"
 
 
 def be32(v):
@@ -37,7 +49,8 @@ class Built:
 
     def __init__(self, machine=MACHINE, block_len=2 * PAGE, ram_version=4, dev=(7, 3, 2),
                  page_word=None, zero_fill=0, xbzrle_len=None, idstr=b"dev", dev_version=1,
-                 footer_id=None, config_extra=b""):
+                 footer_id=None, config_extra=b"", pci_config=bytes(CONFIG), irq=(0, 0, 0, 0),
+                 sub_version=1):
         self.at = {}
         out = bytearray()
 
@@ -76,6 +89,15 @@ class Built:
         out += be32(dev[0]) + bytes([dev[1]]) + struct.pack(">i", dev[2])
         mark("dev_footer")
         out += b"\x7e" + be32(2 if footer_id is None else footer_id)
+        mark("pci")
+        out += b"\x04" + be32(3) + cstr(b"0000:00:02.0/pcidev") + be32(0) + be32(1)
+        mark("pci_config")
+        out += pci_config
+        mark("pci_irq")
+        out += b"".join(struct.pack(">i", v) for v in irq)
+        mark("pci_sub")
+        out += b"\x05" + cstr(b"pcidev/sub") + be32(sub_version) + b"\x09"
+        out += b"\x7e" + be32(3)
         mark("eof")
         out += b"\x00"
         mark("trailer")
@@ -324,3 +346,47 @@ def test_cli_exit_codes_and_output(ref, tmp_path, capsys):
     assert main(["check", str(empty)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a QEMU migration stream" in err
+
+
+def test_pci_config_read_only_bytes(ref):
+    cfg = bytearray(CONFIG)
+    cfg[2] ^= 1                                   # device id: cmask 0xff, not writable
+    b = Built(pci_config=bytes(cfg))
+    off, msg = fatal(b.data, ref)
+    assert off == b.at["pci_config"] + 2
+    assert msg.startswith("get_pci_config_device: Bad config data: i=0x2 read: 35 device: 34 "
+                          "cmask: ff wmask: 0 w1cmask:0")
+    cfg = bytearray(CONFIG)
+    cfg[0x41] = 0x50                              # the capability's next pointer
+    off, msg = fatal(Built(pci_config=bytes(cfg)).data, ref)
+    assert msg.startswith("get_pci_config_device: Bad config data: i=0x41 read: 50 device: 0")
+    cfg = bytearray(CONFIG)
+    cfg[0x3C] = 0x0B                              # interrupt line: writable
+    cfg[0x42] = 0x77                              # capability body: masks unknown, not compared
+    assert check(Built(pci_config=bytes(cfg)).data, reference=ref).loads
+
+
+def test_pci_irq_state(ref):
+    b = Built(irq=(0, 1, 2, 0))
+    assert fatal(b.data, ref) == (b.at["pci_irq"] + 8, "irq state 2: must be 0 or 1.")
+    b = Built(irq=(0, 0, 0, -1))
+    assert check(b.data).fatal.message == "irq state -1: must be 0 or 1."   # no reference
+
+
+def test_subsection_version_is_a_uint8(ref):
+    b = Built(sub_version=0x0301)                 # QEMU keeps the low byte: 1
+    rep = check(b.data, reference=ref)
+    assert rep.loads
+    [p] = [p for p in rep.problems if p.kind == "version"]
+    assert p.offset == b.at["pci_sub"] + 12 and "low byte (1)" in p.message
+    b = Built(sub_version=2)
+    assert fatal(b.data, ref) == (b.at["pci_sub"] + 12, "pcidev/sub: incoming version_id 2 "
+                                  "is too new for local version_id 1")
+
+
+def test_negative_le_field_fails_without_a_reference():
+    b = Built(dev=(7, 3, -1))
+    f = check(b.data).fatal
+    assert f.offset == b.at["dev_payload"] + 5
+    assert f.message.startswith("Invalid value -1 expecting positive value <= the "
+                                "destination's own (dev.v, int32 le")
