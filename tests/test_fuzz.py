@@ -91,7 +91,7 @@ def vmstate_inputs(draw):
     return data
 
 
-@settings(max_examples=150, **FAST)
+@settings(max_examples=120, **FAST)
 @given(vmstate_inputs())
 def test_fuzz_vmstate(data):
     ok("vmstate", data)
@@ -115,7 +115,7 @@ def test_fuzz_vfio(data):
 
 
 @pytest.mark.skipif(not FT.have_check(), reason="qmigstream.check is not there yet")
-@settings(max_examples=100, **FAST)
+@settings(max_examples=80, **FAST)
 @given(mutated)
 def test_fuzz_check(data):
     ok("check", data)
