@@ -23,14 +23,29 @@ from .. import __version__
 EXIT_OK, EXIT_NO, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _command_modules():
+def _command_names():
     pkg = sys.modules[__name__]
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.name.startswith("cmd_"):
-            yield importlib.import_module(f"{__name__}.{info.name}")
+    return sorted(m.name[4:] for m in pkgutil.iter_modules(pkg.__path__)
+                  if m.name.startswith("cmd_"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_modules(only=None):
+    """The command modules (``only``: just that command's, so a command imports
+    only what it needs and starts fast)."""
+    for name in _command_names():
+        if only is None or name == only:
+            yield importlib.import_module(f"{__name__}.cmd_{name}")
+
+
+def _command_of(argv):
+    """The command word in ``argv`` if it names a command module, else None."""
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in _command_names() else None
+    return None
+
+
+def build_parser(only=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qmigstream",
         description="Look inside, re-encode, generate and check QEMU migration streams.",
@@ -38,13 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"qmigstream {__version__}")
     p.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in _command_modules():
+    for mod in _command_modules(only):
         mod.register(sub)
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
