@@ -590,9 +590,10 @@ class Checker:
 
     def _payload(self, off, t, sid, idstr, inst, ver, name, known):
         self._sec = (t, sid, idstr, inst)
+        voff = off + 10 + len(idstr) if t in (1, 4) else off
         if idstr == "ram":
             if ver != 4:
-                self.fatal(off, "version", f"error while loading state for instance "
+                self.fatal(voff, "version", f"error while loading state for instance "
                            f"0x{inst:x} of device 'ram' (ram_load takes only version 4, "
                            f"not {ver})", name)
             self._ram(name)
@@ -601,7 +602,7 @@ class Checker:
         elif idstr == "dirty-bitmap" or is_vfio_idstr(idstr):
             self._codec_section(t, sid, idstr, inst, ver, name)
         else:
-            self._device(off, t, sid, idstr, inst, ver, name)
+            self._device(voff, t, sid, idstr, inst, ver, name)
         self._footer(sid, idstr, name)
 
     def _footer(self, sid, idstr, name):

@@ -186,7 +186,7 @@ def test_section_version_too_high(ref):
 
 def test_ram_version_below_4(ref):
     b = Built(ram_version=3)
-    assert fatal(b.data, ref) == (b.at["ram_start"], "error while loading state for "
+    assert fatal(b.data, ref) == (b.at["ram_start"] + 13, "error while loading state for "
                                   "instance 0x0 of device 'ram' (ram_load takes only "
                                   "version 4, not 3)")
 
