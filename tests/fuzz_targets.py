@@ -249,6 +249,30 @@ def t_qcow2(data: bytes):
             pass
 
 
+def t_cli(data: bytes):
+    """The command line on the input as a file: text and JSON output into a strict UTF-8
+    stdout; the exit code must be 0, 1 or 2 and nothing may escape."""
+    import contextlib
+    from qmigstream.cli import main
+    d = tempfile.mkdtemp(prefix="qmigstream-fuzz-")
+    path = os.path.join(d, "in.mig")
+    with open(path, "wb") as f:
+        f.write(data)
+    cmds = [["decode", path], ["decode", "--json", path], ["info", path],
+            ["diff", path, path, "--ignore-ram"]]
+    try:
+        for argv in cmds[len(data) % 2::2]:
+            out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+            err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = main(argv)
+                out.flush()
+                err.flush()
+            assert rc in (0, 1, 2), f"exit code {rc} for {argv[0]}"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 TARGETS = {
     "decode": t_decode,
     "vmstate": t_vmstate,
@@ -260,6 +284,7 @@ TARGETS = {
     "diff": t_diff,
     "qcow2": t_qcow2,
     "multifd": t_multifd,
+    "cli": t_cli,
 }
 
 

@@ -145,6 +145,12 @@ def test_fuzz_diff(data):
     ok("diff", data)
 
 
+@settings(max_examples=40, **FAST)
+@given(mutated)
+def test_fuzz_cli(data):
+    ok("cli", data)
+
+
 @st.composite
 def multifd_channels(draw):
     d = S.HypothesisDraw(draw)

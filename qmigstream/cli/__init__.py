@@ -60,6 +60,13 @@ def build_parser(only=None) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Names from a stream's JSON may hold lone surrogates (\ud800 escapes, or
+    # bytes that are not UTF-8): print them escaped instead of failing.
+    for out in (sys.stdout, sys.stderr):
+        try:
+            out.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
