@@ -67,7 +67,10 @@ def main(argv=None) -> int:
             out.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError, OSError):
             pass
-    parser = build_parser(_command_of(argv))
+    only = _command_of(argv)
+    if only is None and "--version" in argv:
+        only = ""                       # nothing to import to print the version
+    parser = build_parser(only)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)

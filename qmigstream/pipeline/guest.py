@@ -56,7 +56,10 @@ class RamBlock:
         self.info = info                     # the template's RamBlockInfo (extras kept)
         self.npages = used_length // page_size
         try:
-            self.mem = mmap.mmap(-1, max(used_length, page_size))
+            # private anonymous memory: untouched pages read as the shared zero page
+            # and cost nothing; only written pages become resident
+            self.mem = mmap.mmap(-1, max(used_length, page_size),
+                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError) as e:
             # A length from the stream the host cannot map (ENOMEM, or beyond ssize_t).
             why = e.strerror if isinstance(e, OSError) else "beyond the largest mapping"
