@@ -599,7 +599,9 @@ class Checker:
             self._ram(name)
         elif idstr == "block":
             self._block_section(name)
-        elif idstr == "dirty-bitmap" or is_vfio_idstr(idstr):
+        elif is_vfio_idstr(idstr):
+            self._vfio_section(idstr, name)
+        elif idstr == "dirty-bitmap":
             self._codec_section(t, sid, idstr, inst, ver, name)
         else:
             self._device(voff, t, sid, idstr, inst, ver, name)
@@ -880,7 +882,66 @@ class Checker:
             if flags & 0x02:
                 return
 
-    # -- dirty-bitmap, vfio: the codec's handlers --------------------------------
+    # -- VFIO: hw/vfio/migration.c vfio_load_state (7.2: the v1 protocol) -----------------
+    def _vfio_section(self, idstr, name):
+        from .wire import vfio as W
+        dev = idstr[:-len("/vfio")] if idstr.endswith("/vfio") else idstr
+        END, CONFIG, SETUP, DATA = (0xFFFFFFFFEF100001, 0xFFFFFFFFEF100002,
+                                    0xFFFFFFFFEF100003, 0xFFFFFFFFEF100004)
+        src = self.src
+        moff = src.offset
+        data = self.be(8, "VFIO marker", name)
+        while data != END:
+            if data == CONFIG:
+                boff = src.offset
+                buf = src.peek(W.MAX_CONFIG_BODY + 8)
+                try:
+                    _, n = W.parse_config_state(buf, 0, base=boff, section=name)
+                except Truncated as e:
+                    self.fatal(e.offset, "truncated", f"{self.load_error()} (the stream ends "
+                               f"inside the VFIO config record)", name)
+                except StreamError:
+                    self.fatal(boff, "vfio", f"{dev}: Failed loading device config space, "
+                               f"end flag incorrect (no END_OF_STATE after any config layout "
+                               f"the device could have)", name)
+                src.read(n)
+                eoff = src.offset
+                tail = self.be(8, "VFIO END_OF_STATE", name)
+                if tail != END:
+                    self.fatal(eoff, "vfio", f"{dev}: Failed loading device config space, "
+                               f"end flag incorrect 0x{tail:x}", name)
+                self.note(boff, "vfio", "VFIO config record: its contents are not checked "
+                          "against the destination device", name, level="unchecked")
+                return
+            if data == SETUP:
+                eoff = src.offset
+                nxt = self.be(8, "VFIO marker", name)
+                if nxt != END:
+                    self.fatal(eoff, "vfio", f"{dev}: SETUP STATE: EOS not found 0x{nxt:x}",
+                               name)
+                return
+            if data == DATA:
+                size = self.be(8, "VFIO data size", name)
+                if size:
+                    left = src.remaining_known()
+                    if left is not None and size > left:
+                        self.fatal(src.offset, "truncated", f"{self.load_error()} (VFIO data "
+                                   f"of {size} bytes, {left} left in the stream)", name)
+                    while size:
+                        take = min(size, 1 << 20)
+                        self.read(take, "VFIO device data", name)
+                        size -= take
+                    if not self._vfio_noted:
+                        self._vfio_noted = True
+                        self.note(moff, "vfio", "VFIO device data: whether the device takes "
+                                  "it is the device's business", name, level="unchecked")
+            else:
+                self.fatal(src.offset - 8, "vfio", f"{dev}: Unknown tag 0x{data:x}", name)
+            data = self.be(8, "VFIO marker", name)
+
+    _vfio_noted = False
+
+    # -- dirty-bitmap: the codec's handler --------------------------------
     def _codec_section(self, t, sid, idstr, inst, ver, name):
         from .codec.reader import SectionInfo
         from .codec.records import SectionHeader

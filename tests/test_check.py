@@ -390,3 +390,72 @@ def test_negative_le_field_fails_without_a_reference():
     assert f.offset == b.at["dev_payload"] + 5
     assert f.message.startswith("Invalid value -1 expecting positive value <= the "
                                 "destination's own (dev.v, int32 le")
+
+
+# -- VFIO sections (hw/vfio/migration.c vfio_load_state, 7.2's v1 protocol) ----------------
+
+@pytest.fixture(scope="module")
+def vfio_vector(tmp_path_factory):
+    """A qemu-7.2 golden vector: a paused pc guest with an emulated VFIO device."""
+    from qmigstream.codec.reader import read_records
+    d = tmp_path_factory.mktemp("vfio")
+    assert main(["golden", "generate", "--profiles", "qemu-7.2", "--scenarios", "paused",
+                 str(d)]) == 0
+    path = d / "qemu-7.2" / "paused.mig"
+    recs = [r for r in read_records(str(path)) if r.kind.startswith("vfio")]
+    return str(path), path.read_bytes(), recs
+
+
+def _vput(data, off, word):
+    return data[:off] + be64(word) + data[off + 8:]
+
+
+def test_vfio_vector_loads(vfio_vector):
+    path, data, recs = vfio_vector
+    assert check(path, reference=path).loads
+
+
+def test_vfio_unknown_tag(vfio_vector):
+    path, data, recs = vfio_vector
+    chunk = next(r for r in recs if r.kind == "vfio_data")
+    bad = _vput(data, chunk.offset, 0xFFFFFFFFEF100005)      # INIT_DATA_SENT: 8.1+
+    assert fatal(bad, path) == (chunk.offset, "0000:00:10.0: Unknown tag 0xffffffffef100005")
+
+
+def test_vfio_setup_without_end(vfio_vector):
+    path, data, recs = vfio_vector
+    setup_end = recs[1]
+    assert (recs[0].name, setup_end.name) == ("DEV_SETUP_STATE", "END_OF_STATE")
+    bad = _vput(data, setup_end.offset, 0xFFFFFFFFEF100004)
+    assert fatal(bad, path) == (setup_end.offset, "0000:00:10.0: SETUP STATE: EOS not found "
+                                                  "0xffffffffef100004")
+
+
+def test_vfio_config_end_flag(vfio_vector):
+    path, data, recs = vfio_vector
+    cfg = next(r for r in recs if r.kind == "vfio_config")
+    end = cfg.offset + cfg.size - 8
+    off, msg = fatal(_vput(data, end, 0x1234), path)
+    assert off == cfg.offset + 8
+    assert msg.startswith("0000:00:10.0: Failed loading device config space, end flag "
+                          "incorrect")
+
+
+def test_vfio_data_cut(vfio_vector):
+    path, data, recs = vfio_vector
+    chunk = next(r for r in recs if r.kind == "vfio_data")
+    off, msg = fatal(data[:chunk.offset + 16 + 1000], path)
+    assert off == chunk.offset + 16
+    assert msg.startswith("error while loading state section id 3(0000:00:10.0/vfio) (VFIO "
+                          "data of 65536 bytes, 1000 left")
+
+
+def test_vfio_device_the_destination_lacks(vfio_vector):
+    path, data, recs = vfio_vector
+    name = b"0000:00:10.0/vfio"
+    moved = data.replace(bytes([len(name)]) + name, bytes([len(name)]) + b"0000:00:11.0/vfio")
+    start = data.index(bytes([len(name)]) + name) - 5
+    assert fatal(moved, path) == (start + 5, "Unknown savevm section or instance "
+                                  "'0000:00:11.0/vfio' 0. Make sure that your current VM setup "
+                                  "matches your saved VM setup, including any hotplugged "
+                                  "devices")
