@@ -149,8 +149,11 @@ class StreamSummary:
                     "style": self.json_style}
             try:
                 obj = rec.obj
+                if not isinstance(obj, dict):
+                    raise ValueError("the trailer's JSON is not an object")
                 info["page_size"] = obj.get("page_size")
-                info["devices"] = len(obj.get("devices", []))
+                devs = obj.get("devices", [])
+                info["devices"] = len(devs) if isinstance(devs, list) else None
                 info["has_configuration"] = "configuration" in obj
                 self.description = obj
             except ValueError:
