@@ -255,13 +255,19 @@ class RamLoader:
         blk = self.ram.block(rec.block)
         start = rec.addr // blk.page_size
         self._bounds(blk, rec.addr + (rec.count - 1) * blk.page_size, rec)
-        blk.pages[start:start + rec.count] = 0
+        # as ram_handle_zero: write only pages that are not zero already (a fresh
+        # page stays untouched, so the model stays sparse)
+        dirty = blk.nonzero(np.arange(start, start + rec.count))
+        if dirty.any():
+            blk.pages[start + np.flatnonzero(dirty)] = 0
         self.pages += rec.count
 
     def _zero(self, rec):
         blk = self.ram.block(rec.block)
         self._bounds(blk, rec.addr, rec)
-        blk.pages[rec.addr // blk.page_size] = rec.fill
+        i = rec.addr // blk.page_size
+        if rec.fill or blk.pages[i].any():
+            blk.pages[i] = rec.fill
         self.pages += 1
 
     def _page(self, rec):

@@ -167,7 +167,10 @@ class SourceV2:
 
 
 def _saved(device: EmulatedPciDevice):
-    return (device.image(), device.config_space(), bytes(device.msix_table))
+    """What a destination device holds before a load.  The image is kept by
+    reference: a load never changes it in place (``apply_image`` installs a new
+    image) and a resuming device does no DMA, so no copy of it is needed."""
+    return (device._image, device.config_space(), bytes(device.msix_table))
 
 
 def _restore(device: EmulatedPciDevice, saved):
