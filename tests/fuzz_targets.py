@@ -249,9 +249,10 @@ def t_qcow2(data: bytes):
             pass
 
 
-def t_cli(data: bytes):
+def t_cli(data: bytes, every: bool = False):
     """The command line on the input as a file: text and JSON output into a strict UTF-8
-    stdout; the exit code must be 0, 1 or 2 and nothing may escape."""
+    stdout; the exit code must be 0, 1 or 2 and nothing may escape.  A quarter of
+    the commands per input (by its length), or ``every`` one."""
     import contextlib
     from qmigstream.cli import main
     d = tempfile.mkdtemp(prefix="qmigstream-fuzz-")
@@ -259,9 +260,12 @@ def t_cli(data: bytes):
     with open(path, "wb") as f:
         f.write(data)
     cmds = [["decode", path], ["decode", "--json", path], ["info", path],
-            ["diff", path, path, "--ignore-ram"]]
+            ["diff", path, path, "--ignore-ram"], ["check", path], ["vfio", path],
+            ["roundtrip", path], ["analyze", "-f", path], ["replay", path],
+            ["report", path, "-o", os.path.join(d, "r.html")], ["info", "--json", path],
+            ["ram", "extract", path, "-o", os.path.join(d, "ram")]]
     try:
-        for argv in cmds[len(data) % 2::2]:
+        for argv in (cmds if every else cmds[len(data) % 4::4]):
             out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
             err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -285,6 +289,7 @@ TARGETS = {
     "qcow2": t_qcow2,
     "multifd": t_multifd,
     "cli": t_cli,
+    "cli-all": lambda data: t_cli(data, every=True),
 }
 
 
