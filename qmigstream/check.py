@@ -184,6 +184,7 @@ class Destination:
         self.lengths = {}               # (idstr, instance) -> payload length seen
         self.uuid = None                # the destination's -uuid, when the reference says
         self.block_devices = None       # block-migration device names, when known
+        self.bitmap_nodes = None        # dirty-bitmap node names, when known
         self.source = "assumed"
 
 
@@ -216,6 +217,8 @@ def destination_from_reference(path, prof: Profile) -> Destination:
             d.blocks = {b.name: b.used_length for b in rec.blocks}
         elif k == "footer":
             d.footers = True
+        elif k == "dirty_bitmap" and rec.node is not None:
+            d.bitmap_nodes = (d.bitmap_nodes or set()) | {rec.node}
         elif k == "block" and rec.device is not None:
             d.block_devices = (d.block_devices or set()) | {rec.device}
     if d.footers is None:
@@ -538,7 +541,12 @@ class Checker:
     def _start_full(self, off, t):
         sid = self.be(4, "section id")
         ln = self.be(1, "section idstr length")
-        idstr = _c_str(self.read(ln, "section idstr"))
+        if ln == 0:
+            # qemu_get_counted_string answers 0 for an empty string: a failure
+            self.fatal(off + 5, "unknown-section", f"Unable to read ID string for section "
+                       f"{sid}")
+        idstr = _c_str(self.read(ln, "section idstr",
+                                 qemu=f"Unable to read ID string for section {sid}"))
         inst = self.be(4, "instance id")
         voff = self.src.offset
         ver = self.be(4, "version id")
@@ -602,6 +610,8 @@ class Checker:
         elif is_vfio_idstr(idstr):
             self._vfio_section(idstr, name)
         elif idstr == "dirty-bitmap":
+            self._dirty_bitmap_section(ver, name)
+        elif False:
             self._codec_section(t, sid, idstr, inst, ver, name)
         else:
             self._device(voff, t, sid, idstr, inst, ver, name)
@@ -941,7 +951,109 @@ class Checker:
 
     _vfio_noted = False
 
-    # -- dirty-bitmap: the codec's handler --------------------------------
+    # -- dirty bitmaps: migration/block-dirty-bitmap.c dirty_bitmap_load ------------------
+    def _dirty_bitmap_section(self, ver, name):
+        """Only stream violations fail the load; a bitmap the destination cannot take
+        cancels the incoming bitmaps (cancel_incoming_locked) and the rest is read and
+        ignored."""
+        if ver != 1:
+            self.fatal(self.src.offset, "version", f"{self.load_error()} (dirty_bitmap_load "
+                       f"takes only version 1)", name)
+        st = self._dbm
+        nodes = self.dest.bitmap_nodes
+        while True:
+            off = self.src.offset
+            # qemu_get_bitmap_flags keeps the flags in a uint8_t: only the last byte counts
+            flags = self.be(1, "dirty-bitmap flags", name)
+            if flags & 0x80:
+                flags = self.be(1, "dirty-bitmap flags", name)
+                if flags & 0x80:
+                    flags = self.be(2, "dirty-bitmap flags", name) & 0xFF
+            nothing = flags == (flags & 0x01)
+            if flags & 0x08:                                   # DEVICE_NAME
+                node = self._counted(off, "Unable to read node alias string", name)
+                if not st["cancelled"]:
+                    if nodes is not None and node not in nodes:
+                        self._dbm_cancel(off, f"node '{node}' not found", name)
+                    else:
+                        st["bs"] = node
+                        if nodes is None:
+                            self.note(off, "dirty-bitmap", f"node {node!r}: whether the "
+                                      f"destination has it is not known", name,
+                                      level="unchecked")
+            elif st["bs"] is None and not nothing and not st["cancelled"]:
+                self._dbm_cancel(off, "Error: block device name is not set", name)
+            if flags & 0x04:                                   # BITMAP_NAME
+                bname = self._counted(off, "Unable to read bitmap alias string", name)
+                if not st["cancelled"]:
+                    key = (st["bs"], bname)
+                    st["bitmap"] = key if key in st["bitmaps"] else None
+                    if st["bitmap"] is None and not flags & 0x10:
+                        self._dbm_cancel(off, f"Error: unknown dirty bitmap '{bname}' for "
+                                         f"block device '{st['bs']}'", name)
+                    st["name"] = key
+            elif st["bitmap"] is None and not nothing and not st["cancelled"]:
+                self._dbm_cancel(off, "Error: block device name is not set", name)
+            if flags & 0x10:                                   # START
+                goff = self.src.offset
+                gran = self.be(4, "dirty-bitmap granularity", name)
+                sflags = self.be(1, "dirty-bitmap start flags", name)
+                if not st["cancelled"]:
+                    if st["bitmap"] is not None:
+                        self.fatal(off, "dirty-bitmap", f"Bitmap with the same name "
+                                   f"('{st['bitmap'][1]}') already exists on destination",
+                                   name)
+                    if gran < 512 or gran & (gran - 1):
+                        self.fatal(goff, "dirty-bitmap", f"../../block/dirty-bitmap.c:105: "
+                                   f"bdrv_create_dirty_bitmap: Assertion `is_power_of_2("
+                                   f"granularity) && granularity >= BDRV_SECTOR_SIZE' failed. "
+                                   f"(granularity {gran}: QEMU aborts)", name)
+                    st["bitmaps"].add(st["name"])
+                    st["bitmap"] = st["name"]
+                    if sflags & 0xF8:
+                        self.fatal(goff + 4, "dirty-bitmap", f"Unknown flags in migrated "
+                                   f"dirty bitmap header: {sflags:x}", name)
+            elif flags & 0x20:                                 # COMPLETE
+                pass
+            elif flags & 0x40:                                 # BITS
+                self.read(12, "dirty-bitmap BITS header", name)
+                if not flags & 0x02:                           # not ZEROES
+                    boff = self.src.offset
+                    size = self.be(8, "dirty-bitmap buffer size", name)
+                    if size > 10 * 1024:
+                        self.fatal(boff, "dirty-bitmap", "Bitmap migration stream buffer "
+                                   "allocation request is too large", name)
+                    self.read(size, "dirty-bitmap bits", name,
+                              qemu="Failed to read bitmap bits")
+                    if not st["cancelled"]:
+                        self.note(boff, "dirty-bitmap", "dirty-bitmap BITS: the buffer size "
+                                  "the destination's bitmap needs is not checked", name,
+                                  level="unchecked")
+            if flags & 0x01:
+                return
+
+    def _counted(self, off, qemu, name):
+        """qemu_get_counted_string: an empty or cut string is a failure."""
+        n = self.be(1, "counted string length", name)
+        if n == 0:
+            self.fatal(off, "dirty-bitmap", qemu, name)
+        return _c_str(self.read(n, "counted string", name, qemu=qemu))
+
+    def _dbm_cancel(self, off, why, name):
+        st = self._dbm
+        st["cancelled"] = True
+        st["bs"] = st["bitmap"] = None
+        self.note(off, "dirty-bitmap", f"{why}: QEMU cancels the incoming dirty bitmaps "
+                  f"and still loads the rest", name)
+
+    @property
+    def _dbm(self):
+        if self.__dict__.get("_dbm_state") is None:
+            self._dbm_state = {"cancelled": False, "bs": None, "bitmap": None, "name": None,
+                               "bitmaps": set()}
+        return self._dbm_state
+
+    # -- (unused) the codec's handlers --------------------------------
     def _codec_section(self, t, sid, idstr, inst, ver, name):
         from .codec.reader import SectionInfo
         from .codec.records import SectionHeader

@@ -47,6 +47,7 @@ class Index:
         self.commands = []
         self.compressed = []
         self.blocks = []
+        self.bitmaps = []
         section = None
         for rec in read_records(data, compact=False):
             k = rec.kind
@@ -76,6 +77,8 @@ class Index:
                 self.compressed.append(rec)
             elif k == "block":
                 self.blocks.append(rec)
+            elif k == "dirty_bitmap":
+                self.bitmaps.append(rec)
             elif k == "eof" and rec.depth == 0:
                 self.eof = rec
             elif k == "vmdescription":
@@ -400,6 +403,33 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             _put(data, uo + 15, bytes([(data[uo + 15] + 1) & 0xFF])))
         add("ignore-shared-without-capability", "unchanged; the destination does not have "
             "the x-ignore-shared capability", data, {"validate-uuid": True})
+    if name == "pc-7.2-dirty-bitmaps":
+        first = next(r for r in ix.bitmaps if r.node is not None and r.granularity)
+        second = next(r for r in ix.bitmaps if r.granularity and r is not first)
+        np_ = first.offset + 2                       # flags byte, u8 length, node name
+        bp = np_ + len(first.node) + 1               # bitmap name
+        gp = bp + len(first.bitmap)                  # be32 granularity, u8 start flags
+        add("bitmap-node-name", f"dirty-bitmap START at {first.offset}: node name at {np_} "
+            f"{first.node!r} -> 'x' (the destination cancels the bitmaps, loads the rest)",
+            _put(data, np_, b"x" * len(first.node)))
+        add("bitmap-granularity", f"dirty-bitmap START at {first.offset}: granularity at "
+            f"{gp} 0x{first.granularity:x} -> 0x3000 (not a power of two)",
+            _put(data, gp, _U32.pack(0x3000)))
+        add("bitmap-start-flags", f"dirty-bitmap START at {first.offset}: start flags at "
+            f"{gp + 4} 0x{first.start_flags:x} -> 0x{first.start_flags | 0x08:x} (reserved)",
+            _put(data, gp + 4, bytes([first.start_flags | 0x08])))
+        sb = second.offset + 2
+        add("bitmap-twice", f"dirty-bitmap START at {second.offset}: bitmap name at {sb} "
+            f"{second.bitmap!r} -> {first.bitmap!r} (a second START for the same bitmap)",
+            _put(data, sb, first.bitmap.encode()))
+        add("bitmap-extra-flags", f"dirty-bitmap START at {first.offset}: flags byte "
+            f"0x{data[first.offset]:02x} -> 0x80 followed by it (QEMU keeps a uint8_t)",
+            data[:first.offset] + b"\x80" + data[first.offset:])
+        bits = next(r for r in ix.bitmaps if r.buf is not None)
+        so = bits.offset + 2 + len(bits.bitmap) + 12
+        add("bitmap-buffer-size", f"dirty-bitmap BITS at {bits.offset}: buffer size at {so} "
+            f"{len(bits.buf)} -> 20480 (above 10 * CHUNK_SIZE)",
+            _put(data, so, _U64.pack(20480)))
     if name == "pc-7.2-block":
         dev = next(b for b in ix.blocks if b.device is not None)
         eos = next(b for b in ix.blocks if b.flags == 0x02)

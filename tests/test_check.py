@@ -459,3 +459,36 @@ def test_vfio_device_the_destination_lacks(vfio_vector):
                                   "'0000:00:11.0/vfio' 0. Make sure that your current VM setup "
                                   "matches your saved VM setup, including any hotplugged "
                                   "devices")
+
+
+def test_empty_idstr(ref):
+    b = Built()
+    d = b.data[:b.at["dev"] + 5] + b"\x00" + b.data[b.at["dev"] + 6 + 3:]
+    assert fatal(d, ref) == (b.at["dev"] + 5, "Unable to read ID string for section 2")
+
+
+# -- dirty bitmaps and block migration on the real captures (verdicts as QEMU's, see
+#    tests/test_check_differential.py) -------------------------------------------------
+
+@pytest.mark.parametrize("capture_name,case,loads,message", [
+    ("pc-7.2-dirty-bitmaps", "bitmap-node-name", True, None),
+    ("pc-7.2-dirty-bitmaps", "bitmap-extra-flags", True, None),
+    ("pc-7.2-dirty-bitmaps", "bitmap-start-flags", False,
+     "Unknown flags in migrated dirty bitmap header: 9"),
+    ("pc-7.2-dirty-bitmaps", "bitmap-twice", False,
+     "Bitmap with the same name ('bm1') already exists on destination"),
+    ("pc-7.2-dirty-bitmaps", "bitmap-buffer-size", False,
+     "Bitmap migration stream buffer allocation request is too large"),
+    ("pc-7.2-block", "block-device-name", False, "Error unknown block device xx"),
+    ("pc-7.2-block", "block-flags-extra", True, None),
+    ("pc-7.2-block", "block-flags-unknown", False, "Unknown block migration flags: 0x20"),
+])
+def test_capture_mutations(capture, capture_name, case, loads, message):
+    from qmigstream.mutate import capture_mutations
+    path, _ = capture(capture_name)
+    data = path.read_bytes()
+    m = next(m for m in capture_mutations(capture_name, data) if m.name == case)
+    rep = check(m.data, reference=str(path))
+    assert rep.loads is loads
+    if message:
+        assert rep.fatal.message == message
