@@ -205,6 +205,23 @@ def t_diff(data: bytes):
 
 
 _MULTIFD_STREAM = None
+_VFIO_10X = None
+
+
+class _TenX:
+    """A draw source that makes strategies.vfio_stream write one 10.x device."""
+
+    def int(self, lo, hi):
+        return lo
+
+    def bool(self):
+        return False
+
+    def bytes(self, lo, hi):
+        return b"\x5a" * max(lo, 1)
+
+    def choice(self, seq):
+        return "10.x" if "10.x" in seq else seq[0]
 
 
 def t_multifd(data: bytes):
@@ -216,6 +233,15 @@ def t_multifd(data: bytes):
     try:
         recs = parse_channel(data, init=init)
         reassemble([("ch0", recs)])
+        # the VFIO view of a 10.x stream with this channel beside it
+        from qmigstream.vfio.scan import scan
+        global _VFIO_10X
+        if _VFIO_10X is None:
+            import strategies
+            _VFIO_10X = strategies.vfio_stream(_TenX())
+        devices, _ = scan(_VFIO_10X, multifd=[("ch0", recs)])
+        for dev in devices.values():
+            json.dumps(dev.to_json(), default=str)
     except QmigstreamError:
         pass
     if _MULTIFD_STREAM is None:
