@@ -37,7 +37,6 @@ from . import vmstate
 from . import xbzrle as X
 from .codec.boundary import SectionIds, scan_for_end
 from .codec.reader import StreamReader
-from .codec.sections import handler_for
 from .codec.sections.vfio import is_vfio_idstr
 from .codec.source import Source, open_source
 from .codec.trailer import TAIL_BYTES, locate_trailer
@@ -271,7 +270,6 @@ class Checker:
         self.ps = PS_NONE                  # PostcopyState (migration/postcopy-ram.h)
         self.own_entries = None            # the stream's own description devices
         self._own_cursor = {}
-        self.rd = None                     # reader context for the codec's section handlers
         self.ids = SectionIds()
 
     # -- reporting -------------------------------------------------------------
@@ -494,17 +492,6 @@ class Checker:
             return lst[i]
         return None
 
-    def _reader(self):
-        if self.rd is None:
-            rd = StreamReader(b"QEVM\x00\x00\x00\x03", no_lookahead=True, page_size=PAGE)
-            rd.src = self.src
-            rd._desc_searched = True
-            rd._desc_devices = []
-            rd.ids = self.ids
-            self.rd = rd
-        self.rd.footers = self.footers_on()
-        return self.rd
-
     def footers_on(self):
         if self.dest.footers is None:
             # assumed: the stream's own footers (decided at the first section end)
@@ -611,8 +598,6 @@ class Checker:
             self._vfio_section(idstr, name)
         elif idstr == "dirty-bitmap":
             self._dirty_bitmap_section(ver, name)
-        elif False:
-            self._codec_section(t, sid, idstr, inst, ver, name)
         else:
             self._device(voff, t, sid, idstr, inst, ver, name)
         self._footer(sid, idstr, name)
@@ -1053,25 +1038,6 @@ class Checker:
                                "bitmaps": set()}
         return self._dbm_state
 
-    # -- (unused) the codec's handlers --------------------------------
-    def _codec_section(self, t, sid, idstr, inst, ver, name):
-        from .codec.reader import SectionInfo
-        from .codec.records import SectionHeader
-        rd = self._reader()
-        handler = handler_for(idstr)()
-        rd.sections[sid] = SectionInfo(sid, idstr, inst, ver, handler)
-        hdr = SectionHeader(t, sid, idstr if t in (1, 4) else None, inst, ver,
-                            self.src.offset, 0)
-        try:
-            for _ in handler.read(rd, self.src, hdr):
-                pass
-        except Truncated as e:
-            self.fatal(e.offset, "truncated", f"{e.message}; QEMU: load of migration "
-                       f"failed: Input/output error", name)
-        except StreamError as e:
-            self.fatal(e.offset, "payload", f"{e.message}; QEMU: error while loading state "
-                       f"for {idstr}", name)
-
     # -- RAM: ram_load_precopy -------------------------------------------------------------
     def _ram(self, name):
         self._in_ram = True
@@ -1186,8 +1152,8 @@ class Checker:
                     self.blocks[bname] = new
                     self.note(boff + 1 + ln, "ram-resize", f"RAM block {bname} resized from "
                               f"0x{have:x} to 0x{new:x} (resizeable, max 0x{mx:x})", name)
-            if self.postcopy_advised and self.cap("postcopy-ram") and False:
-                pass        # only blocks whose page size differs from the host's (none here)
+            # (postcopy: a be64 page size follows only for blocks whose page size is not
+            # the host's; x86 RAM blocks here all have the host's 4 KiB pages)
             if self.cap("x-ignore-shared"):
                 self.be(8, "RAM block address", name)
             total = (total - length) & mask
