@@ -9,7 +9,10 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = {"cat", "import", "cli-startup", "records-loop", "info", "decode-verify",
-            "decode-json", "roundtrip"}
+            "decode-json", "roundtrip", "analyze", "ram-extract"}
+#: measured for comparison only (the reference analyze-migration.py, when fetched)
+OPTIONAL = {"analyze-script"}
+REFERENCE = ("cat", "import", "cli-startup", "analyze-script")
 ROW = {"argv", "wall_s", "walls_s", "cpu_s", "max_rss_mb", "exit", "ratio", "ratio_after_startup"}
 
 
@@ -28,15 +31,16 @@ def test_bench_quick_writes_every_field(tmp_path):
     assert {"nproc", "cpu_model", "python", "platform", "qemu"} <= set(doc["machine"])
     cap = doc["captures"]["quick"]
     assert cap["size"] > 1 << 20 and {"path", "about", "commands"} <= set(cap)
-    assert set(cap["commands"]) == COMMANDS
+    assert set(cap["commands"]) - OPTIONAL == COMMANDS
     for name, row in cap["commands"].items():
         assert ROW <= set(row), name
-        assert row["exit"] == 0, (name, row.get("stderr"))
+        if name not in OPTIONAL:            # the script fails on some streams
+            assert row["exit"] == 0, (name, row.get("stderr"))
         assert row["wall_s"] > 0 and row["max_rss_mb"] > 0
-        assert (row["ratio"] is None) == (name in ("cat", "import", "cli-startup"))
+        assert (row["ratio"] is None) == (name in REFERENCE)
     assert cap["commands"]["records-loop"]["inner_s"] > 0
     assert cap["commands"]["records-loop"]["inner_ratio"] is not None
     assert cap["commands"]["records-loop"]["ratio_after_startup"] is None
     rss = [t for t in doc["targets"] if t["metric"] == "max_rss_mb"]
-    assert len(rss) == 5 and all({"capture", "command", "limit", "value", "met"} <= set(t)
+    assert len(rss) == len(COMMANDS) - 3 and all({"capture", "command", "limit", "value", "met"} <= set(t)
                                  for t in rss)
