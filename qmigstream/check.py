@@ -1441,7 +1441,13 @@ def check(source, *, profile_name="qemu-7.2", expect_machine=None, reference=Non
     """Check a stream (path, ``-``, bytes or file object).  Raises :class:`BadMagic`
     when the input is not a migration stream at all."""
     prof = profile(profile_name)
-    dest = destination_from_reference(reference, prof) if reference else Destination()
+    dest = Destination()
+    if reference:
+        try:
+            dest = destination_from_reference(reference, prof)
+        except StreamError as e:
+            raise StreamError(f"the reference {reference} is not a usable stream: "
+                              f"{e.one_line()}") from None
     c = Checker(source, prof, dest, expect_machine, capabilities)
     problems = c.run()
     return Report(problems, prof.name, str(reference) if reference else None)

@@ -492,3 +492,13 @@ def test_capture_mutations(capture, capture_name, case, loads, message):
     assert rep.loads is loads
     if message:
         assert rep.fatal.message == message
+
+
+def test_unusable_reference(tmp_path, capsys):
+    good = tmp_path / "good.mig"
+    good.write_bytes(Built().data)
+    bad = tmp_path / "bad.mig"
+    bad.write_bytes(b"QEVN")
+    assert main(["check", str(good), "--reference", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the reference {bad} is not a usable stream" in err
