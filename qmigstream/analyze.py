@@ -123,11 +123,14 @@ class _Ram:
         self.bitmaps = {}
 
     def record(self, rec):
-        if isinstance(rec, R.RamMemSize):
+        t = type(rec)
+        if t is R.RamMemSize:
             for b in rec.blocks:
                 self._block(b)
-        elif isinstance(rec, R.RamBlockEntry):
+        elif t is R.RamBlockEntry:
             self._block(rec.info)
+        elif self.memory is None and self.writer is None:
+            return                      # without -m / -x only the block list shows
         elif isinstance(rec, R.RamZeroRun):
             for z in rec.expand():
                 self._zero(z.block, z.addr, z.fill)
