@@ -9,7 +9,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = {"cat", "import", "cli-startup", "records-loop", "info", "decode-verify",
-            "decode-json", "roundtrip", "analyze", "ram-extract"}
+            "decode-json", "roundtrip", "analyze", "ram-extract", "ram-extract-nosha"}
 #: measured for comparison only (the reference analyze-migration.py, when fetched)
 OPTIONAL = {"analyze-script"}
 REFERENCE = ("cat", "import", "cli-startup", "analyze-script")
