@@ -484,6 +484,13 @@ INTERESTING = [0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000
                0xFFFFFFFFFFFFFFFF]
 
 
+#: (width, value): VFIO markers, section/command type bytes, RAM flags, QEVM, footer.
+MAGICS = [(8, 0xFFFFFFFFEF100000 + k) for k in range(1, 7)] + \
+    [(1, t) for t in (0, 1, 2, 3, 4, 5, 6, 7, 8, 0x7E)] + \
+    [(8, f) for f in (0x02, 0x08, 0x10, 0x20, 0x40, 0x80, 0x100, 0x200, 0x22, 0x28)] + \
+    [(4, 0x5145564D), (4, 0x11223344), (2, 7)]
+
+
 def record_starts(data: bytes, limit=400):
     """Offsets where records start (as far as the input decodes): length fields sit there."""
     out = []
@@ -525,6 +532,8 @@ def mutate(d, data: bytes, others=(), starts=None) -> bytes:
             v = d.choice(INTERESTING)
             if d.bool():
                 v = v + d.int(-2, 2)
+            if d.int(0, 3) == 0:                     # another record's magic number
+                width, v = d.choice(MAGICS)
             v &= (1 << (8 * width)) - 1
             buf[pos:pos + width] = v.to_bytes(width, "big")
         elif op == 7:                                # delete or duplicate a slice
