@@ -49,6 +49,10 @@ PAGE = 4096
 F_FULL, F_ZERO, F_MEM, F_PAGE, F_EOS, F_CONT, F_XBZRLE, F_HOOK, F_COMP = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x100)
 PAGE_KINDS = F_ZERO | F_PAGE | F_COMP | F_XBZRLE
+#: RunState names of 7.2 (qapi/run-state.json), for global_state_post_load.
+RUN_STATES_72 = ("debug inmigrate internal-error io-error paused postmigrate prelaunch "
+                 "finish-migrate restore-vm running save-vm shutdown suspended watchdog "
+                 "guest-panicked colo").split()
 # PostcopyState of the destination (migration/postcopy-ram.h)
 PS_NONE, PS_ADVISE, PS_DISCARD, PS_LISTENING, PS_RUNNING = range(5)
 
@@ -698,6 +702,17 @@ class Checker:
                       "checked", name, level="unchecked")
             return
         self._equal_fields(tree, key, name, inst, idstr)
+        if vmsd_name == "globalstate":
+            self._global_state(tree, name)
+
+    def _global_state(self, tree, name):
+        """global_state_post_load (migration/global_state.c): the run state by name."""
+        f = tree.field("runstate")
+        if f is None or not isinstance(f.value, bytes):
+            return
+        state = _c_str(f.value[:len(f.value) - 1] if b"\0" not in f.value else f.value)
+        if state not in RUN_STATES_72:
+            self.fatal(f.offset, "globalstate", f"invalid parameter value: {state}", name)
 
     def _subsection_versions(self, layout, data, poff, name):
         """vmstate_subsection_load() keeps a subsection's be32 version in a uint8_t: only
@@ -1425,15 +1440,14 @@ def _locate_field(desc, target, vmsd_name, depth):
 
 
 def _inflates(data: bytes) -> bool:
-    """Does one ``inflate(Z_NO_FLUSH)`` into a page succeed (Z_OK or Z_STREAM_END)?
-    (ram.c qemu_uncompress_data: a cut zlib stream or extra output still is Z_OK.)"""
-    if not data:
-        return False            # no progress possible: Z_BUF_ERROR
+    """Does one ``inflate(Z_NO_FLUSH)`` into a page return Z_STREAM_END?  (ram.c
+    qemu_uncompress_data: anything else, a cut stream or more than a page, is -1.)"""
+    d = zlib.decompressobj()
     try:
-        zlib.decompressobj().decompress(data, PAGE)
-        return True
+        out = d.decompress(data, PAGE + 1)
     except zlib.error:
         return False
+    return d.eof and len(out) <= PAGE
 
 
 def check(source, *, profile_name="qemu-7.2", expect_machine=None, reference=None,

@@ -269,6 +269,10 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
     ioff, _ = ix.field(piix.idstr, "irq_state")
     add("pci-irq-state", f"{piix.idstr} PCI irq state at {ioff}: level 0 -> 2",
         _put(data, ioff, _U32.pack(2)))
+    roff, run = ix.field("globalstate", "runstate")
+    state = run.value.split(b"\0")[0].decode()
+    add("globalstate-runstate", f"globalstate runstate at {roff}: {state!r} -> its first "
+        f"byte 'q'", _put(data, roff, b"q"))
     sub = _subsection_header(ix, "fdc", "fdrive/media_rate")
     if sub is not None:
         vo = sub + 2 + len("fdrive/media_rate")
@@ -373,6 +377,10 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             f"8192 (above compressBound(4096))", _put(data, lo, _U32.pack(8192)))
         add("compress-data", f"COMPRESS_PAGE record at {r.offset}: zlib header byte at "
             f"{lo + 4} 0x{data[lo + 4]:02x} -> 0x00", _put(data, lo + 4, b"\x00"))
+        mid = lo + 4 + min(40, r.size - (lo - r.offset) - 5)
+        add("compress-data-inside", f"COMPRESS_PAGE record at {r.offset}: zlib data byte at "
+            f"{mid} 0x{data[mid]:02x} -> 0x{data[mid] ^ 0x55:02x}",
+            _put(data, mid, bytes([data[mid] ^ 0x55])))
         add("compress-without-capability", "unchanged; the destination does not have the "
             "compress capability", data, {})
     if name == "pc-7.2-postcopy-advised":

@@ -42,6 +42,7 @@ EXPECTED = {
     "garbage-appended": True, "eof-garbage": False, "pci-config-readonly": False,
     "pci-config-writable": True, "subsection-version-wide": True,
     "subsection-version-too-new": False, "pci-irq-state": False,
+    "globalstate-runstate": False,
 }
 XBZRLE = {"xbzrle-length-overflow": False, "xbzrle-encoding-flag": False,
           "xbzrle-decode-error": False, "original": True}
