@@ -188,6 +188,8 @@ class Destination:
         self.uuid = None                # the destination's -uuid, when the reference says
         self.block_devices = None       # block-migration device names, when known
         self.bitmap_nodes = None        # dirty-bitmap node names, when known
+        self.block_addrs = {}           # RAM block -> guest address (x-ignore-shared)
+        self.ignored_blocks = None      # blocks x-ignore-shared leaves out, when known
         self.source = "assumed"
 
 
@@ -199,6 +201,7 @@ def destination_from_reference(path, prof: Profile) -> Destination:
     d.sections = {}
     rd = StreamReader(path)
     cur = None
+    paged = set()
     for rec in rd.records():
         k = rec.kind
         if k == "configuration":
@@ -218,6 +221,9 @@ def destination_from_reference(path, prof: Profile) -> Destination:
             d.lengths.setdefault(cur, len(rec.data))
         elif k == "ram_mem_size" and d.blocks is None:
             d.blocks = {b.name: b.used_length for b in rec.blocks}
+            d.block_addrs = {b.name: b.mr_addr for b in rec.blocks if b.mr_addr is not None}
+        elif k in ("ram_zero", "ram_zero_run", "ram_page", "ram_xbzrle", "ram_compressed"):
+            paged.add(rec.block)
         elif k == "footer":
             d.footers = True
         elif k == "dirty_bitmap" and rec.node is not None:
@@ -226,6 +232,10 @@ def destination_from_reference(path, prof: Profile) -> Destination:
             d.block_devices = (d.block_devices or set()) | {rec.device}
     if d.footers is None:
         d.footers = False
+    if "x-ignore-shared" in rd.capabilities and d.blocks is not None:
+        # every block the source migrates has each of its pages sent once (a ZERO record
+        # at least): the blocks of the list with no page at all are the ignored ones
+        d.ignored_blocks = set(d.blocks) - paged
     devs = rd._desc_devices or []
     for e in devs:
         key = _entry_key(e)
@@ -1130,6 +1140,9 @@ class Checker:
         bname = _c_str(self.read(ln, "RAM block name", name))
         if self.blocks is None or bname not in self.blocks:
             self.fatal(noff, "ram-block", f"Can't find block {bname}", name)
+        ign = self.dest.ignored_blocks
+        if ign is not None and bname in ign and self.cap("x-ignore-shared"):
+            self.fatal(noff, "ram-block", f"block {bname} should not be migrated !", name)
         self.last_block = bname
         return bname
 
@@ -1170,7 +1183,13 @@ class Checker:
             # (postcopy: a be64 page size follows only for blocks whose page size is not
             # the host's; x86 RAM blocks here all have the host's 4 KiB pages)
             if self.cap("x-ignore-shared"):
-                self.be(8, "RAM block address", name)
+                aoff = self.src.offset
+                gpa = self.be(8, "RAM block address", name)
+                ign = self.dest.ignored_blocks
+                want = self.dest.block_addrs.get(bname)
+                if ign is not None and bname in ign and want is not None and gpa != want:
+                    self.fatal(aoff, "ram-block", f"Mismatched GPAs for block {bname} "
+                               f"{_signed64(gpa)}!= {_signed64(want)}", name)
             total = (total - length) & mask
 
     def _peek_block_list(self, total):
@@ -1338,6 +1357,10 @@ def _pci_fixed_bytes(config: bytes):
         out += [(p, 0xFF), (p + 1, 0xFF)]
         p = config[p + 1]
     return out
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def _uuid(b: bytes) -> str:

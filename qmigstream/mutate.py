@@ -409,6 +409,15 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         uo = u.offset + 2 + len(u.name) + 4
         add("uuid", f"configuration/uuid at {uo}: last byte +1",
             _put(data, uo + 15, bytes([(data[uo + 15] + 1) & 0xFF])))
+        ms = ix.mem_size
+        p = ms.offset + 8
+        for blk in ms.blocks:
+            if blk.name == "mem":
+                ao = p + 1 + len(blk.name) + 8
+                add("ignored-block-gpa", f"MEM_SIZE entry at {p}: guest address of the "
+                    f"shared block 'mem' at {ao} 0x{blk.mr_addr:x} -> 0x100000",
+                    _put(data, ao, _U64.pack(0x100000)))
+            p += 1 + len(blk.name) + 8 + 8
         add("ignore-shared-without-capability", "unchanged; the destination does not have "
             "the x-ignore-shared capability", data, {"validate-uuid": True})
     if name == "pc-7.2-dirty-bitmaps":
