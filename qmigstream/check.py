@@ -6,9 +6,11 @@
 ``qemu_loadvm_state_main``, ``qemu_loadvm_section_start_full`` /
 ``part_end``, ``check_section_footer``, ``loadvm_process_command``;
 ``ram_load_precopy`` in migration/ram.c; ``vmstate_load_state`` and the
-``*_equal``/``int32 le`` infos of vmstate.c/vmstate-types.c;
-``vfio_load_state`` of hw/vfio/migration.c) and reports every problem with
-its byte offset and the text QEMU itself prints for it.
+``*_equal``/``int32 le`` infos of vmstate.c/vmstate-types.c, the PCI config
+and irq-state infos of hw/pci/pci.c, ``global_state_post_load``; ``block_load``
+and ``dirty_bitmap_load``; ``vfio_load_state`` of hw/vfio/migration.c) and
+reports every problem with its byte offset and the text QEMU itself prints for
+it.  docs/check.md lists each step with its source and the limits.
 
 QEMU stops at its first error, and so does the verdict: the first *fatal*
 problem is where QEMU would give up; *notes* are things QEMU accepts but a
