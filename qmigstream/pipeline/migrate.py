@@ -296,7 +296,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
                 payload = VB.part_records(d.family, chunk or None, init_data_sent=init)
                 out.section(T.SECTION_PART, d.sid, payload)
                 # vfio_save_iterate's answer: v1 "not done" (0) after sending data,
-                # done (1) after "DATA 0"; v2 always 1.  Up to 10.0 a round ends
+                # done (1) after "DATA 0"; v2 1 (8.x; 9.0+ only when nothing is
+                # pending, but 9.0+ walks every handler anyway).  Up to 8.2 a round ends
                 # at the first handler that is not done.
                 done = bool(d.family.protocol == "v2" or not chunk)
                 if not done and not prof.iterate_walks_all:

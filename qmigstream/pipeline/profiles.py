@@ -23,10 +23,10 @@ follows:
   ``vfio_multifd_transfer_supported`` also needs send-switchover-start, so
   machine types >= 10.0: ``hw_compat_9_2`` turns ``x-migration-multifd-transfer``
   off);
-* ``iterate_walks_all`` — each round walks every iterative handler; before
-  (``qemu_savevm_state_iterate`` up to 10.0) a round stops at the first
-  handler whose iterate returns 0 ("not done"), which a v1 VFIO device does
-  whenever it sent data;
+* ``iterate_walks_all`` — each round walks every iterative handler (9.0+,
+  ``all_finished`` in ``qemu_savevm_state_iterate``); up to 8.2 a round stops
+  at the first handler whose iterate returns 0 ("not done"), which a v1 VFIO
+  device (5.2-7.2) does whenever it sent data (v2 in 8.1/8.2 always returns 1);
 * ``load_config_after_iter`` — 10.1+ has ``x-migration-load-config-after-iter``
   (FULL carries ``DEV_CONFIG_LOAD_READY``; auto is on for ARM only, so off for
   the x86 machine types here; ``hw_compat_10_0`` turns it off).
@@ -98,11 +98,12 @@ PROFILES = {p.name: p for p in (
     _p("qemu-8.2", "8.2", "8.1-9.x", "v2", JSONWRITER, True, False, True, True, True,
        "pc-i440fx-8.2", notes="as 8.1; the trailer describes the configuration record"),
     _p("qemu-9.2", "9.2", "8.1-9.x", "v2", JSONWRITER, True, False, True, False, True,
-       "pc-i440fx-9.2", notes="as 8.2; COMPRESS_PAGE gone (9.1)"),
+       "pc-i440fx-9.2", notes="as 8.2; COMPRESS_PAGE gone (9.1); every handler "
+       "iterates every round (9.0)", iterate_walks_all=True),
     _p("qemu-10.0", "10.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
        "pc-i440fx-10.0", notes="SWITCHOVER_START command (machine types >= 10.0); "
        "VFIO on the main channel, or with --multifd-channels device state on the "
-       "multifd channels", multifd_device_state=True),
+       "multifd channels", multifd_device_state=True, iterate_walks_all=True),
     _p("qemu-10.1", "10.1", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
        "pc-i440fx-10.1", notes="as 10.0; x-migration-load-config-after-iter",
        multifd_device_state=True, load_config_after_iter=True, iterate_walks_all=True),
