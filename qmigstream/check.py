@@ -741,7 +741,9 @@ class Checker:
             wire = struct.unpack_from(">I", data, pos)[0]
             want = sub.get("version")
             sname = sub.get("vmsd_name")
-            if type(want) is not int or not isinstance(sname, str):
+            # (a version no be32 can hold cannot be on the wire: nothing to compare)
+            if type(want) is not int or not 0 <= want <= 0xFFFFFFFF or \
+                    not isinstance(sname, str):
                 continue
             v8 = wire & 0xFF
             if v8 > want:
