@@ -183,7 +183,7 @@ class BlobAssembler:
             for off, old in reversed(self._undo):
                 self._image[off:off + len(old)] = old
             if self._pre_bytes is None:
-                del self._buf[self._pre:]
+                self._buf = bytearray(memoryview(self._buf)[:self._pre])
             else:
                 self._buf = bytearray(self._pre_bytes)
             (self._header, self._image, self._seq, self.done, self.blobs) = saved
@@ -203,12 +203,17 @@ class BlobAssembler:
             need = HEADER_SIZE + h.length + CRC_SIZE
             if len(self._buf) < need:
                 return
-            # A copy: a view of _buf would pin it (no resize) if _accept raises.
-            blob = bytes(self._buf[:need])
+            # The buffer itself when it holds exactly this blob (the usual case for
+            # a large blob), else a copy.  A failed check may leave views of the
+            # buffer alive, so write() then replaces the buffer instead of resizing it.
+            blob = self._buf if len(self._buf) == need else bytes(self._buf[:need])
             self._accept(h, memoryview(blob))
             if self._undo is not None and self._pre_bytes is None:
-                self._pre_bytes = blob[:self._pre]
-            del self._buf[:need]
+                self._pre_bytes = bytes(blob[:self._pre])
+            if blob is self._buf:
+                self._buf = bytearray()
+            else:
+                del self._buf[:need]
             self._header = None
             if self.done:
                 if self._buf:
@@ -297,4 +302,4 @@ class BlobAssembler:
             raise DeviceError(f"incomplete device data ({what})", self.rejects.short)
         if self.validate_image is not None:
             self.validate_image(self._image)
-        return bytes(self._image)
+        return self._image          # handed over: the session is over

@@ -367,8 +367,18 @@ class SizedProfile(Profile):
             import numpy as np
             # PCG64's raw output: numpy keeps bit generator streams stable across
             # releases (Generator methods may change), so the bytes are the same everywhere
-            words = np.random.PCG64(seed & MASK64).random_raw(-(-self.state_size // 8))
-            img += words.astype("<u8", copy=False).tobytes()[:self.state_size]
+            # made 1 MiB at a time straight into the image (one copy of the state
+            # in memory); consecutive random_raw calls continue the same stream
+            gen = np.random.PCG64(seed & MASK64)
+            base = len(img)
+            img.extend(bytes(self.state_size))
+            view = np.frombuffer(img, dtype=np.uint8)
+            step = 1 << 20
+            for pos in range(0, self.state_size, step):
+                n = min(step, self.state_size - pos)
+                words = gen.random_raw(-(-n // 8)).astype("<u8", copy=False)
+                view[base + pos:base + pos + n] = words.view(np.uint8)[:n]
+            del view
         return img
 
     def validate_image(self, image):
@@ -489,8 +499,9 @@ class EmulatedPciDevice:
             self._image_dirty.update(range(first, last + 1))
 
     def apply_image(self, image) -> None:
+        """Install a new image (a bytearray is taken over as it is, not copied)."""
         self.profile.validate_image(image)
-        self._image = bytearray(image)
+        self._image = image if type(image) is bytearray else bytearray(image)
 
     def image_digest(self) -> str:
         return hashlib.sha256(self._image).hexdigest()
