@@ -298,3 +298,60 @@ def test_v1_round_stops_at_the_first_device_that_sent_data(tmp_path):
     assert dry and all(x[0] > 0 for x in sizes[:dry[0]])
     # the second device's PARTs only come in rounds where the first one was done
     assert len(parts(small_dev)) == 6 - dry[0]
+
+
+# -- fault injection on the v2 data file ------------------------------------------
+
+def test_short_reads_on_the_source_data_file_still_give_a_loadable_stream(tmp_path, monkeypatch):
+    """read() may return less than asked: every read becomes its own DATA chunk."""
+    from qmigstream.device.device_v2 import MigrationFile
+    real_read = MigrationFile.read
+    monkeypatch.setattr(MigrationFile, "read", lambda self, n=1 << 20: real_read(self, min(n, 777)))
+    p = tmp_path / "short.mig"
+    res = migrate(p, small("qemu-8.2", devices=[DeviceSpec("sized:8K", seed=1, dma_rate=500)]))
+    sizes = [r.data_size for r in read_records(str(p)) if isinstance(r, VfioDataChunk)]
+    assert sizes and max(sizes) <= 777 and len(sizes) > 10
+    monkeypatch.undo()
+    rr = replay(str(p), expect=res.to_json())
+    assert rr.ok and rr.verified
+
+
+def test_short_writes_on_the_destination_data_file_are_resumed(outputs, monkeypatch):
+    """write() may accept part of a chunk: the rest is written again (qemu_file_get_to_fd)."""
+    from qmigstream.device.device_v2 import MigrationFile
+    calls = []
+    real_write = MigrationFile.write
+
+    def short_write(self, data):
+        calls.append(len(data))
+        return real_write(self, bytes(data)[:1000])
+
+    monkeypatch.setattr(MigrationFile, "write", short_write)
+    path, res = outputs["qemu-8.2"]
+    rr = replay(str(path), expect=res.to_json())
+    assert rr.ok and rr.verified
+    assert max(calls) > 1000                    # chunks larger than a write took
+    assert sum(1 for c in calls if c > 1000) >= 1
+
+
+def test_a_data_file_that_stops_taking_bytes_leaves_devices_as_they_were(outputs, monkeypatch):
+    from qmigstream.device.device_v2 import MigrationFile
+    from qmigstream.errors import DeviceError
+    real_write = MigrationFile.write
+    seen = []
+
+    def failing_write(self, data):
+        seen.append(len(data))
+        if len(seen) == 3:
+            return 0                             # no progress: QEMU's load fails
+        return real_write(self, data)
+
+    monkeypatch.setattr(MigrationFile, "write", failing_write)
+    path, res = outputs["qemu-8.2"]
+    dests = _dests(res)
+    before = {k: d.device.state_digest() for k, d in dests.items()}
+    rr = replay(str(path), destinations=dests)
+    assert not rr.ok
+    assert rr.error["errno"] == 5 and rr.error["offset"] is not None
+    assert {k: d.device.state_digest() for k, d in dests.items()} == before
+    assert all(d.io.dev.state.name == "RUNNING" for d in dests.values())
