@@ -43,3 +43,15 @@ def have_qemu() -> bool:
 
 requires_qemu = pytest.mark.skipif(not have_qemu() and not os.environ.get("CI"),
                                    reason="qemu-system-x86_64 not installed")
+
+
+def unpack_channels(meta, directory) -> list:
+    """A capture's committed multifd channel recordings, decompressed into ``directory``
+    (paths in channel order)."""
+    out = []
+    for ch in meta["channels"]:
+        dst = pathlib.Path(directory) / ch["file"][:-len(".xz")]
+        with lzma.open(CAPTURES / ch["file"]) as src, open(dst, "wb") as d:
+            shutil.copyfileobj(src, d)
+        out.append(str(dst))
+    return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 
 import pytest
@@ -360,17 +359,10 @@ def test_two_runs_differ_exactly_in_the_changed_pages(tmp_path):
 
 
 def test_multifd_channels_in_diff(capture, tmp_path, capsys):
-    import lzma
-    import shutil
-    from conftest import CAPTURES
+    from conftest import unpack_channels
     mf, meta = capture("pc-7.2-multifd")
     loader, _ = capture("pc-7.2-loader")
-    chans = []
-    for ch in meta["channels"]:
-        dst = tmp_path / ch["file"][:-3]
-        with lzma.open(CAPTURES / ch["file"]) as s, open(dst, "wb") as d:
-            shutil.copyfileobj(s, d)
-        chans.append(str(dst))
+    chans = unpack_channels(meta, tmp_path)
     # Without its channels the multifd stream lacks the loaded pages.
     r = D.diff(str(loader), str(mf))
     pages = [d for d in r.differences if d.area == "ram"]

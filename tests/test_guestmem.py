@@ -20,7 +20,7 @@ from qmigstream.guestmem import CompressedPageError, GiB
 from qmigstream.wire.header import SectionType as T
 from qmigstream.wire.ram import RamFlag
 
-from conftest import CAPTURES, capture_names, requires_qemu
+from conftest import capture_names, requires_qemu
 
 PS = 4096
 
@@ -471,16 +471,9 @@ def test_huge_sparse_block_costs_only_what_is_written(tmp_path):
 
 @pytest.fixture
 def multifd_capture(capture, tmp_path):
-    import lzma
-    import shutil
+    from conftest import unpack_channels
     path, meta = capture("pc-7.2-multifd")
-    chans = []
-    for ch in meta["channels"]:
-        dst = tmp_path / ch["file"][:-3]
-        with lzma.open(CAPTURES / ch["file"]) as s, open(dst, "wb") as d:
-            shutil.copyfileobj(s, d)
-        chans.append(str(dst))
-    return path, meta, chans
+    return path, meta, unpack_channels(meta, tmp_path)
 
 
 def test_multifd_channels_complete_the_memory(multifd_capture, tmp_path):

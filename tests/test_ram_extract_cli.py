@@ -153,16 +153,11 @@ def test_committed_capture_via_cli(capture, tmp_path, capsys):
 
 
 def test_multifd_option(capture, tmp_path, capsys):
-    import lzma
-    import shutil
-    from conftest import CAPTURES
+    from conftest import unpack_channels
     path, meta = capture("pc-7.2-multifd")
     args = []
-    for ch in meta["channels"]:
-        dst = tmp_path / ch["file"][:-3]
-        with lzma.open(CAPTURES / ch["file"]) as s, open(dst, "wb") as d:
-            shutil.copyfileobj(s, d)
-        args += ["--multifd", str(dst)]
+    for ch in unpack_channels(meta, tmp_path):
+        args += ["--multifd", ch]
     out = tmp_path / "o"
     rc, text, _ = run(capsys, "ram", "extract", str(path), "-o", str(out), *args)
     assert rc == 0
