@@ -12,7 +12,6 @@ from collections import Counter, OrderedDict
 from .codec import ram_records as R
 from .codec.records import (Command, Configuration, EndOfStream, OpaquePayload, SectionFooter,
                             SectionHeader, TrailingBytes, VmDescription)
-from .wire.commands import MigCmd
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _ZERO_RUN = "zero run"

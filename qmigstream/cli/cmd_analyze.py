@@ -8,7 +8,6 @@ RAM block into the current directory (or ``--output-dir``), never outside it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 

@@ -13,7 +13,6 @@ from ..codec.ram_records import RamZeroRun
 from ..codec.reader import StreamReader
 from ..codec.records import OpaquePayload
 from ..codec.sections.device import DeviceState
-from ..vmstate.node import Vmsd
 from ..codec.tree import tree_events
 from .progress import Progress, file_size
 

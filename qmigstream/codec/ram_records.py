@@ -5,7 +5,6 @@ from __future__ import annotations
 import struct
 
 from ..wire import ram as W
-from ..wire.common import CountedString
 from ..wire.ram import RamFlag
 from .records import Record
 

@@ -12,7 +12,6 @@ Mirrors the loader loop of ``migration/savevm.c`` (``qemu_loadvm_state``,
 
 from __future__ import annotations
 
-import os
 import struct
 
 from ..errors import (BadMagic, LimitExceeded, StreamError, Truncated,

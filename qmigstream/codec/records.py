@@ -15,7 +15,6 @@ import struct
 
 from ..wire import header as H
 from ..wire import commands as C
-from ..wire.ram import RamFlag
 
 _U8 = struct.Struct(">B")
 _U64 = struct.Struct(">Q")

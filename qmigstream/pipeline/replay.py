@@ -37,7 +37,6 @@ packet with the CONFIG flag, loaded last at the commit.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass, field
 
 from ..codec import ram_records as R
