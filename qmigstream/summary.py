@@ -17,7 +17,10 @@ _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _ZERO_RUN = "zero run"
 #: Exact record types counted on the hot path of StreamSummary.feed.
 _PAGE_KINDS = {R.RamZero: "zero", R.RamPage: "normal", R.RamXbzrle: "xbzrle",
-               R.RamCompressed: "compressed", R.RamZeroRun: _ZERO_RUN}
+               R.RamCompressed: "compressed", R.RamZeroRun: _ZERO_RUN,
+               R.RamPageRun: "normal"}
+#: Compact records that stand for ``count`` page records.
+_RUNS = (R.RamZeroRun, R.RamPageRun)
 
 
 class SectionSummary:
@@ -76,7 +79,7 @@ class StreamSummary:
             if cur is not None:
                 cur.bytes += size
                 cur.payload_bytes += size
-            n = rec.count if kind is _ZERO_RUN else 1
+            n = rec.count if type(rec) in _RUNS else 1
             kind = "zero" if kind is _ZERO_RUN else kind
             self.pages[kind] += n
             self.ram_bytes[kind] += size
@@ -240,6 +243,7 @@ class StreamSummary:
 
 def summarize(path_or_file, progress=None, **options):
     from .codec.reader import StreamReader
+    options.setdefault("page_runs", True)
     reader = StreamReader(path_or_file, **options)
     s = StreamSummary()
     for rec in reader.records():

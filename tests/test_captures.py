@@ -135,6 +135,12 @@ def test_fast_path_equals_schema_path(name, capture):
     compact = _records(path)
     # compact mode only merges ZERO records into runs: the pages are the same
     assert _pages(compact) == _pages(slow)
+    # page_runs merges runs of PAGE records: expanded, they are the records
+    runs = _records(path, compact=False, page_runs=True)
+    flat = [x for r in runs for x in (r.expand() if isinstance(r, R.RamPageRun) else (r,))]
+    assert [(type(r), r.offset, r.fields(), r.encode()) for r in flat] == \
+        [(type(r), r.offset, r.fields(), r.encode()) for r in slow]
+    assert b"".join(r.encode() for r in runs) == b"".join(r.encode() for r in slow)
 
 
 def _pages(records):

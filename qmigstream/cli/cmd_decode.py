@@ -30,8 +30,10 @@ def register(sub):
                    help="include payload bytes as hex (pages, device payloads, chunks)")
     p.add_argument("--page-size", type=int, default=None)
     p.add_argument("--verify", action="store_true",
-                   help="no tree: decode every record, read every payload byte (CRC-32) "
-                        "and check that the records cover the input exactly")
+                   help="no tree: decode every record, read every byte of the input and "
+                        "check that the records cover it exactly once")
+    p.add_argument("--crc", action="store_true",
+                   help="with --verify: also a CRC-32 of every payload byte, in stream order")
     p.set_defaults(func=run)
 
 
@@ -56,12 +58,13 @@ def record_json(rec, data=False) -> dict:
 
 def run(args) -> int:
     reader = StreamReader(args.file, page_size=args.page_size,
-                          compact=not args.expand_runs)
+                          compact=not args.expand_runs,
+                          page_runs=args.verify and not args.expand_runs)
     prog = Progress(file_size(args.file), "decode")
     out = sys.stdout
     try:
         if args.verify:
-            return verify(reader, out, prog)
+            return verify(reader, out, prog, crc=args.crc)
         events = tree_events(_records(reader, args.expand_runs))
         if args.json:
             write_json(out, events, args.file, args.data, prog, reader)
@@ -72,61 +75,83 @@ def run(args) -> int:
     return 0
 
 
-def verify(reader, out, prog) -> int:
+def verify(reader, out, prog, crc=False) -> int:
     """``--verify``: the full decode without the tree.
 
-    Every record is decoded (as for the tree) and every payload byte is read:
-    page bytes, XBZRLE and compressed data, device payloads, mapped-ram
-    chunks, trailing bytes and the VMDESCRIPTION JSON go through one CRC-32
-    in stream order.  Each record must start where the previous one ended and
-    the last must end at the end of the input.  Exit 0, or 1 with the offset
-    where the records and the input part.
+    Every record is decoded (as for the tree; runs of ZERO and of PAGE records
+    come as one compact record each) and every byte of the input is read into
+    memory.  Each record must start where the previous one ended and the last
+    must end at the end of the input.  With ``crc`` the payload bytes (pages,
+    XBZRLE and compressed data, device payloads, mapped-ram chunks, trailing
+    bytes and the VMDESCRIPTION JSON) also go through one CRC-32 in stream
+    order, computed in a worker thread.  Exit 0, or 1 with the offset where the
+    records and the input part.
     """
-    from .background import BackgroundDigest, Crc32
-    crc = BackgroundDigest(Crc32())
+    digest = None
+    if crc:
+        from .background import BackgroundDigest, Crc32
+        digest = BackgroundDigest(Crc32())
     parts, pending = [], 0
     payload = 0
     pos = 0
     counts = {}
-    zeros_in_runs = 0
+    in_runs = {"ram_zero_run": 0, "ram_page_run": 0}
     show = prog.enabled
     for rec in reader.records():
         if rec.offset != pos:
             out.write(f"records do not cover the input: {rec.kind} at offset {rec.offset}, "
                       f"expected {pos}\n")
             return 1
-        pos += rec.size
+        size = rec.size
+        pos += size
         k = rec.kind
         counts[k] = counts.get(k, 0) + 1
-        if k == "ram_zero_run":
-            zeros_in_runs += rec.count
+        if k in in_runs:
+            in_runs[k] += rec.count
+            if k == "ram_page_run":
+                n = rec.count * rec.page_size
+                payload += n
+                if digest is not None:
+                    parts.append(b"".join(rec.pages()))
+                    pending += n
+            continue
         data = getattr(rec, "data", None)
         if data is None:
             data = getattr(rec, "json_bytes", None)
         if data is not None:
-            parts.append(data)
-            pending += len(data)
-            if pending >= 4 << 20:
-                # One CRC-32 over the joined batch equals the CRC of each part in turn.
-                crc.update(b"".join(parts))
-                parts, pending = [], 0
             payload += len(data)
+            if digest is not None:
+                parts.append(data)
+                pending += len(data)
+        if pending >= 4 << 20:
+            # One CRC-32 over the joined batch equals the CRC of each part in turn.
+            digest.update(b"".join(parts))
+            parts, pending = [], 0
         if show:
             prog(pos)
-    crc.update(b"".join(parts))
-    value = crc.result().value
+    value = None
+    if digest is not None:
+        digest.update(b"".join(parts))
+        value = digest.result().value
     size = reader.src.size
     if size is not None and pos != size:
         out.write(f"records do not cover the input: they end at {pos}, the input at {size}\n")
         return 1
     total = sum(counts.values())
     out.write(f"verified: {pos:,} bytes in {total:,} records, each byte in exactly one record\n")
-    parts = []
+    listed = []
     for k, n in counts.items():
-        extra = f" ({zeros_in_runs:,} ZERO records)" if k == "ram_zero_run" else ""
-        parts.append(f"{k} {n:,}{extra}")
-    out.write("records:  " + ", ".join(parts) + "\n")
-    out.write(f"payload:  {payload:,} bytes read, CRC-32 0x{value:08x}\n")
+        extra = ""
+        if k == "ram_zero_run":
+            extra = f" ({in_runs[k]:,} ZERO records)"
+        elif k == "ram_page_run":
+            extra = f" ({in_runs[k]:,} PAGE records)"
+        listed.append(f"{k} {n:,}{extra}")
+    out.write("records:  " + ", ".join(listed) + "\n")
+    line = f"payload:  {payload:,} bytes read"
+    if value is not None:
+        line += f", CRC-32 0x{value:08x}"
+    out.write(line + "\n")
     return 0
 
 

@@ -280,6 +280,100 @@ class RamPage(_PageRecord):
         return d
 
 
+class RamPageRun(Record):
+    """``count`` PAGE records with CONTINUE, one after the other on the wire.
+
+    A compact form the reader yields when asked (``page_runs=True``): record
+    ``i`` sits at ``offset + i * (8 + page_size)``, its word is ``words[i]``
+    (page address | ``flags``) and its page is :meth:`page` ``(i)``, a
+    memoryview of the bytes read — no page is copied.  ``expand()`` gives the
+    :class:`RamPage` records the reader yields without the option (tested equal).
+
+    ``buf`` holds the records themselves (word, page, word, page, ...) from
+    ``start``: a window of the input, or what :meth:`from_pages` lays out.
+    """
+
+    __slots__ = ("block", "flags", "page_size", "words", "buf", "start")
+    kind = "ram_page_run"
+
+    def __init__(self, block, buf, start, words, page_size,
+                 flags=RamFlag.PAGE | RamFlag.CONTINUE, offset=None, depth=0):
+        self.block, self.buf, self.start = block, buf, start
+        self.words, self.page_size, self.flags = tuple(words), page_size, int(flags)
+        self.offset, self.depth = offset, depth
+
+    @classmethod
+    def from_pages(cls, block, addrs, pages, page_size,
+                   flags=RamFlag.PAGE | RamFlag.CONTINUE, offset=None, depth=0):
+        flags = int(flags)
+        words = [a | flags for a in addrs]
+        parts = []
+        for w, p in zip(words, pages):
+            if len(p) != page_size:
+                raise ValueError("a page of a run must be exactly one page long")
+            parts += (_U64.pack(w), p)
+        return cls(block, b"".join(parts), 0, words, page_size, flags, offset, depth)
+
+    @property
+    def count(self) -> int:
+        return len(self.words)
+
+    @property
+    def stride(self) -> int:
+        return 8 + self.page_size
+
+    @property
+    def addrs(self):
+        f = self.flags
+        return [w - f for w in self.words]
+
+    @property
+    def size(self) -> int:
+        return len(self.words) * (8 + self.page_size)
+
+    def page(self, i: int):
+        """Page ``i``'s bytes: a memoryview of the buffer (no copy)."""
+        q = self.start + i * (8 + self.page_size) + 8
+        return memoryview(self.buf)[q:q + self.page_size]
+
+    def pages(self):
+        mv = memoryview(self.buf)
+        ps, stride = self.page_size, 8 + self.page_size
+        q = self.start + 8
+        for _ in range(len(self.words)):
+            yield mv[q:q + ps]
+            q += stride
+
+    def encode_parts(self):
+        """The wire bytes: every word packed from ``words`` over the page bytes."""
+        n = self.size
+        out = bytearray(memoryview(self.buf)[self.start:self.start + n])
+        pack = _U64.pack_into
+        stride = 8 + self.page_size
+        for i, w in enumerate(self.words):
+            pack(out, i * stride, w)
+        return (out,)
+
+    def encode(self):
+        return bytes(self.encode_parts()[0])
+
+    def expand(self):
+        """The same records as :class:`RamPage` objects (each page copied to bytes)."""
+        f, ps, stride = self.flags, self.page_size, 8 + self.page_size
+        buf, q = self.buf, self.start
+        off = self.offset
+        for i, w in enumerate(self.words):
+            yield RamPage(self.block, w - f, bytes(buf[q + 8:q + 8 + ps]), f,
+                          None if off is None else off + i * stride, self.depth)
+            q += stride
+
+    def fields(self):
+        a = self.addrs
+        return {"block": self.block, "addr": a[0] if a else None, "count": len(a),
+                "record_size": 8 + self.page_size,
+                "consecutive": all(y - x == self.page_size for x, y in zip(a, a[1:]))}
+
+
 class RamXbzrle(_PageRecord):
     """XBZRLE: a delta against the previous copy of the page (xbzrle.c)."""
 

@@ -15,7 +15,7 @@ from ...errors import LimitExceeded, StreamError, Truncated
 from ...wire import ram as W
 from ...wire.ram import RamFlag
 from ..ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry, RamBlockInfo,
-                           RamCompressed,
+                           RamCompressed, RamPageRun,
                            RamEos, RamHook, RamMemSize, RamMultifdFlush, RamPage, RamXbzrle,
                            RamZero, RamZeroRun, zero_group_bytes, zero_group_size)
 from . import register
@@ -215,6 +215,7 @@ class RamSection:
         depth = header.depth
         compact = reader.options.get("compact", True)
         fast = reader.options.get("fast", True)
+        self.page_runs = bool(reader.options.get("page_runs", False))
         mapped = "mapped-ram" in reader.capabilities
         while True:
             if fast and not mapped:
@@ -254,6 +255,7 @@ class RamSection:
         last_len = blocks[last].used_length if last in blocks else 0
         need_max = ps + 8 + 256 + 8
         page_cont, zero_cont = _PAGE_CONT, _ZERO_CONT
+        runs = self.page_runs
         while end - pos >= need_max or (end - pos >= 9 and _small_enough(buf, pos, end, mask)):
             word = unpack64(buf, pos)[0]
             flags = word & mask
@@ -261,6 +263,12 @@ class RamSection:
             if flags == page_cont:
                 if addr >= last_len:
                     break
+                if runs:
+                    k, words = _page_run(buf, pos, end, ps, last_len)
+                    if k > 1:
+                        append(RamPageRun(last, buf, pos, words, ps, flags, base + pos, depth))
+                        pos += k * (ps + 8)
+                        continue
                 q = pos + 8
                 append(RamPage(last, addr, buf[q:q + ps], flags, base + pos, depth))
                 pos = q + ps
@@ -305,6 +313,69 @@ class RamSection:
         return out, False
 
 
+#: Most records one run of PAGE records takes (a window holds ~256 of 4 KiB).
+RUN_MAX = 512
+_RUN_STRUCTS = {}
+
+
+def _page_run(buf, pos, end, ps, block_len):
+    """How many PAGE|CONTINUE records inside the block start at ``pos``, and their words.
+
+    The record at ``pos`` is known to be one.  Same answer as reading record
+    by record while the word's flags are PAGE|CONTINUE and its address is
+    below ``block_len`` (tests compare the two); the words of all records that
+    fit in the buffer are unpacked in one call.
+    """
+    stride = ps + 8
+    n = min((end - pos) // stride, RUN_MAX)
+    if n < 2:
+        return 1, None
+    st = _RUN_STRUCTS.get((ps, n))
+    if st is None:
+        st = _RUN_STRUCTS[(ps, n)] = struct.Struct(">" + ("Q%dx" % ps) * n)
+    words = st.unpack_from(buf, pos)
+    mask = ps - 1
+    lim = block_len + _PAGE_CONT       # address < block_len  <=>  word < this
+    if max(words) < lim and _flag_bytes_match(buf, pos, n, stride, ps):
+        return n, words
+    k = 0
+    for w in words:
+        if w & mask != _PAGE_CONT or w >= lim:
+            break
+        k += 1
+    return k, words[:k]
+
+
+_NIBBLE_TABLES = {}
+
+
+def _flag_bytes_match(buf, pos, n, stride, ps) -> bool:
+    """Do all ``n`` words at ``pos``, ``pos + stride``, ... have flags PAGE|CONTINUE?
+
+    The flags are the low ``log2(ps)`` bits of each big-endian word: whole low
+    bytes are compared as strided slices, a partial byte through a table
+    that keeps only its flag bits.
+    """
+    bits = ps.bit_length() - 1
+    end = pos + n * stride
+    j = 0
+    while bits >= 8:
+        want = (_PAGE_CONT >> (8 * j)) & 0xFF
+        if buf[pos + 7 - j:end:stride] != bytes((want,)) * n:
+            return False
+        bits -= 8
+        j += 1
+    if bits:
+        keep = (1 << bits) - 1
+        table = _NIBBLE_TABLES.get(keep)
+        if table is None:
+            table = _NIBBLE_TABLES[keep] = bytes(b & keep for b in range(256))
+        want = (_PAGE_CONT >> (8 * j)) & keep
+        if buf[pos + 7 - j:end:stride].translate(table) != bytes((want,)) * n:
+            return False
+    return True
+
+
 def _small_enough(buf, pos, end, mask) -> bool:
     """Near the window's end: is the next record surely complete in the buffer?"""
     word = _U64.unpack_from(buf, pos)[0]
@@ -343,19 +414,36 @@ def _zero_run_bulk(buf, pos, n, limit, word, ps) -> int:
     Same answer as checking record by record that record ``i`` is
     ``be64(word + i*ps) + b"\0"``, but compares whole groups of records
     with :func:`~qmigstream.codec.ram_records.zero_group_bytes` (tests check it
-    against the record loop).
+    against the record loop).  Whole groups reuse one buffer: from one group
+    to the next only the leading bytes of the page number change.
     """
     flags = word & (ps - 1)
     group = zero_group_size(ps)
     page0 = word // ps
+    lead = 8 - ((ps.bit_length() - 1) + group.bit_length() - 1) // 8
+    full = full_high = None
     i = n
     while i < limit:
         page = page0 + i
-        k = min(group - page % group, limit - i)
+        r = page % group
+        k = min(group - r, limit - i)
+        if r == 0 and k == group:
+            high = page // group
+            if full is None:
+                full = bytearray(zero_group_bytes(ps, flags, page, group))
+            elif high != full_high:
+                new, old = high.to_bytes(lead, "big"), full_high.to_bytes(lead, "big")
+                for j in range(lead):
+                    if new[j] != old[j]:
+                        full[j::9] = bytes((new[j],)) * group
+            full_high = high
+            want = full
+        else:
+            want = zero_group_bytes(ps, flags, page, k)
         got = buf[pos + 9 * i:pos + 9 * (i + k)]
-        want = zero_group_bytes(ps, flags, page, k)
         if got != want:
             # Find the first differing record: bisect on equal prefixes.
+            want = bytes(want)
             lo, hi = 0, k          # the first lo records match, the first hi do not
             while hi - lo > 1:
                 mid = (lo + hi) // 2
