@@ -195,7 +195,7 @@ def test_batched_roundtrip_reports_what_a_record_by_record_compare_reports(
     path.write_bytes(bytes(other))
 
     class Reader:                     # the records of `data`, compared with `other`
-        def __init__(self, _path):
+        def __init__(self, _path, **_options):
             pass
 
         def records(self):

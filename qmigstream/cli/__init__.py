@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
+import os
 import sys
 
 from ..errors import QmigstreamError
@@ -24,9 +24,12 @@ EXIT_OK, EXIT_NO, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _command_names():
-    pkg = sys.modules[__name__]
-    return sorted(m.name[4:] for m in pkgutil.iter_modules(pkg.__path__)
-                  if m.name.startswith("cmd_"))
+    names = set()
+    for d in sys.modules[__name__].__path__:
+        for f in os.listdir(d):
+            if f.startswith("cmd_") and f.endswith(".py"):
+                names.add(f[4:-3])
+    return sorted(names)
 
 
 def _command_modules(only=None):

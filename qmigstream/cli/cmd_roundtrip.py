@@ -39,7 +39,7 @@ def roundtrip(path, output=None, progress=None):
     n_out = 0
     pending, pending_len = [], 0
     out = open(output, "wb") if output else None
-    reader = StreamReader(path)
+    reader = StreamReader(path, page_runs=True)
 
     def flush():
         nonlocal pending, pending_len, n_out, first_diff, h_out
