@@ -287,6 +287,24 @@ def test_device_payload_bounded_by_description_and_by_footer():
     assert dev.how == "footer" and dev.data == b"\x00\x01\x02"
 
 
+@pytest.mark.parametrize("pad", [0, 60_000, 70_000, 300_000, 2_000_000])
+def test_description_ahead_is_found_whatever_its_size(tmp_path, pad):
+    """The reader reads the stream's end piece by piece (64 KiB, then 16x more)
+    to find the trailer before the device sections; a large JSON is found too."""
+    desc = (b'{"page_size": 4096, "pad": "' + b"x" * pad + b'", "devices": [{"name": "timer", '
+            b'"instance_id": 0, "vmsd_name": "timer", "version": 2, "fields": [{"name": "a", '
+            b'"type": "int64", "size": 8}, {"name": "b", "type": "uint8", "size": 1}]}]}')
+    tricky = b"\x7e\x00\x00\x00\x00\x00\x00\x00\x01"
+    # Device data full of NUL bytes before the trailer, and big RAM before that.
+    data = basic(desc=desc, device_payload=tricky).encode()
+    path = tmp_path / "s.mig"
+    path.write_bytes(data)
+    recs = list(read_records(str(path)))
+    dev = next(r for r in recs if isinstance(r, OpaquePayload))
+    assert dev.data == tricky and dev.how == "description"
+    assert encode_records(recs) == data
+
+
 def test_trailing_bytes_and_damaged_trailer_round_trip():
     data = basic(desc=b'{"page_size": 4096, "devices": []}').encode()
     recs = decode(data + b"garbage")

@@ -135,11 +135,20 @@ class StreamReader:
         end = src.size
         if end is None:
             return
-        start = max(src.offset, end - TAIL_BYTES)
-        tail = src.read_at(start, end - start)
-        if tail is None:
-            return
-        found = locate_trailer(tail, start)
+        # Read the end a piece at a time: the JSON holds no NUL byte, so once the
+        # piece read holds a NUL with five bytes before it, a trailer would lie
+        # wholly inside it (its EOF byte is at most five bytes before that NUL).
+        size = 64 << 10
+        while True:
+            start = max(src.offset, end - size)
+            tail = src.read_at(start, end - start)
+            if tail is None:
+                return
+            found = locate_trailer(tail, start)
+            if found or start == src.offset or size >= TAIL_BYTES or \
+                    tail.rfind(b"\x00") >= 5:
+                break
+            size = min(size * 16, TAIL_BYTES)
         if found:
             off, raw, obj = found
             self._set_description(VmDescription(raw, off))
