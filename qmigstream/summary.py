@@ -244,6 +244,8 @@ class StreamSummary:
 def summarize(path_or_file, progress=None, **options):
     from .codec.reader import StreamReader
     options.setdefault("page_runs", True)
+    # Counts need each device payload's bounds, not its fields.
+    options.setdefault("vmstate", False)
     reader = StreamReader(path_or_file, **options)
     s = StreamSummary()
     for rec in reader.records():

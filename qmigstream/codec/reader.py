@@ -151,7 +151,9 @@ class StreamReader:
             size = min(size * 16, TAIL_BYTES)
         if found:
             off, raw, obj = found
-            self._set_description(VmDescription(raw, off))
+            rec = VmDescription(raw, off)
+            rec._parsed = obj
+            self._set_description(rec)
 
     # -- the stream ----------------------------------------------------------
     def records(self):
@@ -393,7 +395,11 @@ class StreamReader:
                     raw = src.read(n, "VMDESCRIPTION JSON")
                 except Truncated:
                     raise
-                rec = VmDescription(raw, off)
+                ahead = self.description
+                if ahead is not None and ahead.offset == off and ahead.json_bytes == raw:
+                    rec = ahead          # found ahead of time: parsed once
+                else:
+                    rec = VmDescription(raw, off)
                 yield rec
                 if self.description is None:
                     self._set_description(rec)

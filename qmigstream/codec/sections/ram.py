@@ -440,9 +440,9 @@ def _zero_run_bulk(buf, pos, n, limit, word, ps) -> int:
             want = full
         else:
             want = zero_group_bytes(ps, flags, page, k)
-        got = buf[pos + 9 * i:pos + 9 * (i + k)]
-        if got != want:
+        if not buf.startswith(want, pos + 9 * i):
             # Find the first differing record: bisect on equal prefixes.
+            got = buf[pos + 9 * i:pos + 9 * (i + k)]
             want = bytes(want)
             lo, hi = 0, k          # the first lo records match, the first hi do not
             while hi - lo > 1:
