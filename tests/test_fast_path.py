@@ -373,3 +373,20 @@ def test_page_run_scan_equals_the_record_loop():
                 assert k == 1
             else:
                 assert k == want and len(words) == k
+
+
+def test_start_up_leaves_constructs_debugger_modules_unloaded():
+    """construct's pdb/inspect/pickle/hashlib load only when something uses them."""
+    import subprocess
+    import sys
+    code = ("import sys, qmigstream.codec.reader, qmigstream.summary\n"
+            "assert not {'bdb', 'cmd', '_hashlib', '_pickle'} & set(sys.modules), sys.modules\n"
+            "import inspect, hashlib, pdb\n"
+            "from hashlib import sha256\n"
+            "assert str(inspect.signature(len)) == '(obj, /)'\n"
+            "assert sha256(b'').hexdigest().startswith('e3b0c442')\n"
+            "assert hashlib.md5(b'').hexdigest().startswith('d41d8cd9')\n"
+            "assert pdb.Pdb.__name__ == 'Pdb'\n"
+            "assert type(sys.modules['inspect']).__name__ == 'module'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -162,6 +162,13 @@ class SectionHeader(Record):
                 instance_id=self.instance_id, version_id=self.version_id))
         return bytes([self.type]) + H.ShortSectionHeader.build(dict(section_id=self.section_id))
 
+    @property
+    def size(self) -> int:
+        """``len(self.encode())`` from the fields (tested equal)."""
+        if self.full:
+            return 14 + len(self.idstr.encode("latin-1"))
+        return 5
+
     def fields(self):
         d = {"type": self.type_name, "section_id": self.section_id}
         if self.full:

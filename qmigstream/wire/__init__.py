@@ -4,27 +4,28 @@ One module per QEMU area.  The same objects parse and build; the codec's fast
 paths are optimisations of these schemas and are tested equal to them.
 """
 
-import importlib.util as _util
+import importlib as _importlib
 import sys as _sys
+import types as _types
 
 
-def _defer(name):
-    """Load module ``name`` on first use instead of now (importlib's LazyLoader).
+class _OnFirstUse(_types.ModuleType):
+    """Stands in ``sys.modules`` for a module until one of its attributes is used.
 
-    construct imports ``pdb`` and ``inspect`` for its ``Debugger``, which this
-    package never uses; loading them costs more start-up time than all of the
-    schemas.  A module already loaded is left as it is.
+    construct imports ``pdb`` and ``inspect`` for its ``Debugger``, ``pickle``
+    and ``hashlib`` for constructs this package does not use; loading them
+    (with ``bdb``, ``cmd``, ``dis``, OpenSSL...) costs more start-up time than
+    all of the schemas.  The first attribute asked of
+    the stand-in imports the real module, which then replaces it.
     """
-    if name in _sys.modules:
-        return
-    spec = _util.find_spec(name)
-    if spec is None or spec.loader is None:
-        return
-    spec.loader = _util.LazyLoader(spec.loader)
-    module = _util.module_from_spec(spec)
-    _sys.modules[name] = module
-    spec.loader.exec_module(module)
+
+    def __getattr__(self, attr):
+        name = self.__name__
+        if _sys.modules.get(name) is self:
+            del _sys.modules[name]
+        return getattr(_importlib.import_module(name), attr)
 
 
-for _name in ("pdb", "inspect"):
-    _defer(_name)
+for _name in ("pdb", "inspect", "pickle", "hashlib"):
+    if _name not in _sys.modules:
+        _sys.modules[_name] = _OnFirstUse(_name)
