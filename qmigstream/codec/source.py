@@ -101,7 +101,10 @@ class Source:
             parts.append(got)
             have += len(got)
             want = max(need - have, 0) or self.chunk
-        self._buf = b"".join(parts)
+        if len(parts) == 2 and not parts[0]:
+            self._buf = parts[1]        # nothing was left over: no join (a copy)
+        else:
+            self._buf = b"".join(parts)
         return have
 
     def at_end(self) -> bool:

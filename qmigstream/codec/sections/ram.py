@@ -222,6 +222,7 @@ class RamSection:
                 recs, done = self._fast_batch(reader, src, depth, compact)
                 if recs:
                     yield from recs
+                    recs = None         # let the window go before the next is read
                     if done:
                         return
                     continue
