@@ -226,7 +226,9 @@ class _Other:
 
 def analyze_state(source, *, dump_memory=False, memory_writer=None, page_size=None):
     """``-d state``: the script's dict for the stream (sections in first-seen order)."""
-    reader = StreamReader(source, page_size=page_size, compact=True)
+    # Without -m / -x only the RAM block list shows: pages may come in runs.
+    reader = StreamReader(source, page_size=page_size, compact=True,
+                          page_runs=not dump_memory and memory_writer is None)
     sections = OrderedDict()        # section_id -> [key, object]
     ram = None
     current = sid = None

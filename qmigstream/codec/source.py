@@ -83,7 +83,11 @@ class Source:
             # window is one buffer from the kernel, not a join that copies it.
             # Same window, byte for byte (the tail is checked).
             self._f.seek(self._base - self._origin)
-            got = self._f.read(have + min(want, READ_MAX))
+            # Windows of one size while the tail is small: the allocator then
+            # reuses the memory of a window just freed instead of mapping (and
+            # faulting in) new pages for each slightly larger one.
+            total = self.chunk if need <= self.chunk else have + min(want, READ_MAX)
+            got = self._f.read(total)
             if got[:have] == tail:
                 if len(got) >= need:
                     self._buf = got
