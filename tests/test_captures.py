@@ -135,6 +135,11 @@ def test_fast_path_equals_schema_path(name, capture):
     compact = _records(path)
     # compact mode only merges ZERO records into runs: the pages are the same
     assert _pages(compact) == _pages(slow)
+    # every record's size (computed from its fields) is the length of its encoding
+    for r in slow:
+        assert r.size == len(r.encode()), r
+        if isinstance(r, Configuration):
+            assert [x.size for x in r.subsections] == [len(x.encode()) for x in r.subsections]
     # page_runs merges runs of PAGE records: expanded, they are the records
     runs = _records(path, compact=False, page_runs=True)
     flat = [x for r in runs for x in (r.expand() if isinstance(r, R.RamPageRun) else (r,))]

@@ -390,3 +390,37 @@ def test_start_up_leaves_constructs_debugger_modules_unloaded():
             "assert type(sys.modules['inspect']).__name__ == 'module'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_file_header_fast_form_equals_the_schema():
+    import os
+    from qmigstream.codec.reader import _FILE_HEADER
+    from qmigstream.wire import header as H
+    for raw in [b"QEVM\x00\x00\x00\x03", b"QEVM\x00\x00\x00\x02"] + [os.urandom(8) for _ in range(50)]:
+        c = H.FileHeader.parse(raw)
+        assert _FILE_HEADER.unpack(raw) == (c.magic, c.version)
+        assert H.FileHeader.build(dict(magic=c.magic, version=c.version)) == raw
+
+
+def test_schemas_are_built_on_first_use(tmp_path):
+    """A stream whose records need no construct schema is read without importing
+    construct (start-up time); the schemas are there as soon as one is asked for."""
+    import subprocess
+    import sys
+    data = page_heavy_stream(n=50)
+    path = tmp_path / "s.mig"
+    path.write_bytes(data)
+    code = ("import sys\n"
+            "from qmigstream.summary import summarize\n"
+            "from qmigstream.codec.reader import read_records\n"
+            f"s = summarize({str(path)!r})\n"
+            f"n = sum(1 for _ in read_records({str(path)!r}, page_runs=True))\n"
+            "assert 'construct' not in sys.modules, 'construct was imported'\n"
+            "from qmigstream.wire import header as H, ram as W, vfio as V, commands as C\n"
+            "assert H.FileHeader.sizeof() == 8 and 'construct' in sys.modules\n"
+            "assert W.MappedRamHeader.sizeof() == 28 and len(V._DISPLAY_HEADER) == 31\n"
+            "assert set(C.PAYLOAD) == set(C.FIXED_LENGTH)\n"
+            "try:\n    H.NoSuchSchema\nexcept AttributeError:\n    pass\n"
+            "else:\n    raise SystemExit('missing name did not raise')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

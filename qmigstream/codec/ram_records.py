@@ -120,6 +120,13 @@ def _block_entry_bytes(b) -> bytes:
     return schema.build(d)
 
 
+def _block_entry_size(b) -> int:
+    """``len(_block_entry_bytes(b))`` without building it."""
+    return 9 + len(b.name.encode("latin-1")) + 8 * ((b.page_size is not None) +
+                                                   (b.mr_addr is not None)) + \
+        (28 if b.mapped_ram is not None else 0)
+
+
 class RamMemSize(Record):
     """MEM_SIZE: total size and the block list (``ram_save_setup``).
 
@@ -141,6 +148,13 @@ class RamMemSize(Record):
             out += [_block_entry_bytes(b) for b in self.blocks]
         return b"".join(out)
 
+    @property
+    def size(self) -> int:
+        """``len(self.encode())`` from the fields (tested equal)."""
+        if not self.inline:
+            return 8
+        return 8 + sum(_block_entry_size(b) for b in self.blocks)
+
     def fields(self):
         d = {"total": self.total, "blocks": [b.to_json() for b in self.blocks]}
         if not self.inline:
@@ -159,6 +173,10 @@ class RamBlockEntry(Record):
 
     def encode(self):
         return _block_entry_bytes(self.info)
+
+    @property
+    def size(self) -> int:
+        return _block_entry_size(self.info)
 
     def fields(self):
         return self.info.to_json()

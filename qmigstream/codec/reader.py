@@ -28,6 +28,16 @@ from .sections.ram import RamState
 from .source import Source, open_source
 from .trailer import TAIL_BYTES, locate_trailer
 
+_FILE_HEADER = struct.Struct(">II")
+
+
+class _Header:
+    __slots__ = ("magic", "version")
+
+    def __init__(self, magic, version):
+        self.magic, self.version = magic, version
+
+
 #: PACKAGED commands nest streams; QEMU recurses without a limit, we stop here.
 MAX_PACKAGED_DEPTH = 8
 DEFAULT_PAGE_SIZE = 4096
@@ -149,6 +159,13 @@ class StreamReader:
                     tail.rfind(b"\x00") >= 5:
                 break
             size = min(size * 16, TAIL_BYTES)
+        if not found:
+            # Bytes after the trailer (QEMU ignores them): look for a trailer
+            # that ends before the end, in the last MiB.
+            if size < 1 << 20 and start > src.offset:
+                start = max(src.offset, end - (1 << 20))
+                tail = src.read_at(start, end - start) or b""
+            found = _trailer_before_trailing_bytes(tail, start)
         if found:
             off, raw, obj = found
             rec = VmDescription(raw, off)
@@ -167,7 +184,10 @@ class StreamReader:
                                 needed=8, available=len(raw))
             raise BadMagic("not a QEMU migration stream (bad magic)", off,
                            expected=b"QEVM", found=raw[:4])
-        hdr = H.FileHeader.parse(src.read(8, "file header"))
+        # The fast form of H.FileHeader.parse (tested equal): no construct needed
+        # for a stream whose records need no schema.
+        magic, version = _FILE_HEADER.unpack(src.read(8, "file header"))
+        hdr = _Header(magic, version)
         if hdr.version == H.QEMU_VM_FILE_VERSION_COMPAT:
             raise UnsupportedVersion("SaveVM v2 format is obsolete and can't be loaded",
                                      off + 4, expected=3, found=2)
@@ -207,8 +227,7 @@ class StreamReader:
             sname = head[2:2 + ln].decode("latin-1")
             if not sname.startswith("configuration/"):
                 break
-            schema = H.CONFIG_SUBSECTIONS.get(sname)
-            if schema is None:
+            if sname not in H.CONFIG_SUBSECTION_NAMES:
                 raise StreamError(f"unknown configuration subsection {sname!r}", soff,
                                   section="configuration")
             src.read(2 + ln, "subsection name")
@@ -411,6 +430,31 @@ class StreamReader:
             src.read(len(chunk))
             yield TrailingBytes(chunk, off)
             off += len(chunk)
+
+
+def _trailer_before_trailing_bytes(tail, base, max_candidates=4096):
+    """``(offset, json_bytes, obj)`` of a VMDESCRIPTION record followed by other
+    bytes: EOF byte, 0x06, be32 N and N bytes of a JSON object with a
+    ``devices`` list, ending before the end of ``tail``; the last such, or None."""
+    import json
+    end = len(tail)
+    p = tail.rfind(b"\x00\x06", 0, max(0, end - 6))
+    tries = 0
+    while p >= 0 and tries < max_candidates:
+        tries += 1
+        q = p + 1
+        (n,) = struct.unpack_from(">I", tail, q + 1)
+        e = q + 5 + n
+        if n >= 2 and e < end and tail[q + 5] == 0x7B and tail[e - 1] == 0x7D:
+            raw = tail[q + 5:e]
+            try:
+                obj = json.loads(raw.decode("utf-8", "surrogateescape"))
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("devices"), list):
+                return base + q, bytes(raw), obj
+        p = tail.rfind(b"\x00\x06", 0, p)
+    return None
 
 
 def _plain(c):

@@ -12,7 +12,7 @@ import math
 import struct
 
 from ..errors import StreamError
-from ..wire.header import SubsectionHeader
+from ..wire import header as H
 from . import types as T
 from .node import Field, Vmsd
 
@@ -32,7 +32,7 @@ def encode(node) -> bytes:
 
 def _vmsd(node: Vmsd, out: list):
     if node.kind == "subsection":
-        out.append(SubsectionHeader.build({"name": node.vmsd_name, "version_id": node.version}))
+        out.append(H.SubsectionHeader.build({"name": node.vmsd_name, "version_id": node.version}))
     for f in node.fields:
         _field(f, out)
     for s in node.subsections:

@@ -6,9 +6,7 @@ starts with ``be64 (sector << BDRV_SECTOR_BITS) | flags``.
 
 from enum import IntFlag
 
-from construct import Int64ub, Struct
-
-from .common import CountedString
+from . import schemas_on_first_use
 
 BDRV_SECTOR_BITS = 9
 BLK_MIG_BLOCK_SIZE = 1 << 20      # one chunk of data: 1 MiB
@@ -21,7 +19,15 @@ class BlockFlag(IntFlag):
     ZERO_BLOCK = 0x08
 
 
-BlockWord = Struct("word" / Int64ub)
+def _schemas():
+    from construct import Int64ub, Struct
+    from .common import CountedString
 
-#: DEVICE_BLOCK: the block device name, then (unless ZERO_BLOCK) one chunk.
-BlockDeviceName = Struct("device" / CountedString)
+    BlockWord = Struct("word" / Int64ub)
+
+    #: DEVICE_BLOCK: the block device name, then (unless ZERO_BLOCK) one chunk.
+    BlockDeviceName = Struct("device" / CountedString)
+    return locals()
+
+
+__getattr__ = schemas_on_first_use(__name__, _schemas)

@@ -6,10 +6,7 @@ helpers of ``migration/savevm.c`` (QEMU 2.5 .. 11.x; SWITCHOVER_START since 10.0
 
 from enum import IntEnum
 
-from construct import (Const, GreedyRange, Int8ub, Int16ub, Int32ub, Int64ub,
-                       Struct, Terminated)
-
-from .common import CountedString
+from . import schemas_on_first_use
 
 
 class MigCmd(IntEnum):
@@ -27,12 +24,6 @@ class MigCmd(IntEnum):
     SWITCHOVER_START = 11
 
 
-#: Command header after the 0x08 byte.
-CommandHeader = Struct(
-    "cmd" / Int16ub,
-    "length" / Int16ub,
-)
-
 #: Fixed payload lengths the loader enforces (``mig_cmd_args[].len``); None = variable.
 #: ENABLE_COLO has no row in QEMU's table, so its length is checked against 0.
 FIXED_LENGTH = {
@@ -49,47 +40,63 @@ FIXED_LENGTH = {
     MigCmd.SWITCHOVER_START: 0,
 }
 
-Empty = Struct(Terminated)
-
-#: PING: a free 32-bit value, echoed as PONG on the return path.
-Ping = Struct("value" / Int32ub, Terminated)
-
-#: POSTCOPY_ADVISE with postcopy-ram: host page-size summary and target page size.
-#: Length 0 when only dirty-bitmaps postcopy is advised (handled by the codec).
-PostcopyAdvise = Struct(
-    "host_page_summary" / Int64ub,
-    "target_page_size" / Int64ub,
-    Terminated,
-)
-
-#: POSTCOPY_RAM_DISCARD: version 0, counted block name, a 0 byte, then byte ranges.
-PostcopyRamDiscard = Struct(
-    "version" / Const(0, Int8ub),
-    "block" / CountedString,
-    "terminator" / Const(0, Int8ub),
-    "ranges" / GreedyRange(Struct("start" / Int64ub, "length" / Int64ub)),
-    Terminated,
-)
-
-#: PACKAGED: the length of the nested stream that follows the command.
-Packaged = Struct("length" / Int32ub, Terminated)
-
-#: RECV_BITMAP: counted RAMBlock name.
-RecvBitmap = Struct("block" / CountedString, Terminated)
-
-PAYLOAD = {
-    MigCmd.OPEN_RETURN_PATH: Empty,
-    MigCmd.PING: Ping,
-    MigCmd.POSTCOPY_ADVISE: PostcopyAdvise,
-    MigCmd.POSTCOPY_LISTEN: Empty,
-    MigCmd.POSTCOPY_RUN: Empty,
-    MigCmd.POSTCOPY_RAM_DISCARD: PostcopyRamDiscard,
-    MigCmd.PACKAGED: Packaged,
-    MigCmd.ENABLE_COLO: Empty,
-    MigCmd.POSTCOPY_RESUME: Empty,
-    MigCmd.RECV_BITMAP: RecvBitmap,
-    MigCmd.SWITCHOVER_START: Empty,
-}
-
 #: Largest PACKAGED payload QEMU accepts (``MAX_VM_CMD_PACKAGED_SIZE``).
 MAX_PACKAGED_SIZE = 0xFFFFFFFF
+
+
+def _schemas():
+    from construct import (Const, GreedyRange, Int8ub, Int16ub, Int32ub, Int64ub,
+                           Struct, Terminated)
+    from .common import CountedString
+
+    #: Command header after the 0x08 byte.
+    CommandHeader = Struct(
+        "cmd" / Int16ub,
+        "length" / Int16ub,
+    )
+
+    Empty = Struct(Terminated)
+
+    #: PING: a free 32-bit value, echoed as PONG on the return path.
+    Ping = Struct("value" / Int32ub, Terminated)
+
+    #: POSTCOPY_ADVISE with postcopy-ram: host page-size summary and target page size.
+    #: Length 0 when only dirty-bitmaps postcopy is advised (handled by the codec).
+    PostcopyAdvise = Struct(
+        "host_page_summary" / Int64ub,
+        "target_page_size" / Int64ub,
+        Terminated,
+    )
+
+    #: POSTCOPY_RAM_DISCARD: version 0, counted block name, a 0 byte, then byte ranges.
+    PostcopyRamDiscard = Struct(
+        "version" / Const(0, Int8ub),
+        "block" / CountedString,
+        "terminator" / Const(0, Int8ub),
+        "ranges" / GreedyRange(Struct("start" / Int64ub, "length" / Int64ub)),
+        Terminated,
+    )
+
+    #: PACKAGED: the length of the nested stream that follows the command.
+    Packaged = Struct("length" / Int32ub, Terminated)
+
+    #: RECV_BITMAP: counted RAMBlock name.
+    RecvBitmap = Struct("block" / CountedString, Terminated)
+
+    PAYLOAD = {
+        MigCmd.OPEN_RETURN_PATH: Empty,
+        MigCmd.PING: Ping,
+        MigCmd.POSTCOPY_ADVISE: PostcopyAdvise,
+        MigCmd.POSTCOPY_LISTEN: Empty,
+        MigCmd.POSTCOPY_RUN: Empty,
+        MigCmd.POSTCOPY_RAM_DISCARD: PostcopyRamDiscard,
+        MigCmd.PACKAGED: Packaged,
+        MigCmd.ENABLE_COLO: Empty,
+        MigCmd.POSTCOPY_RESUME: Empty,
+        MigCmd.RECV_BITMAP: RecvBitmap,
+        MigCmd.SWITCHOVER_START: Empty,
+    }
+    return locals()
+
+
+__getattr__ = schemas_on_first_use(__name__, _schemas)

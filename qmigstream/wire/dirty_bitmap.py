@@ -6,9 +6,7 @@ Mirrors ``migration/block-dirty-bitmap.c`` (``send_bitmap_header``,
 
 from enum import IntFlag
 
-from construct import Int8ub, Int32ub, Int64ub, Struct
-
-from .common import CountedString
+from . import schemas_on_first_use
 
 
 class DirtyBitmapFlag(IntFlag):
@@ -25,14 +23,23 @@ class DirtyBitmapFlag(IntFlag):
 #: The flag byte(s): 1 byte, or with 0x80 set 2 or 4 bytes big-endian (loader).
 FLAGS_MASK_16 = 0x8000
 FLAGS_MASK_32 = 0x80000000
-
-NodeName = Struct("node" / CountedString)
-BitmapName = Struct("bitmap" / CountedString)
-
-#: START body: be32 granularity, u8 flags (bit0 enabled, bit1 persistent, bit2 ignored).
-StartBody = Struct("granularity" / Int32ub, "flags" / Int8ub)
 START_FLAGS_MASK = 0x07
 
-#: BITS body: be64 first sector, be32 sector count; buffer unless ZEROES.
-BitsHeader = Struct("start_sector" / Int64ub, "nr_sectors" / Int32ub)
-BitsBuffer = Struct("buf_size" / Int64ub)
+
+def _schemas():
+    from construct import Int8ub, Int32ub, Int64ub, Struct
+    from .common import CountedString
+
+    NodeName = Struct("node" / CountedString)
+    BitmapName = Struct("bitmap" / CountedString)
+
+    #: START body: be32 granularity, u8 flags (bit0 enabled, bit1 persistent, bit2 ignored).
+    StartBody = Struct("granularity" / Int32ub, "flags" / Int8ub)
+
+    #: BITS body: be64 first sector, be32 sector count; buffer unless ZEROES.
+    BitsHeader = Struct("start_sector" / Int64ub, "nr_sectors" / Int32ub)
+    BitsBuffer = Struct("buf_size" / Int64ub)
+    return locals()
+
+
+__getattr__ = schemas_on_first_use(__name__, _schemas)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import struct as _struct
 from enum import IntEnum
 
-from construct import Bytes, Const, Int32ub, Int64ub, Int8ub, PascalString, Struct
+import sys as _sys
 
 from ..errors import StreamError as _StreamError, Truncated as _Truncated
+from . import schemas_on_first_use
 
 #: register_savevm_live(..., version_id = 1, ...) in every release.
 VFIO_SECTION_VERSION = 1
@@ -61,13 +62,7 @@ MARKER_NAMES = {
 #: ``VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE`` (v2, 8.0+): one read() of the data fd.
 VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE = 1 << 20
 
-MarkerWord = Int64ub
 
-#: ``DEV_DATA_STATE``, be64 size, then ``size`` bytes of device data.
-DataChunkHeader = Struct(
-    "marker" / Const(int(Marker.DEV_DATA_STATE), Int64ub),
-    "size" / Int64ub,
-)
 
 # --- the config record ----------------------------------------------------------
 
@@ -78,11 +73,7 @@ PCI_MSIX_ENTRY_SIZE = 16
 #: PCIDevice.version_id as do_pci_register_device sets it ("int32 le" on load).
 PCI_DEVICE_VERSION_ID = 2
 
-#: The fields of ``vmstate_pci_device`` that precede the config space.
-PciDeviceVersion = Struct("version_id" / Int32ub)
 
-#: ``put_pci_irq_state``: one be32 per INTx pin.
-PciIrqState = Struct("irq_state" / Int32ub[PCI_NUM_PINS])
 
 #: ``VFIOPCIDevice/VFIODisplay`` subsection (8.2+): name and version as every
 #: vmstate subsection (migration/vmstate.c ``vmstate_subsection_save``).
@@ -90,24 +81,8 @@ VFIO_DISPLAY_SUBSECTION = "VFIOPCIDevice/VFIODisplay"
 VFIO_DISPLAY_VERSION = 1
 QEMU_VM_SUBSECTION = 0x05
 
-#: ``RAMFBCfg`` (hw/display/ramfb.c), sent raw by ``ramfb_vmstate`` as a
-#: 28-byte buffer; the guest writes it through fw_cfg in big-endian.
-RamfbCfg = Struct(
-    "addr" / Int64ub,
-    "fourcc" / Int32ub,
-    "flags" / Int32ub,
-    "width" / Int32ub,
-    "height" / Int32ub,
-    "stride" / Int32ub,
-)
 RAMFB_CFG_SIZE = 28
 
-#: A vmstate subsection header: u8 0x05, u8 name length, name, be32 version.
-SubsectionHeader = Struct(
-    "type" / Const(QEMU_VM_SUBSECTION, Int8ub),
-    "name" / PascalString(Int8ub, "latin-1"),
-    "version_id" / Int32ub,
-)
 
 # --- 10.x multifd device state ---------------------------------------------------
 
@@ -120,59 +95,18 @@ MULTIFD_IDSTR_LEN = 256
 #: ``MULTIFD_PACKET_SIZE`` (migration/multifd.h): the page bytes one RAM packet holds.
 MULTIFD_PACKET_SIZE = 512 * 1024
 
-#: ``MultiFDInit_t``: the first 64 bytes of every multifd channel.
-MultiFDInit = Struct(
-    "magic" / Const(MULTIFD_MAGIC, Int32ub),
-    "version" / Int32ub,
-    "uuid" / Bytes(16),
-    "id" / Int8ub,
-    "unused1" / Bytes(7),
-    "unused2" / Bytes(32),
-)
 MULTIFD_INIT_SIZE = 64
 
-#: ``MultiFDPacketHdr_t``.
-MultiFDPacketHdr = Struct(
-    "magic" / Int32ub,
-    "version" / Int32ub,
-    "flags" / Int32ub,
-)
 MULTIFD_HDR_SIZE = 12
 
-#: ``MultiFDPacketDeviceState_t`` after the common header: idstr copied with
-#: strncpy into 256 bytes (255 chars at most, NUL-terminated), instance_id,
-#: next_packet_size = length of the payload that follows.
-MultiFDDeviceStateTail = Struct(
-    "idstr" / Bytes(MULTIFD_IDSTR_LEN),
-    "instance_id" / Int32ub,
-    "next_packet_size" / Int32ub,
-)
 MULTIFD_DEVICE_STATE_HEADER_SIZE = MULTIFD_HDR_SIZE + MULTIFD_IDSTR_LEN + 8   # 276
 
-#: ``MultiFDPacket_t`` (RAM) after the common header, up to the offset array
-#: (pages_alloc entries of be64), 9.0+ layout; the page data (next_packet_size
-#: bytes) follows the array.
-MultiFDRamTail = Struct(
-    "pages_alloc" / Int32ub,
-    "normal_pages" / Int32ub,
-    "next_packet_size" / Int32ub,
-    "packet_num" / Int64ub,
-    "zero_pages" / Int32ub,
-    "unused32" / Bytes(4),
-    "unused64" / Bytes(24),
-    "ramblock" / Bytes(256),
-)
 MULTIFD_RAM_FIXED_SIZE = MULTIFD_HDR_SIZE + 4 * 3 + 8 + 4 + 4 + 24 + 256   # 320
 
 #: ``VFIODeviceStatePacket`` (hw/vfio/migration-multifd.c), QEMU_PACKED.
 VFIO_DEVICE_STATE_PACKET_VER_CURRENT = 0
 VFIO_DEVICE_STATE_CONFIG_STATE = 0x1
 VFIO_PACKET_INVALID_IDX = 0xFFFFFFFF
-VfioDeviceStatePacketHeader = Struct(
-    "version" / Int32ub,
-    "idx" / Int32ub,
-    "flags" / Int32ub,
-)
 VFIO_PACKET_HEADER_SIZE = 12
 
 
@@ -182,8 +116,8 @@ _BE32 = _struct.Struct(">I")
 _BE64 = _struct.Struct(">Q")
 END_OF_STATE_BYTES = _BE64.pack(Marker.END_OF_STATE)
 CONFIG_STATE_BYTES = _BE64.pack(Marker.DEV_CONFIG_STATE)
-_DISPLAY_HEADER = SubsectionHeader.build(dict(name=VFIO_DISPLAY_SUBSECTION,
-                                              version_id=VFIO_DISPLAY_VERSION))
+#: Length of the display subsection's header (u8 0x05, u8 length, name, be32 version).
+_DISPLAY_HEADER_SIZE = 2 + len(VFIO_DISPLAY_SUBSECTION) + 4
 
 PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_EXP = 0x10
@@ -195,7 +129,7 @@ MAX_CAPABILITIES = 48
 
 #: Upper bound of a config record's body: version, 4096 bytes, irq state,
 #: 2048 MSI-X vectors (table + PBA), the display subsection.
-MAX_CONFIG_BODY = 4 + PCIE_CONFIG_SPACE_SIZE + 16 + 2048 * 16 + 256 + len(_DISPLAY_HEADER) \
+MAX_CONFIG_BODY = 4 + PCIE_CONFIG_SPACE_SIZE + 16 + 2048 * 16 + 256 + _DISPLAY_HEADER_SIZE \
     + RAMFB_CFG_SIZE
 
 
@@ -272,8 +206,8 @@ class PciConfigState:
         if self.msix_table is not None:
             out += [self.msix_table, self.msix_pba]
         if self.display is not None:
-            out.append(SubsectionHeader.build(dict(name=VFIO_DISPLAY_SUBSECTION,
-                                                   version_id=self.display_version)))
+            out.append(_W.SubsectionHeader.build(dict(name=VFIO_DISPLAY_SUBSECTION,
+                                                      version_id=self.display_version)))
             out.append(self.display)
         return b"".join(out)
 
@@ -282,7 +216,7 @@ class PciConfigState:
         if self.msix_table is not None:
             n += len(self.msix_table) + len(self.msix_pba)
         if self.display is not None:
-            n += len(_DISPLAY_HEADER) + len(self.display)
+            n += _DISPLAY_HEADER_SIZE + len(self.display)
         return n
 
     def __eq__(self, other):
@@ -344,10 +278,10 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
         if n:
             p += n * PCI_MSIX_ENTRY_SIZE + (n + 7) // 8
         disp_at = None
-        if p + len(_DISPLAY_HEADER) <= end and \
-                bytes(buf[p:p + len(_DISPLAY_HEADER) - 4]) == _DISPLAY_HEADER[:-4]:
+        if p + _DISPLAY_HEADER_SIZE <= end and \
+                bytes(buf[p:p + _DISPLAY_HEADER_SIZE - 4]) == _W._DISPLAY_HEADER[:-4]:
             disp_at = p
-            p += len(_DISPLAY_HEADER) + RAMFB_CFG_SIZE
+            p += _DISPLAY_HEADER_SIZE + RAMFB_CFG_SIZE
         if need_first is None:
             need_first, end_first = p + 8 - pos, p
         if p + 8 > end or bytes(buf[p:p + 8]) != END_OF_STATE_BYTES:
@@ -366,8 +300,8 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
         display = None
         dver = VFIO_DISPLAY_VERSION
         if disp_at is not None:
-            dver = _BE32.unpack_from(buf, disp_at + len(_DISPLAY_HEADER) - 4)[0]
-            display = bytes(buf[disp_at + len(_DISPLAY_HEADER):p])
+            dver = _BE32.unpack_from(buf, disp_at + _DISPLAY_HEADER_SIZE - 4)[0]
+            display = bytes(buf[disp_at + _DISPLAY_HEADER_SIZE:p])
         st = PciConfigState(config, irq, table, pba, display, version_id, dver)
         return st, p - pos
     if end - pos < need_first:
@@ -377,3 +311,95 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
     raise _StreamError("VFIO config record does not end with END_OF_STATE where its config "
                        "space says it ends", base + end_first, section=section,
                        expected=END_OF_STATE_BYTES, found=bytes(buf[end_first:end_first + 8]))
+
+
+def _schemas():
+    from construct import Bytes, Const, Int32ub, Int64ub, Int8ub, PascalString, Struct
+
+    MarkerWord = Int64ub
+
+    #: ``DEV_DATA_STATE``, be64 size, then ``size`` bytes of device data.
+    DataChunkHeader = Struct(
+        "marker" / Const(int(Marker.DEV_DATA_STATE), Int64ub),
+        "size" / Int64ub,
+    )
+
+    #: The fields of ``vmstate_pci_device`` that precede the config space.
+    PciDeviceVersion = Struct("version_id" / Int32ub)
+
+    #: ``put_pci_irq_state``: one be32 per INTx pin.
+    PciIrqState = Struct("irq_state" / Int32ub[PCI_NUM_PINS])
+
+    #: ``RAMFBCfg`` (hw/display/ramfb.c), sent raw by ``ramfb_vmstate`` as a
+    #: 28-byte buffer; the guest writes it through fw_cfg in big-endian.
+    RamfbCfg = Struct(
+        "addr" / Int64ub,
+        "fourcc" / Int32ub,
+        "flags" / Int32ub,
+        "width" / Int32ub,
+        "height" / Int32ub,
+        "stride" / Int32ub,
+    )
+
+    #: A vmstate subsection header: u8 0x05, u8 name length, name, be32 version.
+    SubsectionHeader = Struct(
+        "type" / Const(QEMU_VM_SUBSECTION, Int8ub),
+        "name" / PascalString(Int8ub, "latin-1"),
+        "version_id" / Int32ub,
+    )
+
+    #: ``MultiFDInit_t``: the first 64 bytes of every multifd channel.
+    MultiFDInit = Struct(
+        "magic" / Const(MULTIFD_MAGIC, Int32ub),
+        "version" / Int32ub,
+        "uuid" / Bytes(16),
+        "id" / Int8ub,
+        "unused1" / Bytes(7),
+        "unused2" / Bytes(32),
+    )
+
+    #: ``MultiFDPacketHdr_t``.
+    MultiFDPacketHdr = Struct(
+        "magic" / Int32ub,
+        "version" / Int32ub,
+        "flags" / Int32ub,
+    )
+
+    #: ``MultiFDPacketDeviceState_t`` after the common header: idstr copied with
+    #: strncpy into 256 bytes (255 chars at most, NUL-terminated), instance_id,
+    #: next_packet_size = length of the payload that follows.
+    MultiFDDeviceStateTail = Struct(
+        "idstr" / Bytes(MULTIFD_IDSTR_LEN),
+        "instance_id" / Int32ub,
+        "next_packet_size" / Int32ub,
+    )
+
+    #: ``MultiFDPacket_t`` (RAM) after the common header, up to the offset array
+    #: (pages_alloc entries of be64), 9.0+ layout; the page data (next_packet_size
+    #: bytes) follows the array.
+    MultiFDRamTail = Struct(
+        "pages_alloc" / Int32ub,
+        "normal_pages" / Int32ub,
+        "next_packet_size" / Int32ub,
+        "packet_num" / Int64ub,
+        "zero_pages" / Int32ub,
+        "unused32" / Bytes(4),
+        "unused64" / Bytes(24),
+        "ramblock" / Bytes(256),
+    )
+
+    VfioDeviceStatePacketHeader = Struct(
+        "version" / Int32ub,
+        "idx" / Int32ub,
+        "flags" / Int32ub,
+    )
+
+    _DISPLAY_HEADER = SubsectionHeader.build(dict(name=VFIO_DISPLAY_SUBSECTION,
+                                                  version_id=VFIO_DISPLAY_VERSION))
+    assert len(_DISPLAY_HEADER) == _DISPLAY_HEADER_SIZE
+    return locals()
+
+
+__getattr__ = schemas_on_first_use(__name__, _schemas)
+#: This module, for its functions to reach the schemas (built on first use).
+_W = _sys.modules[__name__]
