@@ -96,12 +96,32 @@ def t_decode(data: bytes):
         src, opts = io.BufferedReader(_Pipe(data)), {"no_lookahead": True, "fast": False}
     else:
         src, opts = data, {"mapped_ram": True}
+    if mode in (0, 3):
+        _page_runs_agree(data, opts)
     recs = list(read_records(src, **opts))
     out = encode_records(recs)
     assert out == data, f"re-encode differs at {_first_diff(out, data)} " \
                         f"({len(out)} vs {len(data)} bytes)"
     for r in recs:
         r.fields()
+
+
+def _page_runs_agree(data, opts):
+    """page_runs=True gives the same records once runs are expanded, or the same error."""
+    from qmigstream.codec.ram_records import RamPageRun
+    from qmigstream.codec.reader import read_records
+    from qmigstream.errors import QmigstreamError
+
+    def decode(**extra):
+        out = []
+        try:
+            for r in read_records(data, **opts, **extra):
+                out.extend(r.expand() if isinstance(r, RamPageRun) else (r,))
+        except QmigstreamError as e:
+            out.append((type(e).__name__, e.offset))
+        return [x if isinstance(x, tuple) else (type(x).__name__, x.offset, x.encode())
+                for x in out]
+    assert decode(page_runs=True) == decode(), "page runs differ from page records"
 
 
 def t_vmstate(data: bytes):
