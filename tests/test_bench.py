@@ -9,10 +9,11 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = {"cat", "import", "cli-startup", "records-loop", "info", "decode-verify",
-            "decode-json", "roundtrip", "analyze", "ram-extract", "ram-extract-nosha"}
+            "decode-verify-crc", "decode-json", "sha256-file", "roundtrip", "analyze",
+            "ram-extract", "ram-extract-nosha"}
 #: measured for comparison only (the reference analyze-migration.py, when fetched)
 OPTIONAL = {"analyze-script"}
-REFERENCE = ("cat", "import", "cli-startup", "analyze-script")
+REFERENCE = ("cat", "import", "cli-startup", "analyze-script", "sha256-file")
 ROW = {"argv", "wall_s", "walls_s", "cpu_s", "max_rss_mb", "exit", "ratio", "ratio_after_startup"}
 
 
