@@ -9,7 +9,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMANDS = {"cat", "import", "cli-startup", "records-loop", "info", "decode-verify",
-            "decode-verify-crc", "decode-json", "sha256-file", "roundtrip", "analyze",
+            "decode-verify-crc", "decode-json", "sha256-file", "roundtrip", "roundtrip-nosha",
+            "analyze",
             "ram-extract", "ram-extract-nosha"}
 #: measured for comparison only (the reference analyze-migration.py, when fetched)
 OPTIONAL = {"analyze-script"}

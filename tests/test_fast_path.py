@@ -211,6 +211,9 @@ def test_batched_roundtrip_reports_what_a_record_by_record_compare_reports(
     assert got == (diff is None, hashlib.sha256(other).hexdigest(),
                    hashlib.sha256(data).hexdigest(), diff, n_in, len(data))
     assert out.read_bytes() == data
+    # --no-sha256: the same answer without the digests
+    assert cmd_roundtrip.roundtrip(str(path), sha256=False) == \
+        (diff is None, None, None, diff, n_in, len(data))
 
 
 def test_decode_verify_reads_every_payload_byte(tmp_path, capsys):
