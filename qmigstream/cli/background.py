@@ -2,7 +2,8 @@
 
 hashlib and zlib release the GIL on large buffers, so a SHA-256 or CRC-32 of
 megabyte batches runs on another core.  Batches must not change after they
-are handed over (pass ``bytes``).
+are handed over (pass ``bytes``, or reuse a buffer only after its ``done``
+event is set).
 """
 
 from __future__ import annotations
@@ -36,18 +37,25 @@ class BackgroundDigest:
 
     def _work(self):
         while True:
-            data = self._q.get()
-            if data is not None:
+            item = self._q.get()
+            if item is not None:
+                data, done = item
                 self.digest.update(data)
+                if done is not None:
+                    done.set()
             self._q.task_done()
-            if data is None:
+            if item is None:
                 return
 
-    def update(self, data) -> None:
+    def update(self, data, done=None) -> None:
+        """Hash ``data`` (in the worker); ``done``, a threading.Event, is set once
+        it has been hashed, so a caller may then reuse the buffer."""
         if self._t is None:
             self.digest.update(data)
+            if done is not None:
+                done.set()
         else:
-            self._q.put(data)
+            self._q.put((data, done))
 
     def fork(self):
         """A copy of the digest of everything given so far."""

@@ -29,8 +29,9 @@ BATCH = 4 << 20
 class _NoDigest:
     """The digest interface, computing nothing (``--no-sha256``)."""
 
-    def update(self, data):
-        pass
+    def update(self, data, done=None):
+        if done is not None:
+            done.set()
 
     def fork(self):
         return self
@@ -51,52 +52,85 @@ def roundtrip(path, output=None, progress=None, sha256=True):
     """Return ``(identical, sha_in, sha_out, first_diff_offset, size_in, size_out)``.
 
     The re-encoded records are gathered into batches of about :data:`BATCH`
-    bytes; each batch is compared with the same span of the original file in
-    one comparison.  While the two are equal one SHA-256 serves both sides
-    (the output hash forks from it at the first difference), and it is
-    computed in a worker thread, so hashing overlaps decoding.
+    bytes in a reused buffer; each batch is compared with the same span of the
+    original file (read into one of two reused buffers) in one comparison.
+    While the two are equal one SHA-256 serves both sides (the output hash
+    forks from it at the first difference), and it is computed in a worker
+    thread, so hashing overlaps decoding.
     """
+    import threading
+    from ..codec.ram_records import RamPageRun
     hasher = BackgroundDigest(hashlib.sha256()) if sha256 else _NoDigest()
     h_out = None                 # set at the first difference
     first_diff = None
     n_out = 0
-    pending, pending_len = [], 0
+    enc = bytearray(BATCH + (2 << 20))
+    at = 0                       # bytes of enc in use
+    inbufs = [bytearray(len(enc)), bytearray(len(enc))]
+    hashed = [threading.Event(), threading.Event()]
+    for e in hashed:
+        e.set()
+    turn = 0
     out = open(output, "wb") if output else None
     reader = StreamReader(path, page_runs=True)
 
+    def put(part):
+        nonlocal at, enc
+        n = len(part)
+        if at + n > len(enc):
+            enc += bytes(at + n - len(enc))
+        enc[at:at + n] = part
+        at += n
+
     def flush():
-        nonlocal pending, pending_len, n_out, first_diff, h_out
-        enc = b"".join(pending)
-        pending, pending_len = [], 0
+        nonlocal at, n_out, first_diff, h_out, turn
+        n = at
+        at = 0
+        if not n:
+            return
+        mine = memoryview(enc)[:n]
         if out:
-            out.write(enc)
-        got = _read_exactly(orig, len(enc))
-        if h_out is None and got == enc:
-            hasher.update(got)
+            out.write(mine)
+        k = turn
+        turn ^= 1
+        hashed[k].wait()                 # the worker is done with this buffer
+        buf = inbufs[k]
+        if len(buf) < n:
+            buf = inbufs[k] = bytearray(n)
+        got = _readinto_exactly(orig, memoryview(buf)[:n])
+        theirs = memoryview(buf)[:got]
+        hashed[k].clear()
+        if h_out is None and got == n and enc.startswith(theirs):
+            hasher.update(theirs, hashed[k])
         else:
             if h_out is None:
                 h_out = hasher.fork()
             if first_diff is None:
-                first_diff = n_out + _first_mismatch(got, enc)
-            hasher.update(got)
-            h_out.update(enc)
-        n_out += len(enc)
+                first_diff = n_out + _first_mismatch(bytes(theirs), bytes(mine))
+            hasher.update(theirs, hashed[k])
+            h_out.update(bytes(mine))
+        n_out += n
         if progress:
             progress(n_out)
 
     with open(path, "rb", buffering=0) as orig:
         try:
             for rec in reader.records():
-                for part in record_chunks(rec):
-                    pending.append(part)
-                    pending_len += len(part)
-                if pending_len >= BATCH:
+                if type(rec) is RamPageRun:
+                    n = rec.size
+                    if at + n > len(enc):
+                        enc += bytes(at + n - len(enc))
+                    at += rec.encode_into(enc, at)
+                else:
+                    for part in record_chunks(rec):
+                        put(part)
+                if at >= BATCH:
                     flush()
             flush()
         finally:
             if out:
-                if pending:
-                    out.write(b"".join(pending))
+                if at:
+                    out.write(memoryview(enc)[:at])
                 out.close()
             hasher.close()
         rest = orig.read(1 << 20)
@@ -114,20 +148,15 @@ def roundtrip(path, output=None, progress=None, sha256=True):
     return first_diff is None, sha_in, sha_out, first_diff, n_in, n_out
 
 
-def _read_exactly(f, n: int) -> bytes:
-    """``n`` bytes from ``f``, fewer only at its end."""
-    data = f.read(n)
-    if data is None or len(data) == n or not data:
-        return data or b""
-    parts = [data]
-    got = len(data)
-    while got < n:
-        more = f.read(n - got)
-        if not more:
+def _readinto_exactly(f, mv) -> int:
+    """Fill ``mv`` from ``f``; the count, less than ``len(mv)`` only at its end."""
+    got = 0
+    while got < len(mv):
+        k = f.readinto(mv[got:])
+        if not k:
             break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
+        got += k
+    return got
 
 
 def _first_mismatch(a: bytes, b: bytes) -> int:

@@ -375,6 +375,16 @@ class RamPageRun(Record):
     def encode(self):
         return bytes(self.encode_parts()[0])
 
+    def encode_into(self, out, at: int) -> int:
+        """Write the wire bytes into ``out[at:]`` (a bytearray); return their length."""
+        n = self.size
+        out[at:at + n] = memoryview(self.buf)[self.start:self.start + n]
+        pack = _U64.pack_into
+        stride = 8 + self.page_size
+        for i, w in enumerate(self.words):
+            pack(out, at + i * stride, w)
+        return n
+
     def expand(self):
         """The same records as :class:`RamPage` objects (each page copied to bytes)."""
         f, ps, stride = self.flags, self.page_size, 8 + self.page_size
