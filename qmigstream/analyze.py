@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import zlib
 
 from . import xbzrle
 from .codec import ram_records as R
@@ -143,7 +142,10 @@ class _Ram:
             self._page(rec.block, rec.addr, xbzrle.decode(bytes(rec.data), old,
                                                           offset=rec.offset))
         elif isinstance(rec, R.RamCompressed):
-            self._page(rec.block, rec.addr, _inflate(rec, self.page_size))
+            data = rec.inflate(self.page_size)
+            if len(data) < self.page_size:  # the rest of the page keeps what it held
+                data += self._current(rec.block, rec.addr)[len(data):]
+            self._page(rec.block, rec.addr, data)
         elif isinstance(rec, R.MappedRamBitmap):
             self.bitmaps[rec.block] = bytes(rec.data)
         elif isinstance(rec, R.MappedRamChunk) and rec.area == "pages":
@@ -187,19 +189,6 @@ class _Ram:
             byte = page // 8
             if byte < len(bitmap) and bitmap[byte] >> (page % 8) & 1:
                 self._page(rec.block, rec.start + k, bytes(data[k:k + ps]))
-
-
-def _inflate(rec, page_size) -> bytes:
-    try:
-        d = zlib.decompressobj()
-        out = d.decompress(bytes(rec.data), page_size + 1)
-    except zlib.error as e:
-        raise StreamError(f"compressed page does not inflate: {e}", rec.offset,
-                          section="ram") from None
-    if len(out) != page_size:
-        raise StreamError("compressed page does not inflate to one page", rec.offset,
-                          section="ram", expected=page_size, found=len(out))
-    return out
 
 
 class _Other:

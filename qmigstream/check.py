@@ -33,16 +33,16 @@ import dataclasses
 import json
 import os
 import struct
-import zlib
 
 from . import vmstate
 from . import xbzrle as X
 from .codec.boundary import SectionIds, scan_for_end
+from .codec.ram_records import RamCompressed
 from .codec.reader import StreamReader
 from .codec.sections.vfio import is_vfio_idstr
 from .codec.source import Source, open_source
 from .codec.trailer import TAIL_BYTES, locate_trailer
-from .errors import BadMagic, QmigstreamError, StreamError, Truncated
+from .errors import BadMagic, CompressedPageError, QmigstreamError, StreamError, Truncated
 
 _U64 = struct.Struct(">Q")
 
@@ -1467,14 +1467,13 @@ def _locate_field(desc, target, vmsd_name, depth):
 
 
 def _inflates(data: bytes) -> bool:
-    """Does one ``inflate(Z_NO_FLUSH)`` into a page return Z_STREAM_END?  (ram.c
-    qemu_uncompress_data: anything else, a cut stream or more than a page, is -1.)"""
-    d = zlib.decompressobj()
+    """Does QEMU's loader inflate this COMPRESS_PAGE data?  (:meth:`RamCompressed.inflate`:
+    one ``inflate(Z_NO_FLUSH)`` into a page must return Z_STREAM_END.)"""
     try:
-        out = d.decompress(data, PAGE + 1)
-    except zlib.error:
+        RamCompressed(None, 0, data).inflate(PAGE)
+    except CompressedPageError:
         return False
-    return d.eof and len(out) <= PAGE
+    return True
 
 
 def check(source, *, profile_name="qemu-7.2", expect_machine=None, reference=None,

@@ -81,6 +81,10 @@ class LimitExceeded(StreamError):
     """A length, count or nesting depth beyond what the format (or the input) allows."""
 
 
+class CompressedPageError(StreamError):
+    """A COMPRESS_PAGE record whose zlib data QEMU's loader refuses to inflate."""
+
+
 class DescriptionError(StreamError):
     """The VMDESCRIPTION trailer is damaged or disagrees with the stream."""
 

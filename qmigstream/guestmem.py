@@ -9,8 +9,11 @@ does with each record, done to a file instead of guest memory:
   :class:`~qmigstream.codec.ram_records.RamZeroRun` is a run of those;
 * ``XBZRLE`` applies the delta to the *current* content of the page
   (``load_xbzrle`` decodes straight into guest memory);
-* ``COMPRESS_PAGE`` inflates one zlib stream into the page; the result must be
-  exactly one page (:class:`CompressedPageError` otherwise);
+* ``COMPRESS_PAGE`` inflates one zlib stream into the page
+  (:meth:`~qmigstream.codec.ram_records.RamCompressed.inflate`): the stream
+  must end within one page (:class:`~qmigstream.errors.CompressedPageError`
+  otherwise); a shorter output overwrites the start of the page only, bytes
+  after the stream's end are ignored;
 * ``POSTCOPY_RAM_DISCARD`` zeroes the byte ranges it names (``ram_discard_range``);
 * mapped-ram areas: page *i* of a block is at ``pages_offset + i*page_size`` in
   the file and holds data when bit *i* of the block's bitmap is set
@@ -69,10 +72,6 @@ MAX_IOV = 1024
 RESERVED_NAMES = ("manifest.json", "physical.img")
 _SAFE = re.compile(r"[^A-Za-z0-9._+@-]")
 _NAME_MAX = 96
-
-
-class CompressedPageError(StreamError):
-    """A COMPRESS_PAGE record whose zlib data does not inflate to exactly one page."""
 
 
 class ExtractError(QmigstreamError):
@@ -811,19 +810,9 @@ class GuestMemory:
     def _compressed(self, rec):
         b = self._block(rec.block, rec.offset)
         b.pages["compressed"] += 1
-        ps = self.page_size
-        d = zlib.decompressobj()
-        try:
-            page = d.decompress(rec.data, ps + 1)
-        except zlib.error as e:
-            raise CompressedPageError(f"compressed page does not inflate: {e}", rec.offset,
-                                      section="ram") from None
-        if len(page) != ps or not d.eof:
-            found = f"more than {ps} bytes" if len(page) > ps else (
-                f"{len(page)} bytes" if d.eof else f"{len(page)} bytes, zlib stream unfinished")
-            raise CompressedPageError("compressed page does not inflate to one page",
-                                      rec.offset, section="ram", expected=f"{ps} bytes",
-                                      found=found)
+        page = rec.inflate(self.page_size)
+        if len(page) < self.page_size:      # the rest of the page keeps what it held
+            page += self._current(b, rec.addr)[len(page):]
         self._write_other(b, rec.addr, page)
 
     # -- mapped-ram ------------------------------------------------------------

@@ -140,6 +140,12 @@ _DECODERS = {
     QJSON: json.JSONDecoder(object_pairs_hook=_object, parse_constant=_no_constant,
                             strict=False),
 }
+#: The same, taking NaN and Infinity: the trailer search (:func:`locate_trailer`)
+#: accepts any JSON object, as a plain JSON reader would.
+_LENIENT_DECODERS = {
+    JSONWRITER: json.JSONDecoder(object_pairs_hook=_object),
+    QJSON: json.JSONDecoder(object_pairs_hook=_object, strict=False),
+}
 
 
 def detect_style(data: bytes) -> str | None:
@@ -160,26 +166,32 @@ def parse(data: bytes, offset: int = 0) -> VmDescription:
     "devices": [{"name": str, "instance_id": int, ...}, ...]}``.
     """
     data = bytes(data)
-    style = detect_style(data)
-    if style is None:
-        raise DescriptionError("VMDESCRIPTION JSON does not start with '{'", offset,
-                               expected=b"{", found=data[:1])
-    reader = _Reader(data, style, offset)
-    obj, key_offsets, device_offsets = reader.run()
+    style, reader, (obj, key_offsets, device_offsets) = _scan(data, offset, _DECODERS)
     reader.check_depth(obj)
     desc = VmDescription(obj, style, offset, data, device_offsets)
     _check_shape(desc, key_offsets, reader)
     return desc
 
 
+def _scan(data: bytes, offset: int, decoders):
+    """``(style, reader, reader.run())``: the JSON object read, nothing checked
+    beyond it being one JSON object (:class:`DescriptionError` otherwise)."""
+    style = detect_style(data)
+    if style is None:
+        raise DescriptionError("VMDESCRIPTION JSON does not start with '{'", offset,
+                               expected=b"{", found=data[:1])
+    reader = _Reader(data, style, offset, decoders[style])
+    return style, reader, reader.run()
+
+
 class _Reader:
-    def __init__(self, data: bytes, style: str, base: int):
+    def __init__(self, data: bytes, style: str, base: int, decoder):
         self.data = data
         self.base = base
         self.source = data.decode("utf-8", "surrogateescape")
         self.escaped = style == QJSON and "\\" in self.source
         self.text = self.source.replace("\\", "\\\\") if self.escaped else self.source
-        self.decoder = _DECODERS[style]
+        self.decoder = decoder
 
     def offset(self, pos: int) -> int:
         """Absolute stream offset of position ``pos`` of the scanned text."""
@@ -398,33 +410,54 @@ def dump(obj, style: str) -> bytes:
 # --------------------------------------------------------------------------
 # Finding the trailer
 
-def find_trailer(tail: bytes, file_size: int) -> int | None:
-    """Absolute offset of the VMDESCRIPTION record (its ``0x06`` byte), or None.
+def locate_trailer(tail, tail_base: int, *, checked: bool = False):
+    """Find the VMDESCRIPTION record that ends a stream: ``(offset, json_bytes, obj)``
+    or None.
 
-    ``tail`` is the last ``len(tail)`` bytes of a stream of ``file_size`` bytes.
+    ``tail`` holds the last bytes of the stream and starts at absolute offset
+    ``tail_base``; the stream ends where ``tail`` ends.  ``offset`` is that of the
+    record's ``0x06`` byte, ``obj`` the JSON object read as :func:`parse` reads
+    it (repeated keys kept, QJSON strings raw).
+
     The record is the position ``p`` with ``tail[p-1] == 0x00`` (QEMU_VM_EOF),
-    ``tail[p] == 0x06``, ``be32 N`` at ``p+1`` with ``p + 5 + N == len(tail)``,
-    and JSON in between that :func:`parse` accepts.  QEMU's JSON is a C string
-    (``strlen`` gives N), so it holds no NUL byte: the EOF byte is at most five
-    bytes before the last NUL of the tail (the length field may hold NULs),
-    which leaves at most six positions to test.
+    ``tail[p] == 0x06``, ``be32 N`` at ``p+1`` with ``p + 5 + N == len(tail)``
+    and one JSON object in between: an exact test, not a guess.  QEMU's JSON is
+    a C string (``strlen`` gives N), so it holds no NUL byte: the EOF byte is at
+    most five bytes before the last NUL of the tail (the length field may hold
+    NULs), which leaves at most six positions to test, the last one first.
+
+    Any JSON object will do (a damaged description is still the trailer); with
+    ``checked`` it must be one :func:`parse` accepts (shape and depth).
     """
     if not isinstance(tail, (bytes, bytearray)):
         tail = bytes(tail)
     end = len(tail)
-    base = file_size - end
     last_nul = tail.rfind(b"\x00")
     if last_nul < 0:
         return None
-    for p in range(max(1, last_nul - 4), min(last_nul + 2, end - 4)):
+    for p in range(min(last_nul + 1, end - 5), max(1, last_nul - 4) - 1, -1):
         if tail[p - 1] != QEMU_VM_EOF or tail[p] != QEMU_VM_VMDESCRIPTION:
             continue
         (n,) = _BE32.unpack_from(tail, p + 1)
-        if p + 5 + n != end:
+        if p + 5 + n != end or tail[p + 5] != 0x7B:
             continue
+        raw = bytes(tail[p + 5:])
         try:
-            parse(tail[p + 5:], base + p + 5)
+            if checked:
+                obj = parse(raw, tail_base + p + 5).obj
+            else:
+                obj = _scan(raw, tail_base + p + 5, _LENIENT_DECODERS)[2][0]
         except DescriptionError:
             continue
-        return base + p
+        return tail_base + p, raw, obj
     return None
+
+
+def find_trailer(tail: bytes, file_size: int) -> int | None:
+    """Absolute offset of the VMDESCRIPTION record (its ``0x06`` byte), or None:
+    :func:`locate_trailer` for a description :func:`parse` accepts.
+
+    ``tail`` is the last ``len(tail)`` bytes of a stream of ``file_size`` bytes.
+    """
+    found = locate_trailer(tail, file_size - len(tail), checked=True)
+    return None if found is None else found[0]

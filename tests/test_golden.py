@@ -124,3 +124,61 @@ def test_multifd_vector_lists_and_checks_its_channels(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "qemu-10.0/multifd-device-state.mig.ch1: sha256" in out
     assert "multifd-device-state.mig.ch1: does not parse as a multifd channel" in out
+
+
+def _flip_in_channel(path, dest, kind):
+    """A copy of a channel file with one byte changed in the first RAM page or
+    device data it carries."""
+    from qmigstream.vfio import multifd as MF
+    raw = bytearray(open(path, "rb").read())
+    for r in MF.parse_channel(bytes(raw))[1:]:
+        if kind == "ram" and isinstance(r, MF.RamPacket) and r.offsets()[0]:
+            raw[r.offset + r.pages_offset + 10] ^= 0xFF
+            break
+        if kind == "device" and isinstance(r, MF.DeviceStatePacket) and not r.is_config:
+            raw[r.data_offset + 100] ^= 0xFF
+            break
+    else:
+        raise AssertionError(f"no {kind} packet in {path}")
+    dest.write_bytes(raw)
+    return str(dest)
+
+
+def test_compare_takes_the_streams_multifd_channels(tmp_path, capsys):
+    d = tmp_path / "mf"
+    G.generate(str(d), ["qemu-10.0"], ["multifd-device-state"])
+    main_ = str(d / "qemu-10.0" / "multifd-device-state.mig")
+    ch0, ch1 = main_ + ".ch0", main_ + ".ch1"
+    # without the stream's channels only the main streams are compared, and it says so
+    assert main(["golden", "compare", str(d), main_]) == 0
+    out = capsys.readouterr().out
+    assert "only the main streams were compared" in out and "(main stream only)" in out
+    # the same channels: as arguments, in another order (which channel carried a packet
+    # does not count), with --multifd, or as the directory holding them
+    for extra in ([ch0, ch1], [ch1, ch0], ["--multifd", ch0, ch1], [str(d / "qemu-10.0")]):
+        assert main(["golden", "compare", str(d), main_, *extra]) == 0, extra
+        out = capsys.readouterr().out
+        assert "multifd channels: 2 in the vector, 2 given" in out
+        assert "equal: the stream matches the vector\n" in out
+    # a RAM page changed on a channel
+    bad = _flip_in_channel(ch1, tmp_path / "ram.ch1", "ram")
+    assert main(["golden", "compare", str(d), main_, ch0, bad]) == 1
+    out = capsys.readouterr().out
+    assert "RAM block pc.ram on the channels: 1 page(s) differ, 0 only in the vector, " \
+           "0 only in the stream" in out
+    # device data changed in a device-state packet
+    bad = _flip_in_channel(ch1, tmp_path / "dev.ch1", "device")
+    assert main(["golden", "compare", str(d), main_, ch0, bad, "--json"]) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert r["channels"] == {"vector": 2, "stream": 2} and r["multifd"] == []
+    assert len(r["vfio"]) == 1 and "multifd device data differs" in r["vfio"][0]
+    # a channel missing: the counts differ and the device state does not reassemble
+    r = G.compare(str(d), main_, channels=[ch0])
+    assert not r["equal"]
+    assert "channels: 2 in the vector, 1 in the stream" in r["multifd"]
+    assert any(x.startswith("device-state packets: 5 in the vector") for x in r["multifd"])
+    assert "does not reassemble" in r["vfio"][0]
+    # a directory without channel files is an input error
+    (tmp_path / "empty").mkdir()
+    assert main(["golden", "compare", str(d), main_, str(tmp_path / "empty")]) == 2
+    assert "no multifd channel files" in capsys.readouterr().err

@@ -12,11 +12,13 @@ import zlib
 
 import pytest
 
-from qmigstream import guestmem, xbzrle
+from qmigstream import analyze, guestmem, xbzrle
+from qmigstream.check import check
 from qmigstream.codec.build import StreamBuilder, mapped_ram_fill
 from qmigstream.codec.ram_records import RamCompressed, RamEos, RamMultifdFlush
-from qmigstream.errors import StreamError
-from qmigstream.guestmem import CompressedPageError, GiB
+from qmigstream.errors import CompressedPageError, StreamError
+from qmigstream.guestmem import GiB
+from qmigstream.pipeline.guest import GuestRam, RamLoader
 from qmigstream.wire.header import SectionType as T
 from qmigstream.wire.ram import RamFlag
 
@@ -194,22 +196,98 @@ def test_bad_xbzrle_delta_is_a_stream_error_at_its_offset(tmp_path):
 
 # -- COMPRESS_PAGE -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("payload, found", [
-    (zlib.compress(b"\x01" * (PS - 1)), f"{PS - 1} bytes"),
-    (zlib.compress(b"\x01" * (PS + 1)), f"more than {PS} bytes"),
-    (zlib.compress(b"\x01" * PS)[:-6], "zlib stream unfinished"),
-    (b"\x00" * 10, None),
-])
-def test_compressed_page_must_inflate_to_one_page(tmp_path, payload, found):
+def _zdict_stream(data: bytes) -> bytes:
+    c = zlib.compressobj(zdict=b"a preset dictionary")
+    return c.compress(data) + c.flush()
+
+
+#: (zlib data, what QEMU 7.2's loader writes at the start of the page) for data it
+#: accepts: one inflate(Z_NO_FLUSH) into the page returned Z_STREAM_END.
+ACCEPTED = [
+    pytest.param(zlib.compress(page(7)), page(7), id="one-page"),
+    pytest.param(zlib.compress(b"\x01" * (PS - 1)), b"\x01" * (PS - 1), id="short-output"),
+    pytest.param(zlib.compress(b""), b"", id="empty-output"),
+    pytest.param(zlib.compress(b"\x02" * 100) + b"trailing garbage", b"\x02" * 100,
+                 id="trailing-garbage"),
+    pytest.param(zlib.compress(b"\x03" * PS) + zlib.compress(b"\x04" * PS), b"\x03" * PS,
+                 id="second-stream-ignored"),
+]
+
+#: (zlib data, text in the error's ``found`` or None for a zlib error) QEMU refuses:
+#: ``decompress data failed``.
+REJECTED = [
+    pytest.param(zlib.compress(b"\x01" * (PS + 1)), f"more than {PS} bytes", id="over-a-page"),
+    pytest.param(zlib.compress(b"\x01" * PS)[:-6], "zlib stream unfinished", id="cut"),
+    pytest.param(zlib.compress(b"\x01" * PS)[:-1], "zlib stream unfinished", id="cut-checksum"),
+    pytest.param(b"\x00" * 10, None, id="bad-header"),
+    pytest.param(zlib.compress(page(3))[:40] + b"\xff" * 8 + zlib.compress(page(3))[48:],
+                 None, id="corrupt-data"),
+    pytest.param(zlib.compress(b"\x01" * 100)[:-4] + b"\0\0\0\0", None, id="bad-adler32"),
+    pytest.param(_zdict_stream(b"\x01" * 100), None, id="preset-dictionary"),
+]
+
+
+@pytest.mark.parametrize("payload, want", ACCEPTED)
+def test_inflate_accepts_what_qemu_accepts(payload, want):
+    assert RamCompressed("pc.ram", 0, payload, offset=77).inflate(PS) == want
+
+
+@pytest.mark.parametrize("payload, found", REJECTED + [
+    # (the reader already refuses a zero length record: QEMU reads it and fails here)
+    pytest.param(b"", "0 bytes, zlib stream unfinished", id="empty-data")])
+def test_inflate_rejects_what_qemu_rejects(payload, found):
+    with pytest.raises(CompressedPageError) as e:
+        RamCompressed("pc.ram", 0, payload, offset=77).inflate(PS)
+    assert e.value.offset == 77 and e.value.section == "ram"
+    if found:
+        assert found in str(e.value.found)
+    else:
+        assert "does not inflate" in e.value.message
+
+
+@pytest.mark.parametrize("payload, want", ACCEPTED)
+def test_compressed_page_overwrites_the_start_of_the_page(tmp_path, payload, want):
+    """The output goes to the start of the page; the rest keeps what the page held
+    (here a PAGE record in the iteration before), as QEMU inflates into guest memory."""
+    old = page(1)
+    b = stream([("pc.ram", 4 * PS)], [[("pc.ram", 1, "page", old)],
+                                      [("pc.ram", 1, "compress", payload)]])
+    out = tmp_path / "out"
+    m = guestmem.extract(write(tmp_path, b), str(out))
+    expect = want + old[len(want):]
+    assert block_bytes(out, m, "pc.ram")[PS:2 * PS] == expect
+    # the other readers of COMPRESS_PAGE apply the same rule
+    state = analyze.analyze_state(b.encode(), dump_memory=True)
+    mem = next(v["memory"] for k, v in state.items() if k.startswith("ram "))
+    assert mem[f"pc.ram (0x{PS:016x})"] == expect.hex(" ")
+    ram = GuestRam([("pc.ram", 4 * PS)])
+    loader = RamLoader(ram)
+    for rec in b.records:
+        loader.feed(rec)
+    assert bytes(ram.block("pc.ram").mem[PS:2 * PS]) == expect
+    assert check(b.encode(), capabilities=["compress"]).loads
+
+
+@pytest.mark.parametrize("payload, found", REJECTED)
+def test_compressed_page_qemu_refuses_is_an_error(tmp_path, payload, found):
     b = stream([("pc.ram", 4 * PS)], [[("pc.ram", 1, "compress", payload)]])
     rec = next(r for r in b.records if isinstance(r, RamCompressed))
     with pytest.raises(CompressedPageError) as e:
         guestmem.extract(write(tmp_path, b), str(tmp_path / "out"))
     assert e.value.offset == rec.offset and e.value.section == "ram"
-    if found:
-        assert found in str(e.value.found)
-    else:
-        assert "does not inflate" in e.value.message
+    with pytest.raises(CompressedPageError) as e:
+        analyze.analyze_state(b.encode(), dump_memory=True)
+    assert e.value.offset == rec.offset
+    loader = RamLoader(GuestRam([("pc.ram", 4 * PS)]))
+    with pytest.raises(CompressedPageError) as e:
+        for r in b.records:
+            loader.feed(r)
+    assert e.value.offset == rec.offset
+    rep = check(b.encode(), capabilities=["compress"])
+    assert not rep.loads
+    # check reports where QEMU fails: after the be32 length, at the zlib data
+    assert (rep.fatal.offset, rep.fatal.message) == (
+        rec.offset + rec.size - len(payload), "decompress data failed")
 
 
 # -- mapped-ram ---------------------------------------------------------------------------
@@ -653,6 +731,46 @@ def test_destination_qemu_loads_the_same_memory(capture, tmp_path, name, extra):
     ram = (out / "pc.ram.img").read_bytes()
     assert ram[:0xA0000] == low.read_bytes()
     assert ram[0x100000:] == high.read_bytes()
+
+
+@requires_qemu
+@pytest.mark.qemu
+def test_destination_qemu_agrees_on_odd_compressed_pages(capture, tmp_path):
+    """The capture's COMPRESS_PAGE records re-encoded as QEMU's loader allows but
+    its compressor never writes (output short of a page, trailing garbage): QEMU
+    loads them into the same memory as the extraction; corrupt data it refuses."""
+    from qmigstream.codec.reader import read_records
+    from qmigstream.codec.writer import encode_records
+    from qmigstream.qemu.runner import load_incoming
+    path, _ = capture("pc-7.2-compress")
+    recs = list(read_records(str(path)))
+    comp = [r for r in recs if isinstance(r, RamCompressed)]
+    for k, r in enumerate(comp[:60]):
+        data = zlib.decompress(bytes(r.data))
+        if k % 3 == 0:      # the first half of the page only: the rest stays as it was
+            r.data = zlib.compress(data[:PS // 2])
+        elif k % 3 == 1:
+            r.data = zlib.compress(data) + b"\x5a" * (k % 7 + 1)
+    odd = tmp_path / "odd.mig"
+    odd.write_bytes(encode_records(recs))
+    args = ["-machine", "pc", "-m", "32"]
+    low, high = tmp_path / "low", tmp_path / "high"
+    res = load_incoming(args, str(odd), capabilities={"compress": True},
+                        pmemsave=[(0, 0xA0000, str(low)),
+                                  (0x100000, (32 << 20) - 0x100000, str(high))])
+    assert res.loaded, res.stderr
+    out = tmp_path / "out"
+    guestmem.extract(str(odd), str(out))
+    ram = (out / "pc.ram.img").read_bytes()
+    assert ram[:0xA0000] == low.read_bytes()
+    assert ram[0x100000:] == high.read_bytes()
+    # a corrupt one: QEMU fails the load, so does the extraction
+    comp[0].data = b"\x78\x9c" + b"\xff" * 20
+    bad = tmp_path / "bad.mig"
+    bad.write_bytes(encode_records(recs))
+    assert not load_incoming(args, str(bad), capabilities={"compress": True}).loaded
+    with pytest.raises(CompressedPageError):
+        guestmem.extract(str(bad), str(tmp_path / "out2"))
 
 
 @requires_qemu

@@ -26,6 +26,10 @@ def register(sub):
     m = s.add_parser("compare", help="how STREAM differs from the matching vector")
     m.add_argument("dir")
     m.add_argument("stream")
+    m.add_argument("channels", nargs="*", metavar="CHANNEL",
+                   help="the stream's multifd channel files (10.x), or a directory of them")
+    m.add_argument("--multifd", metavar="CHANNEL", nargs="+", default=[],
+                   help="the same as CHANNEL arguments (as `qmigstream vfio --multifd`)")
     m.add_argument("--vector", help="PROFILE/SCENARIO (default: the closest vector)")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=run_compare)
@@ -71,17 +75,29 @@ def run_check(args) -> int:
 
 
 def run_compare(args) -> int:
-    r = G.compare(args.dir, args.stream, vector=args.vector)
+    given = list(args.channels) + list(args.multifd)
+    channels = G.channel_files(given) if given else None
+    r = G.compare(args.dir, args.stream, vector=args.vector, channels=channels)
     if args.json:
         print(json.dumps({k: v for k, v in r.items() if k != "text"}, indent=2))
         return 0 if r["equal"] else 1
     print(f"compared with vector {r['vector']} (closest of {r['chosen_from']})")
+    ch = r["channels"]
+    if ch["stream"] is not None:
+        print(f"multifd channels: {ch['vector']} in the vector, {ch['stream']} given")
+    for note in r["notes"]:
+        print(f"note: {note}")
     if r["equal"]:
-        print("equal: the stream matches the vector")
+        print("equal: the stream matches the vector" +
+              (" (main stream only)" if r["notes"] else ""))
         return 0
     if r["vfio"]:
         print("VFIO sections:")
         for line in r["vfio"]:
+            print(f"  {line}")
+    if r["multifd"]:
+        print("multifd channels:")
+        for line in r["multifd"]:
             print(f"  {line}")
     print(r["text"])
     return 1

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import re
 import struct
+from typing import NamedTuple
 
-from ..errors import LimitExceeded, Truncated
+from ..errors import LimitExceeded, StreamError, Truncated
 from ..wire.commands import FIXED_LENGTH, MigCmd
 from ..wire.header import SectionType
 
@@ -198,3 +199,58 @@ def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: i
             raise LimitExceeded(f"no end found for a section payload within {MAX_SCAN} bytes",
                                 src.offset)
         want *= 4
+
+
+class PayloadStart(NamedTuple):
+    """What a section handler knows as its payload starts (:func:`payload_start`)."""
+
+    #: the section's ``SectionInfo`` (None when the id was never announced)
+    sec: object
+    #: ``sec.idstr``, or None
+    idstr: str | None
+    #: the trailer's ``devices[]`` entry of a FULL section, or None
+    entry: dict | None
+    #: payload bytes and the method that found them (None when not bounded here)
+    length: int | None
+    how: str | None
+    #: why the description did not bound the payload (None when it did)
+    reason: str | None
+
+
+def payload_start(reader, src, header, *, bound: bool = True) -> PayloadStart:
+    """The preamble of a section payload: its section, its description entry, its end.
+
+    For a FULL section the trailer's ``devices[]`` entry is taken (always, so
+    the reader's cursor over the entries stays in step with the sections).
+    With ``bound`` the payload's end is found: the entry's size when it ends at
+    a footer or next record (method 1), else :func:`scan_for_end` (2 and 3),
+    with ``reason`` saying why the description was not used.  A handler whose
+    payload delimits itself passes ``bound=False``.
+    """
+    sec = reader.sections.get(header.section_id)
+    idstr = sec.idstr if sec else None
+    full = header.type_name == "FULL"
+    entry = reader.description_entry(header) if full else None
+    if not bound:
+        return PayloadStart(sec, idstr, entry, None, None, None)
+    length = how = reason = None
+    if entry is not None:
+        try:
+            n = description_size(entry)
+        except (ValueError, TypeError, KeyError, StreamError):
+            n, reason = None, "its description is malformed"
+        if n is not None:
+            if reader.check_end_at(src, n, header.section_id):
+                length, how = n, "description"
+            else:
+                reason = f"its description ({n} bytes) does not end at a footer"
+    elif not full:
+        reason = "iterative section of a handler the codec does not model"
+    elif reader.description is None and reader._desc_devices is None:
+        reason = "the stream has no VMDESCRIPTION trailer"
+    else:
+        reason = "not described in the VMDESCRIPTION trailer"
+    if length is None:
+        length, how = scan_for_end(src, header.section_id, reader.footers,
+                                   reader.ids, header.depth)
+    return PayloadStart(sec, idstr, entry, length, how, reason)

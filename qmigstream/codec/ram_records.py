@@ -449,6 +449,34 @@ class RamCompressed(_PageRecord):
         d["length"] = len(self.data)
         return d
 
+    def inflate(self, page_size: int) -> bytes:
+        """The bytes QEMU's loader writes at the start of the page.
+
+        As ``qemu_uncompress_data`` (migration/ram.c, QEMU 7.2): one
+        ``inflate(Z_NO_FLUSH)`` of the whole record into a ``page_size`` buffer
+        must end the zlib stream.  Output shorter than a page is accepted (the
+        rest of the page keeps what it held), bytes after the stream's end are
+        ignored; a zlib error, a preset dictionary, a stream that is cut or that
+        would inflate to more than a page raise
+        :class:`~qmigstream.errors.CompressedPageError` at the record's offset.
+        """
+        import zlib
+        from ..errors import CompressedPageError
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(bytes(self.data), page_size + 1)
+        except zlib.error as e:
+            raise CompressedPageError(f"compressed page does not inflate: {e}", self.offset,
+                                      section="ram") from None
+        if len(out) > page_size or not d.eof:
+            found = (f"more than {page_size} bytes" if len(out) > page_size
+                     else f"{len(out)} bytes, zlib stream unfinished")
+            raise CompressedPageError("compressed page does not inflate within one page",
+                                      self.offset, section="ram",
+                                      expected=f"a zlib stream ending within {page_size} bytes",
+                                      found=found)
+        return out
+
 
 class _BareRamRecord(Record):
     __slots__ = ("flags", "addr")

@@ -323,8 +323,48 @@ def check(directory, *, regenerate=True) -> CheckResult:
 
 # -- compare ------------------------------------------------------------------------
 
-def _vfio_shape(path):
-    devices, hints = scan(path)
+def channel_files(items) -> list:
+    """Multifd channel files from ``items``: files as given; a directory stands for
+    its files whose names end in ``ch<N>`` (``X.mig.ch0``, ``ch1``), in ``N`` order."""
+    import re
+    out = []
+    for item in items or ():
+        item = os.fspath(item)
+        if not os.path.isdir(item):
+            out.append(item)
+            continue
+        found = []
+        for name in os.listdir(item):
+            m = re.search(r"ch(\d+)\Z", name)
+            if m and os.path.isfile(os.path.join(item, name)):
+                found.append((int(m.group(1)), name))
+        if not found:
+            raise QmigstreamError(f"{item}: no multifd channel files (names ending in ch<N>)")
+        out.extend(os.path.join(item, name) for _, name in sorted(found))
+    return out
+
+
+def vector_channels(directory, v) -> list:
+    """The paths of a vector's multifd channel files, in channel order."""
+    return [os.path.join(directory, f["file"]) for f in v["files"] if ".mig.ch" in f["file"]]
+
+
+def _parse_channels(paths) -> list:
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise QmigstreamError(f"cannot read multifd channel {path}: {e}") from None
+        out.append((path, MF.parse_channel(raw, name=path)))
+    return out
+
+
+def _vfio_shape(path, multifd=None):
+    """Each VFIO device's sections, data, config (and multifd packets): what
+    :func:`vfio_differences` compares."""
+    devices, hints = scan(path, multifd=multifd or None)
     out = {}
     for dev in devices.values():
         secs = []
@@ -342,12 +382,33 @@ def _vfio_shape(path):
         out[dev.idstr] = {"family": dev.family.family if dev.family else None,
                           "sections": secs, "data_bytes": dev.data_bytes,
                           "config": cfg.fields() if cfg is not None else None}
+        if dev.multifd is not None:
+            t = dev.multifd
+            out[dev.idstr]["multifd"] = [
+                f"idx {i}: " + ("CONFIG" if i == t.config_idx else
+                                f"DATA[{len(t.packets[i][1].data)}]")
+                for i in sorted(t.packets)]
+            out[dev.idstr]["multifd_data_sha256"] = hashlib.sha256(t.data).hexdigest()
     return out, hints
 
 
-def vfio_differences(expected_path, actual_path) -> list:
-    """How the VFIO sections of two streams differ, device by device (text lines)."""
-    (a, ha), (b, hb) = _vfio_shape(expected_path), _vfio_shape(actual_path)
+def vfio_differences(expected_path, actual_path, multifd_expected=None,
+                     multifd_actual=None) -> list:
+    """How the VFIO sections of two streams differ, device by device (text lines).
+
+    ``multifd_expected``/``multifd_actual``: each stream's parsed multifd channels
+    (``[(name, records)]``), whose device-state packets then count too: by
+    index, whatever channel carried them, and the reassembled data's digest.
+    """
+    from ..errors import StreamError
+    a, ha = _vfio_shape(expected_path, multifd_expected)
+    try:
+        b, hb = _vfio_shape(actual_path, multifd_actual)
+    except StreamError as e:
+        if multifd_actual is None:
+            raise
+        return [f"stream: the device state on its multifd channels does not reassemble: "
+                f"{e.one_line()}"]
     out = []
     for k in ("switchover_start", "vmdesc_configuration"):
         if ha.get(k) != hb.get(k):
@@ -363,15 +424,20 @@ def vfio_differences(expected_path, actual_path) -> list:
         if da["family"] != db["family"]:
             out.append(f"{idstr}: layout family {da['family']} in the vector, "
                        f"{db['family']} in the stream")
-        sa, sb = da["sections"], db["sections"]
-        for i in range(max(len(sa), len(sb))):
-            x = sa[i] if i < len(sa) else "(none)"
-            y = sb[i] if i < len(sb) else "(none)"
-            if x != y:
-                out.append(f"{idstr}: section {i}: vector '{x}', stream '{y}'")
+        for what, sa, sb in (("section", da["sections"], db["sections"]),
+                             ("multifd packet", da.get("multifd", []), db.get("multifd", []))):
+            for i in range(max(len(sa), len(sb))):
+                x = sa[i] if i < len(sa) else "(none)"
+                y = sb[i] if i < len(sb) else "(none)"
+                if x != y:
+                    out.append(f"{idstr}: {what} {i}: vector '{x}', stream '{y}'")
         if da["data_bytes"] != db["data_bytes"]:
             out.append(f"{idstr}: {da['data_bytes']} data bytes in the vector, "
                        f"{db['data_bytes']} in the stream")
+        elif da.get("multifd_data_sha256") != db.get("multifd_data_sha256"):
+            out.append(f"{idstr}: multifd device data differs (sha256 "
+                       f"{str(da.get('multifd_data_sha256'))[:16]}... in the vector, "
+                       f"{str(db.get('multifd_data_sha256'))[:16]}... in the stream)")
         ca, cb = da["config"] or {}, db["config"] or {}
         for key in sorted(set(ca) | set(cb)):
             if ca.get(key) != cb.get(key):
@@ -380,8 +446,81 @@ def vfio_differences(expected_path, actual_path) -> list:
     return out
 
 
-def compare(directory, stream, *, vector=None) -> dict:
-    """Differences between ``stream`` and a vector of the set (named, or the closest)."""
+_COUNTS = {"ram": "RAM packets", "sync": "SYNC packets", "device_state": "device-state packets",
+           "normal_pages": "normal pages", "zero_pages": "zero pages",
+           "compressed": "compressed RAM packets (pages not compared)"}
+
+
+def _channel_view(parsed):
+    """What a migration's channels carry, whichever channel each packet took:
+    packet and page counts, and each RAM page's final content (``(block, offset)``
+    -> sha256, ``None`` for a zero page), packets applied a sync epoch at a time."""
+    from ..wire import vfio as W
+    counts = dict.fromkeys(_COUNTS, 0)
+    epochs = []
+    for _, recs in parsed:
+        chan, cur = [], []
+        for pkt in recs[1:]:
+            if isinstance(pkt, MF.DeviceStatePacket):
+                counts["device_state"] += 1
+                continue
+            cur.append(pkt)
+            if pkt.is_sync:
+                chan.append(cur)
+                cur = []
+        chan.append(cur)
+        epochs.append(chan)
+    pages = {}
+    for k in range(max((len(c) for c in epochs), default=0)):
+        for chan in epochs:
+            for pkt in chan[k] if k < len(chan) else ():
+                counts["sync" if pkt.is_sync else "ram"] += 1
+                normal, zero = pkt.offsets()
+                counts["normal_pages"] += len(normal)
+                counts["zero_pages"] += len(zero)
+                if pkt.flags & W.MULTIFD_FLAG_COMPRESSION_MASK:
+                    counts["compressed"] += 1
+                    continue
+                for i, off in enumerate(normal):
+                    pages[(pkt.ramblock, off)] = hashlib.sha256(pkt.page(i)).digest()
+                for off in zero:
+                    pages[(pkt.ramblock, off)] = None
+    return counts, pages
+
+
+def multifd_differences(expected, actual) -> list:
+    """How two migrations' multifd channels differ (text lines): the number of
+    channels, packet and page counts over all channels, and the RAM pages they
+    carry, block by block.  Which channel carried a packet does not count (QEMU's
+    threads decide it); device-state packets are :func:`vfio_differences`' part."""
+    out = []
+    if len(expected) != len(actual):
+        out.append(f"channels: {len(expected)} in the vector, {len(actual)} in the stream")
+    (ca, pa), (cb, pb) = _channel_view(expected), _channel_view(actual)
+    for k, label in _COUNTS.items():
+        if ca[k] != cb[k]:
+            out.append(f"{label}: {ca[k]} in the vector, {cb[k]} in the stream")
+    for blk in sorted({b for b, _ in pa} | {b for b, _ in pb}):
+        ka = {o for b, o in pa if b == blk}
+        kb = {o for b, o in pb if b == blk}
+        changed = sorted(o for o in ka & kb if pa[(blk, o)] != pb[(blk, o)])
+        only_a, only_b = sorted(ka - kb), sorted(kb - ka)
+        if changed or only_a or only_b:
+            first = ", ".join(f"0x{o:x}" for o in (changed or only_a or only_b)[:4])
+            out.append(f"RAM block {blk} on the channels: {len(changed)} page(s) differ, "
+                       f"{len(only_a)} only in the vector, {len(only_b)} only in the stream "
+                       f"(first at {first})")
+    return out
+
+
+def compare(directory, stream, *, vector=None, channels=None) -> dict:
+    """Differences between ``stream`` and a vector of the set (named, or the closest).
+
+    ``channels``: the stream's multifd channel files (see :func:`channel_files`).
+    Given, they are compared with the vector's (:func:`multifd_differences`) and
+    their device-state packets count in the VFIO comparison; not given, only the
+    main streams are compared, and ``notes`` says so for a vector that has channels.
+    """
     from ..diff import diff
     m = load_manifest(directory)
     cands = m["vectors"]
@@ -390,17 +529,27 @@ def compare(directory, stream, *, vector=None) -> dict:
                  or v["scenario"] == vector]
         if not cands:
             raise QmigstreamError(f"no vector {vector!r} in {directory}")
+    theirs = None if channels is None else _parse_channels(channels)
     best = None
     for v in cands:
         path = os.path.join(directory, v["files"][0]["file"])
+        ours = _parse_channels(vector_channels(directory, v)) if theirs is not None else None
         d = diff(path, stream)
-        vf = vfio_differences(path, stream)
-        score = len(d.differences) + len(vf)
+        vf = vfio_differences(path, stream, ours, theirs)
+        mf = multifd_differences(ours, theirs) if theirs is not None else []
+        score = len(d.differences) + len(vf) + len(mf)
         if best is None or score < best[0]:
-            best = (score, v, d, vf)
+            best = (score, v, d, vf, mf)
         if score == 0:
             break
-    score, v, d, vf = best
+    score, v, d, vf, mf = best
+    notes = []
+    n_ours = len(vector_channels(directory, v))
+    if theirs is None and n_ours:
+        notes.append(f"the vector has {n_ours} multifd channel file(s) and none were given "
+                     f"for the stream: only the main streams were compared")
     return {"vector": f"{v['profile']}/{v['scenario']}", "equal": score == 0,
             "differences": [x.to_json() for x in d.differences], "vfio": vf,
-            "text": d.format_text(), "chosen_from": len(cands)}
+            "multifd": mf, "channels": {"vector": n_ours,
+                                        "stream": None if theirs is None else len(theirs)},
+            "notes": notes, "text": d.format_text(), "chosen_from": len(cands)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ...errors import StreamError
 from ... import vmstate
-from ..boundary import description_size, scan_for_end
+from ..boundary import payload_start
 from ..records import OpaquePayload
 
 
@@ -46,32 +46,10 @@ class DeviceSection:
     self_delimiting = False
 
     def read(self, reader, src, header):
-        sec = reader.sections.get(header.section_id)
-        idstr = sec.idstr if sec else None
-        length = how = None
-        reason = None
-        entry = reader.description_entry(header) if header.type_name == "FULL" else None
-        if entry is not None:
-            try:
-                n = description_size(entry)
-            except (ValueError, TypeError, KeyError, StreamError):
-                n, reason = None, "its description is malformed"
-            if n is not None:
-                if reader.check_end_at(src, n, header.section_id):
-                    length, how = n, "description"
-                else:
-                    reason = f"its description ({n} bytes) does not end at a footer"
-        elif header.type_name != "FULL":
-            reason = "iterative section of a handler the codec does not model"
-        elif reader.description is None and reader._desc_devices is None:
-            reason = "the stream has no VMDESCRIPTION trailer"
-        else:
-            reason = "not described in the VMDESCRIPTION trailer"
-        if length is None:
-            length, how = scan_for_end(src, header.section_id, reader.footers,
-                                       reader.ids, header.depth)
+        start = payload_start(reader, src, header)
+        idstr, entry, how, reason = start.idstr, start.entry, start.how, start.reason
         off = src.offset
-        data = src.read(length, "device section payload")
+        data = src.read(start.length, "device section payload")
         if how == "description" and reader.options.get("vmstate", True):
             try:
                 tree = vmstate.decode(entry, data, off)

@@ -21,6 +21,7 @@ import struct
 from ...errors import LimitExceeded, StreamError, Truncated
 from ...wire import vfio as W
 from ...wire.vfio import Marker
+from ..boundary import payload_start
 from ..records import Record
 from . import register
 
@@ -118,6 +119,13 @@ class VfioConfig(Record):
         return d
 
 
+def _whole_marker(raw: bytes, off: int, name) -> None:
+    """Refuse a marker cut by the end of the input (``raw``: the 8 bytes peeked)."""
+    if len(raw) < 8:
+        raise Truncated("stream ends inside a VFIO marker", off, section=name,
+                        needed=8, available=len(raw))
+
+
 def is_vfio_idstr(idstr: str) -> bool:
     return idstr == "vfio" or idstr.endswith("/vfio")
 
@@ -128,12 +136,9 @@ class VfioSection:
     self_delimiting = True
 
     def read(self, reader, src, header):
-        sec = reader.sections.get(header.section_id)
-        idstr = sec.idstr if sec else None
-        name = sec.name if sec else idstr
-        if header.type_name == "FULL":
-            # Keep the trailer cursor in step (the FULL section has an old-style entry).
-            reader.description_entry(header)
+        # the FULL section's (old-style) trailer entry is taken, to keep the cursor in step
+        start = payload_start(reader, src, header, bound=False)
+        name = start.sec.name if start.sec else start.idstr
         depth = header.depth
         first = True
         after_config = False
@@ -142,9 +147,7 @@ class VfioSection:
             raw = src.peek(8)
             if after_config and (len(raw) < 8 or raw[:6] != W.MARKER_PREFIX_BYTES):
                 return          # 6.0+: the config group ends the payload
-            if len(raw) < 8:
-                raise Truncated("stream ends inside a VFIO marker", off, section=name,
-                                needed=8, available=len(raw))
+            _whole_marker(raw, off, name)
             word = _U64.unpack(raw)[0]
             try:
                 m = Marker(word)
@@ -161,9 +164,7 @@ class VfioSection:
                 yield VfioMarker(m, off, depth)
                 noff = src.offset
                 nxt = src.peek(8)
-                if len(nxt) < 8:
-                    raise Truncated("stream ends inside a VFIO marker", noff, section=name,
-                                    needed=8, available=len(nxt))
+                _whole_marker(nxt, noff, name)
                 if nxt != W.END_OF_STATE_BYTES:
                     raise StreamError("DEV_SETUP_STATE not followed by END_OF_STATE", noff,
                                       section=name, expected="0xffffffffef100001",
