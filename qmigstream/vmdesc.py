@@ -453,6 +453,33 @@ def locate_trailer(tail, tail_base: int, *, checked: bool = False):
     return None
 
 
+def locate_trailer_before_trailing_bytes(tail, tail_base: int, *, max_candidates: int = 4096):
+    """Like :func:`locate_trailer` for a stream with bytes after its trailer
+    (QEMU ignores them): the last VMDESCRIPTION record (EOF byte, 0x06, be32 N,
+    N bytes of a JSON object with a ``devices`` list) that ends before the end
+    of ``tail``, as ``(offset, json_bytes, obj)``, or None."""
+    if not isinstance(tail, (bytes, bytearray)):
+        tail = bytes(tail)
+    end = len(tail)
+    q = tail.rfind(b"\x00\x06", 0, max(0, end - 6))
+    tries = 0
+    while q >= 0 and tries < max_candidates:
+        tries += 1
+        p = q + 1                                   # the 0x06 byte
+        (n,) = _BE32.unpack_from(tail, p + 1)
+        e = p + 5 + n
+        if n >= 2 and e < end and tail[p + 5] == 0x7B and tail[e - 1] == 0x7D:
+            raw = bytes(tail[p + 5:e])
+            try:
+                obj = _scan(raw, tail_base + p + 5, _LENIENT_DECODERS)[2][0]
+            except DescriptionError:
+                obj = None
+            if isinstance(obj, dict) and isinstance(obj.get("devices"), list):
+                return tail_base + p, raw, obj
+        q = tail.rfind(b"\x00\x06", 0, q)
+    return None
+
+
 def find_trailer(tail: bytes, file_size: int) -> int | None:
     """Absolute offset of the VMDESCRIPTION record (its ``0x06`` byte), or None:
     :func:`locate_trailer` for a description :func:`parse` accepts.

@@ -78,3 +78,20 @@ def test_the_reader_finds_it_ahead():
     assert next(it).kind == "eof"          # the trailer is not read yet, but known
     assert r.description is not None and r.description.offset == 9
     assert [x.kind for x in it] == ["vmdescription"]
+
+
+def test_trailer_followed_by_trailing_bytes_is_found():
+    import struct
+    from qmigstream.vmdesc import locate_trailer, locate_trailer_before_trailing_bytes
+    js = b'{"page_size": 4096, "devices": [{"name": "a", "instance_id": 0}]}'
+    rec = b"\x00\x06" + struct.pack(">I", len(js)) + js
+    data = b"\x11" * 100 + rec
+    assert locate_trailer(data, 1000) == (1000 + 101, js, {"page_size": 4096,
+                                                           "devices": [{"name": "a", "instance_id": 0}]})
+    for junk in (b"\x00", b"\x00\x06\x00\x00\x00\x02{}", b"garbage\x00\x00"):
+        got = locate_trailer_before_trailing_bytes(data + junk, 1000)
+        assert got is not None and got[0] == 1000 + 101 and got[1] == js
+        assert locate_trailer(data + junk, 1000) is None
+    # JSON without a devices list, or not JSON, is not taken for a trailer
+    fake = b"\x00\x06" + struct.pack(">I", 4) + b"{xx}" + b"\x00"
+    assert locate_trailer_before_trailing_bytes(b"\x11" * 10 + fake, 0) is None

@@ -27,6 +27,7 @@ from .sections import handler_for
 from .sections.ram import RamState
 from .source import Source, open_source
 from .trailer import TAIL_BYTES, locate_trailer
+from ..vmdesc import locate_trailer_before_trailing_bytes
 
 _FILE_HEADER = struct.Struct(">II")
 
@@ -165,7 +166,7 @@ class StreamReader:
             if size < 1 << 20 and start > src.offset:
                 start = max(src.offset, end - (1 << 20))
                 tail = src.read_at(start, end - start) or b""
-            found = _trailer_before_trailing_bytes(tail, start)
+            found = locate_trailer_before_trailing_bytes(tail, start)
         if found:
             off, raw, obj = found
             rec = VmDescription(raw, off)
@@ -430,31 +431,6 @@ class StreamReader:
             src.read(len(chunk))
             yield TrailingBytes(chunk, off)
             off += len(chunk)
-
-
-def _trailer_before_trailing_bytes(tail, base, max_candidates=4096):
-    """``(offset, json_bytes, obj)`` of a VMDESCRIPTION record followed by other
-    bytes: EOF byte, 0x06, be32 N and N bytes of a JSON object with a
-    ``devices`` list, ending before the end of ``tail``; the last such, or None."""
-    import json
-    end = len(tail)
-    p = tail.rfind(b"\x00\x06", 0, max(0, end - 6))
-    tries = 0
-    while p >= 0 and tries < max_candidates:
-        tries += 1
-        q = p + 1
-        (n,) = struct.unpack_from(">I", tail, q + 1)
-        e = q + 5 + n
-        if n >= 2 and e < end and tail[q + 5] == 0x7B and tail[e - 1] == 0x7D:
-            raw = tail[q + 5:e]
-            try:
-                obj = json.loads(raw.decode("utf-8", "surrogateescape"))
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                obj = None
-            if isinstance(obj, dict) and isinstance(obj.get("devices"), list):
-                return base + q, bytes(raw), obj
-        p = tail.rfind(b"\x00\x06", 0, p)
-    return None
 
 
 def _plain(c):
