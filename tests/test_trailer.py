@@ -91,7 +91,7 @@ def test_trailer_followed_by_trailing_bytes_is_found():
     for junk in (b"\x00", b"\x00\x06\x00\x00\x00\x02{}", b"garbage\x00\x00"):
         got = locate_trailer_before_trailing_bytes(data + junk, 1000)
         assert got is not None and got[0] == 1000 + 101 and got[1] == js
-        assert locate_trailer(data + junk, 1000) is None
+    assert locate_trailer(data + b"garbage\x00\x00", 1000) is None
     # JSON without a devices list, or not JSON, is not taken for a trailer
     fake = b"\x00\x06" + struct.pack(">I", 4) + b"{xx}" + b"\x00"
     assert locate_trailer_before_trailing_bytes(b"\x11" * 10 + fake, 0) is None
