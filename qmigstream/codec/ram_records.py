@@ -364,19 +364,18 @@ class RamPageRun(Record):
 
     def encode_parts(self):
         """The wire bytes: every word packed from ``words`` over the page bytes."""
-        n = self.size
-        out = bytearray(memoryview(self.buf)[self.start:self.start + n])
-        pack = _U64.pack_into
-        stride = 8 + self.page_size
-        for i, w in enumerate(self.words):
-            pack(out, i * stride, w)
+        out = bytearray(self.size)
+        self.encode_into(out, 0)
         return (out,)
 
     def encode(self):
         return bytes(self.encode_parts()[0])
 
     def encode_into(self, out, at: int) -> int:
-        """Write the wire bytes into ``out[at:]`` (a bytearray); return their length."""
+        """Write the wire bytes into ``out[at:]`` (a bytearray); return their length.
+
+        The page bytes come from the pages, each record's word is packed from
+        ``words`` over them."""
         n = self.size
         out[at:at + n] = memoryview(self.buf)[self.start:self.start + n]
         pack = _U64.pack_into
