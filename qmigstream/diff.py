@@ -470,7 +470,6 @@ def _devices(sa, sb, out, notes, compared):
             for path in _union(la, lb):
                 fa, fb = la.get(path), lb.get(path)
                 if fa is None or fb is None:
-                    f = fa or fb
                     out.append(Difference("device", path, "only_in_b" if fa is None
                                           else "only_in_a", fa and fa[0], fb and fb[0],
                                           fa and fa[1], fb and fb[1]))
@@ -534,7 +533,6 @@ def _ram(sa, sb, out, compared):
     for name in _union(ba, bb):
         xa, xb = ba.get(name), bb.get(name)
         if xa is None or xb is None:
-            x = xa or xb
             out.append(Difference("ram", name, "only_in_b" if xa is None else "only_in_a",
                                   xa and {"used_length": xa.used_length},
                                   xb and {"used_length": xb.used_length}))

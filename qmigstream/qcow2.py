@@ -15,14 +15,26 @@ table reaches it.  Layout from QEMU's docs/interop/qcow2.txt.
 Unallocated clusters (and zero-flagged ones) read as zeros; compressed
 clusters (zlib) are inflated.  Every table offset and size is checked
 against the file before it is used; problems are :class:`~qmigstream.errors.StreamError`.
+
+``vm_state_size`` is only a number in the snapshot table: a small image can
+declare terabytes that no cluster backs.  The vmstate is therefore read as
+extents (:meth:`Qcow2Image.vmstate_extents`): the pieces the image holds, and
+holes given by their length alone, found from the L1 entries and L2 tables
+that are in the file, so the work is bounded by what the image holds, not by
+``vm_state_size``.  :meth:`~Qcow2Image.copy_vmstate` leaves holes as holes in
+a regular output file; where a hole has to become zero bytes (a pipe,
+:meth:`~Qcow2Image.read_vmstate`) at most :data:`MAX_FILLED_ZEROS` are written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import struct
 import zlib
+
+import numpy as np
 
 from .errors import BadMagic, LimitExceeded, StreamError, Truncated, UnsupportedVersion
 
@@ -45,6 +57,12 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_BYTES = 32 << 20
 MAX_SNAPSHOTS = 65536
 MAX_SNAPSHOT_EXTRA = 1024
+
+#: Holes are handed out in pieces of this many zero bytes (one shared buffer).
+HOLE_PIECE = 1 << 20
+_ZEROS = bytes(HOLE_PIECE)
+#: Most zero bytes written for holes where they cannot stay holes (a pipe, memory).
+MAX_FILLED_ZEROS = 1 << 30
 
 
 @dataclasses.dataclass
@@ -219,54 +237,158 @@ class Qcow2Image:
 
     def _l1_table(self, snap):
         if snap.l1_size == 0:
-            return ()
+            return np.zeros(0, dtype=np.uint64)
         raw = self._read(snap.l1_table_offset, snap.l1_size * 8, "snapshot L1 table")
-        return struct.unpack(f">{snap.l1_size}Q", raw)
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
-    def iter_vmstate(self, snap: Snapshot, chunk: int | None = None):
-        """Yield the vmstate bytes cluster by cluster (``vm_state_size`` in total)."""
+    def vmstate_extents(self, snap: Snapshot):
+        """Yield the vmstate as ``(data, length)`` pieces in order, ``vm_state_size``
+        bytes in all: ``data`` the bytes of a cluster (or its used part) the image
+        holds, or None for a hole of ``length`` bytes that reads as zeros (no L2
+        table, unallocated or zero clusters, merged where they follow each other).
+
+        Only L1 entries with an L2 table and, in each L2 table, runs of entries
+        are visited: the work grows with the tables and clusters in the file."""
         size = snap.vm_state_size
         if size == 0:
             return
         l1 = self._l1_table(snap)
         start = self.vmstate_offset(snap)
-        cs = self.cluster_size
-        pos = start
         end = start + size
-        l2_cache = {}
-        while pos < end:
-            vcluster = pos >> self.cluster_bits
-            in_cluster = pos & (cs - 1)
-            n = min(cs - in_cluster, end - pos)
-            data = self._read_cluster(l1, vcluster, l2_cache)
-            yield data[in_cluster:in_cluster + n]
-            pos += n
-
-    def read_vmstate(self, snap: Snapshot) -> bytes:
-        return b"".join(self.iter_vmstate(snap))
-
-    def copy_vmstate(self, snap: Snapshot, out) -> int:
-        """Write the vmstate to a binary file object; return its length."""
-        n = 0
-        for piece in self.iter_vmstate(snap):
-            out.write(piece)
-            n += len(piece)
-        return n
-
-    def _read_cluster(self, l1, vcluster, l2_cache):
-        l1_index = vcluster >> self.l2_bits
-        if l1_index >= len(l1):
+        cs = self.cluster_size
+        span = cs << self.l2_bits            # guest bytes one L1 entry maps
+        first, last = start // span, (end - 1) // span
+        present = l1[first:last + 1] & np.uint64(L1E_OFFSET_MASK)
+        cache = {}
+        hole = 0
+        pos = start
+        for idx in (first + np.flatnonzero(present)).tolist():
+            base = idx * span
+            hole += base - pos
+            stop = min(end, base + span)
+            l2_off = int(l1[idx]) & L1E_OFFSET_MASK
+            if l2_off % cs:
+                raise StreamError("L2 table not cluster aligned", l2_off)
+            for data, n in self._l2_extents(l2_off, base, stop, cache):
+                if data is None:
+                    hole += n
+                    continue
+                if hole:
+                    yield None, hole
+                    hole = 0
+                yield data, n
+            pos = stop
+        covered = min(end, len(l1) * span)
+        if covered > pos:
+            hole += covered - pos
+            pos = covered
+        if hole:
+            yield None, hole
+        if pos < end:
             raise StreamError("vmstate lies beyond the snapshot's L1 table", None,
-                              expected=f"< {len(l1)} L1 entries", found=l1_index)
-        l2_off = l1[l1_index] & L1E_OFFSET_MASK
-        if l2_off == 0:
-            return bytes(self.cluster_size)
-        if l2_off % self.cluster_size:
-            raise StreamError("L2 table not cluster aligned", l2_off)
-        l2 = l2_cache.get(l2_off)
-        if l2 is None:
-            l2 = l2_cache[l2_off] = self._read(l2_off, self.cluster_size, "L2 table")
-        i = (vcluster & (self.l2_entries - 1)) * self.l2_entry_size
+                              expected=f"< {len(l1)} L1 entries", found=pos // span)
+
+    def _l2_extents(self, l2_off, base, stop, cache):
+        """``(data, length)`` of the guest range ``base .. stop`` one L2 table maps."""
+        got = cache.get(l2_off)
+        if got is None:
+            l2 = self._read(l2_off, self.cluster_size, "L2 table")
+            got = cache[l2_off] = (l2, self._l2_runs(l2))
+        l2, runs = got
+        cs = self.cluster_size
+        limit = -(-(stop - base) // cs)      # clusters of this table in the range
+        for first, count, is_hole in runs:
+            if first >= limit:
+                break
+            count = min(count, limit - first)
+            if is_hole:
+                yield None, min(stop, base + (first + count) * cs) - (base + first * cs)
+                continue
+            for k in range(first, first + count):
+                data = self._cluster_data(l2, k, l2_off)
+                at = base + k * cs
+                yield (data, cs) if at + cs <= stop else (data[:stop - at], stop - at)
+
+    def _l2_runs(self, l2):
+        """Runs ``(first entry, count, is_hole)`` of an L2 table: a hole is an entry
+        that reads as zeros without touching the file (checked as :meth:`_cluster_data`
+        would: not compressed, and zero-flagged or without a host cluster, or with
+        extended L2 entries no subcluster allocated)."""
+        arr = np.frombuffer(l2, dtype=">u8").astype(np.uint64)
+        if self.extended_l2:
+            entry, bitmap = arr[0::2], arr[1::2]
+            hole = (bitmap & np.uint64(0xFFFFFFFF)) == 0
+        else:
+            entry = arr
+            hole = ((entry & np.uint64(QCOW_OFLAG_ZERO)) != 0) | \
+                ((entry & np.uint64(L2E_OFFSET_MASK)) == 0)
+        hole &= (entry & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0
+        edges = np.flatnonzero(np.diff(hole.astype(np.int8))) + 1
+        starts = [0] + edges.tolist()
+        ends = edges.tolist() + [len(hole)]
+        return [(a, b - a, bool(hole[a])) for a, b in zip(starts, ends)]
+
+    def iter_vmstate(self, snap: Snapshot, chunk: int | None = None):
+        """Yield the vmstate bytes (``vm_state_size`` in total): each cluster the
+        image holds, holes as zero pieces of at most ``chunk`` (default
+        :data:`HOLE_PIECE`) bytes from one shared buffer."""
+        zeros = _ZEROS if not chunk or chunk >= HOLE_PIECE else bytes(chunk)
+        piece = len(zeros)
+        for data, n in self.vmstate_extents(snap):
+            if data is not None:
+                yield data
+                continue
+            while n:
+                k = min(n, piece)
+                yield zeros if k == piece else zeros[:k]
+                n -= k
+
+    def read_vmstate(self, snap: Snapshot, *, max_zeros: int = MAX_FILLED_ZEROS) -> bytes:
+        """The vmstate in memory; :class:`LimitExceeded` when its holes hold more
+        than ``max_zeros`` bytes (write it with :meth:`copy_vmstate` instead)."""
+        extents = list(self.vmstate_extents(snap))
+        zeros = sum(n for d, n in extents if d is None)
+        if zeros > max_zeros:
+            raise LimitExceeded("the vmstate is mostly holes: too many zero bytes to "
+                                "hold in memory", None, expected=f"<= {max_zeros}",
+                                found=zeros)
+        return b"".join(bytes(n) if d is None else d for d, n in extents)
+
+    def copy_vmstate(self, snap: Snapshot, out, *, max_zeros: int = MAX_FILLED_ZEROS) -> int:
+        """Write the vmstate to a binary file object; return its length.
+
+        To a regular file (not in append mode) holes are skipped with a seek and
+        stay holes (the file is extended to the full length at the end);
+        elsewhere they are written as zeros, at most ``max_zeros`` bytes in all
+        (:class:`LimitExceeded` before a hole that would pass that)."""
+        sparse = _sparse_target(out)
+        filled = 0
+        for data, length in self.vmstate_extents(snap):
+            if data is not None:
+                out.write(data)
+            elif sparse:
+                out.seek(length, os.SEEK_CUR)
+            else:
+                if filled + length > max_zeros:
+                    raise LimitExceeded("the vmstate's holes are too large to write as "
+                                        "zeros here (write to a regular file: they stay "
+                                        "holes)", None, expected=f"<= {max_zeros} bytes",
+                                        found=filled + length)
+                filled += length
+                while length:
+                    k = min(length, HOLE_PIECE)
+                    out.write(_ZEROS if k == HOLE_PIECE else _ZEROS[:k])
+                    length -= k
+        if sparse:
+            out.flush()
+            pos = out.tell()
+            if os.fstat(out.fileno()).st_size < pos:
+                out.truncate(pos)
+        return snap.vm_state_size
+
+    def _cluster_data(self, l2, k, l2_off):
+        """The bytes of entry ``k`` of the L2 table ``l2`` (at ``l2_off``)."""
+        i = k * self.l2_entry_size
         entry = struct.unpack_from(">Q", l2, i)[0]
         if entry & QCOW_OFLAG_COMPRESSED:
             return self._read_compressed(entry, l2_off + i)
@@ -313,3 +435,21 @@ class Qcow2Image:
             raise StreamError("compressed cluster inflates to the wrong size", where,
                               expected=self.cluster_size, found=len(out))
         return out
+
+
+def _sparse_target(out) -> bool:
+    """Can holes be left as holes in ``out``: a regular file, seekable, not O_APPEND?"""
+    try:
+        fd = out.fileno()
+        st = os.fstat(fd)
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    try:
+        import fcntl
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+            return False
+    except (ImportError, OSError):
+        return False
+    return out.seekable()

@@ -25,7 +25,6 @@ import shutil
 import signal
 import struct
 import tempfile
-import time
 import traceback
 import tracemalloc
 
@@ -364,7 +363,6 @@ def run_one(name: str, data: bytes, *, budget: float = 10.0, trace_memory: bool 
     if trace_memory:
         tracemalloc.start()
         tracemalloc.reset_peak()
-    t0 = time.monotonic()
     signal.setitimer(signal.ITIMER_REAL, budget)
     try:
         fn(data)

@@ -11,8 +11,8 @@ from qmigstream.codec.build import StreamBuilder
 from qmigstream.codec.ram_records import (RamEos, RamMemSize, RamPage, RamXbzrle, RamZero,
                                           RamZeroRun, RamMultifdFlush, RamHook, RamCompressed)
 from qmigstream.codec.reader import StreamReader, read_records
-from qmigstream.codec.records import (Command, EndOfStream, OpaquePayload, PackagedEnd,
-                                      SectionFooter, SectionHeader, TrailingBytes, VmDescription)
+from qmigstream.codec.records import (Command, OpaquePayload, SectionFooter, TrailingBytes,
+                                      VmDescription)
 from qmigstream.codec.writer import StreamWriter, encode_records
 from qmigstream.errors import (BadMagic, LimitExceeded, StreamError, Truncated,
                                UnsupportedVersion)

@@ -12,7 +12,6 @@ input.  The long coverage-guided runs are ``tools/fuzz/run`` (docs/reliability.m
 
 from __future__ import annotations
 
-import json
 import struct
 
 import pytest

@@ -336,7 +336,6 @@ def test_short_writes_on_the_destination_data_file_are_resumed(outputs, monkeypa
 
 def test_a_data_file_that_stops_taking_bytes_leaves_devices_as_they_were(outputs, monkeypatch):
     from qmigstream.device.device_v2 import MigrationFile
-    from qmigstream.errors import DeviceError
     real_write = MigrationFile.write
     seen = []
 

@@ -8,11 +8,14 @@ kind of cluster and every bounds check.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import lzma
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 
 import pytest
@@ -21,7 +24,7 @@ from conftest import CAPTURES, requires_qemu
 from qmigstream.cli import main as cli_main
 from qmigstream.codec.reader import read_records
 from qmigstream.errors import BadMagic, LimitExceeded, StreamError, Truncated, UnsupportedVersion
-from qmigstream.qcow2 import Qcow2Image
+from qmigstream.qcow2 import HOLE_PIECE, Qcow2Image
 
 META = json.loads((CAPTURES / "pc-7.2-savevm.json").read_text())
 
@@ -151,8 +154,15 @@ def test_built_image_all_cluster_kinds(tmp_path):
         assert s.vm_state_size == len(want) == 4 * CS - 100      # the 64-bit field wins
         assert img.vmstate_offset(s) == 32768                   # 20000 rounded up to 32 KiB
         assert img.read_vmstate(s) == want
+        # the unallocated and the zero cluster are one hole
+        assert [(d is None, n) for d, n in img.vmstate_extents(s)] == [
+            (False, CS), (True, 2 * CS), (False, CS - 100)]
         pieces = list(img.iter_vmstate(s))
-        assert [len(p) for p in pieces] == [CS, CS, CS, CS - 100]
+        assert [len(p) for p in pieces] == [CS, 2 * CS, CS - 100]
+        assert b"".join(pieces) == want
+        # written where holes cannot stay holes: as zeros
+        buf = io.BytesIO()
+        assert img.copy_vmstate(s, buf) == len(want) and buf.getvalue() == want
 
 
 def test_built_image_v2(tmp_path):
@@ -210,6 +220,95 @@ def test_bad_l1_and_l2_offsets(tmp_path):
     with open_built(tmp_path, bytes(bad)) as img:
         with pytest.raises(StreamError, match="compressed cluster"):
             img.read_vmstate(img.snapshot())
+
+
+def hostile_image():
+    """A 512 KiB image whose snapshot declares ~4 TiB of vmstate: 64 KiB clusters
+    (one L1 entry maps 512 MiB), 8192 L1 entries; the first and the last
+    vmstate cluster hold data, the 8189 L1 entries between share one L2 table
+    of unallocated entries."""
+    cb, cs = 16, 1 << 16
+    span = cs << (cb - 3)
+    size = (8192 * span) - span                    # from L1 entry 1 to the end of entry 8191
+    img = bytearray(8 * cs)
+    struct.pack_into(">4sIQIIQIIQQIIQ", img, 0, b"QFI\xfb", 3, 0, 0, cb, 1 << 20, 0, 1,
+                     2 * cs, 0, 0, 1, cs)
+    struct.pack_into(">QQQII", img, 72, 0, 0, 0, 4, 104)
+    struct.pack_into(">QIHHIIQII", img, cs, 2 * cs, 8192, 1, 4, 0, 0, 0, 0, 16)
+    struct.pack_into(">QQ", img, cs + 40, size, 1 << 20)
+    img[cs + 56:cs + 61] = b"1huge"
+    l1 = [0] + [(1 << 63) | 5 * cs] * 8191
+    l1[1], l1[8191] = (1 << 63) | 3 * cs, (1 << 63) | 6 * cs
+    struct.pack_into(">8192Q", img, 2 * cs, *l1)
+    struct.pack_into(">Q", img, 3 * cs, (1 << 63) | 4 * cs)        # first vmstate cluster
+    struct.pack_into(">Q", img, 6 * cs + 8 * 8191, (1 << 63) | 7 * cs)   # the last one
+    head, tail = (b"QEVM" + bytes(range(1, 256)) * 258)[:cs], b"tail" * (cs // 4)
+    img[4 * cs:5 * cs] = head
+    img[7 * cs:8 * cs] = tail
+    return bytes(img), size, head, tail
+
+
+def test_huge_declared_vmstate_is_holes_not_work(tmp_path, monkeypatch):
+    raw, size, head, tail = hostile_image()
+    cs = len(head)
+    assert size > 4_000_000_000_000 and len(raw) == 8 * cs
+    with open_built(tmp_path, raw) as img:
+        snap = img.snapshot("huge")
+        assert snap.vm_state_size == size
+        reads = []
+        real_read = img._read
+        monkeypatch.setattr(img, "_read", lambda off, n, what: (reads.append(what),
+                                                               real_read(off, n, what))[1])
+        ext = list(img.vmstate_extents(snap))
+        assert [(d is None, n) for d, n in ext] == [(False, cs), (True, size - 2 * cs),
+                                                    (False, cs)]
+        assert ext[0][0] == head and ext[2][0] == tail
+        # the L1 table, three L2 tables (the shared one once), two data clusters
+        assert sorted(reads) == sorted(["snapshot L1 table"] + ["L2 table"] * 3 +
+                                       ["data cluster"] * 2)
+        monkeypatch.undo()
+        # a regular file: the hole stays a hole, the file has the declared length
+        out = tmp_path / "vm.mig"
+        with open(out, "wb") as f:
+            assert img.copy_vmstate(snap, f) == size
+        st = os.stat(out)
+        assert st.st_size == size and st.st_blocks * 512 < 1 << 20
+        with open(out, "rb") as f:
+            assert f.read(cs) == head
+            f.seek(size - cs)
+            assert f.read() == tail
+            f.seek(size // 2)
+            assert f.read(16) == bytes(16)
+        out.unlink()
+        # where it would have to be zeros: refused before the hole, not written
+        buf = io.BytesIO()
+        with pytest.raises(LimitExceeded, match="holes are too large"):
+            img.copy_vmstate(snap, buf)
+        assert buf.getvalue() == head
+        with pytest.raises(LimitExceeded, match="mostly holes"):
+            img.read_vmstate(snap)
+        # lazily, pieces of the hole come from one shared buffer
+        it = img.iter_vmstate(snap)
+        assert next(it) == head
+        first, second = next(it), next(it)
+        assert len(first) == HOLE_PIECE and first is second and not any(first)
+
+
+def test_cli_savevm_huge_declared_vmstate(tmp_path, capsys):
+    raw, size, head, tail = hostile_image()
+    p = tmp_path / "huge.qcow2"
+    p.write_bytes(raw)
+    out = tmp_path / "vm.mig"
+    assert cli_main(["savevm", str(p), "-o", str(out)]) == 0
+    assert f"huge: {size} bytes of vmstate" in capsys.readouterr().err
+    assert os.path.getsize(out) == size and os.stat(out).st_blocks * 512 < 1 << 20
+    out.unlink()
+    # to a pipe the hole would be terabytes of zeros: an input error, exit 2
+    r = subprocess.run([sys.executable, "-m", "qmigstream", "savevm", str(p)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert r.returncode == 2 and r.stdout == head
+    assert b"holes are too large" in r.stderr
 
 
 def test_zstd_and_unknown_snapshot(tmp_path):

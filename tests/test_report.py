@@ -246,7 +246,9 @@ def test_running_guest_iterations_and_xbzrle(reports):
     assert len(bars) == sum(1 for d in per.values() if d["xbzrle"])
     some = next(k for k, d in per.items() if d["xbzrle"])
     n, b = per[some]["xbzrle"], rep["ram"]["bytes_per_phase"][some]["xbzrle"]
-    assert any(t.startswith(f"{some} · XBZRLE delta: {n:,} records") for t in bars)
+    from qmigstream.report import human
+    assert any(t.startswith(f"{some} · XBZRLE delta: {n:,} records, {human(b)} on the wire")
+               for t in bars)
     # the bytes of the iterations are those of the RAM PART sections (header to footer)
     from qmigstream.codec.reader import read_records
     from qmigstream.codec.records import SectionFooter, SectionHeader

@@ -1,7 +1,6 @@
 """XBZRLE codec against QEMU's rules (migration/xbzrle.c)."""
 
 import os
-import random
 
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -73,7 +73,7 @@ def render(d) -> str:
       f"xbzrle {_n(p['xbzrle'])}, compressed {_n(p['compressed'])}")
     rs = r["sections"]
     if rs:
-        w(f"RAM sections:  " + ", ".join(f"{k} {v}" for k, v in rs.items())
+        w("RAM sections:  " + ", ".join(f"{k} {v}" for k, v in rs.items())
           + (f"; MULTIFD_FLUSH x{r['multifd_flushes']}" if r["multifd_flushes"] else ""))
     w(f"sections ({len(d['sections'])}):")
     w(f"  {'id':>4} {'idstr':<34} {'inst':>4} {'ver':>4} {'headers':<22} {'bytes':>12}")

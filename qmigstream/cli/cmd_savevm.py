@@ -2,6 +2,10 @@
 
 The vmstate HMP ``savevm`` wrote is an ordinary migration stream; the output
 can be given to every other command (``info``, ``decode``, ``roundtrip``).
+Parts of the vmstate no cluster backs stay holes in a regular output file;
+to a pipe they are written as zeros, up to
+:data:`~qmigstream.qcow2.MAX_FILLED_ZEROS` bytes (an image declaring more is
+refused, exit 2, rather than streaming terabytes of zeros).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ def register(sub):
     p = sub.add_parser("savevm", help="write a qcow2 snapshot's vmstate (a migration stream)")
     p.add_argument("image", help="qcow2 image holding internal snapshots")
     p.add_argument("--snapshot", help="snapshot name or id (default: the last one)")
-    p.add_argument("-o", "--output", help="file to write the vmstate to (default: stdout)")
+    p.add_argument("-o", "--output", help="file to write the vmstate to (default: stdout); holes "
+                                           "in the vmstate stay holes in the file")
     p.add_argument("--list", action="store_true", help="list the snapshots and exit")
     p.add_argument("--json", action="store_true", help="with --list: machine-readable")
     p.set_defaults(func=run)

@@ -12,4 +12,6 @@ The records themselves (markers, data chunks, config) are in
 :mod:`qmigstream.codec.sections.vfio`; the schemas in :mod:`qmigstream.wire.vfio`.
 """
 
-from .family import FAMILIES, FAMILY_ORDER, Family, FamilyMatch, infer_family  # noqa: F401
+from .family import FAMILIES, FAMILY_ORDER, Family, FamilyMatch, infer_family
+
+__all__ = ["FAMILIES", "FAMILY_ORDER", "Family", "FamilyMatch", "infer_family"]

@@ -30,7 +30,9 @@ def handler_for(idstr: str):
 
 
 def _load():
-    from . import ram, block, dirty_bitmap, device, vfio  # noqa: F401  (registration)
+    import importlib
+    for name in ("ram", "block", "dirty_bitmap", "device", "vfio"):   # they register
+        importlib.import_module(f"{__name__}.{name}")
 
 
 _load()
