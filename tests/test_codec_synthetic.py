@@ -221,8 +221,9 @@ def test_header_errors():
     assert e.value.found == 4
     with pytest.raises(Truncated):
         decode(b"QEV")
-    with pytest.raises(BadMagic):
+    with pytest.raises(Truncated, match="empty") as e:     # nothing at all: truncation
         decode(b"")
+    assert e.value.offset == 0
 
 
 def test_truncation_everywhere_is_reported_as_truncation():

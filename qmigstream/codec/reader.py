@@ -180,6 +180,9 @@ class StreamReader:
         off = src.offset
         raw = src.peek(8)
         if len(raw) < 4 or raw[:4] != b"QEVM":
+            if not raw:
+                raise Truncated("the input is empty: no stream header", off,
+                                needed=8, available=0)
             if 0 < len(raw) < 4 and b"QEVM".startswith(raw):
                 raise Truncated("stream ends inside the file header", off,
                                 needed=8, available=len(raw))
