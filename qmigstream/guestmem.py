@@ -422,36 +422,70 @@ class BlockImage:
 
 # -- multifd channels ------------------------------------------------------------------
 
-MULTIFD_MAGIC, MULTIFD_VERSION = 0x11223344, 1
+from .vfio import multifd as _MF        # the one definition of the 9.0+/10.x packet layouts
+from .wire import vfio as _MW
+
+MULTIFD_MAGIC, MULTIFD_VERSION = _MW.MULTIFD_MAGIC, _MW.MULTIFD_VERSION
 #: MULTIFD_PACKET_SIZE (migration/multifd.h): a packet holds at most this many bytes of pages.
-MULTIFD_PACKET_SIZE = 512 * 1024
-MULTIFD_FLAG_SYNC, MULTIFD_FLAG_COMPRESSION_MASK, MULTIFD_FLAG_ZLIB = 0x1, 0xE, 0x2
-_MF_HEAD = struct.Struct(">IIIIIIQ")          # magic .. packet_num; then 4 x u64, ramblock[256]
-_MF_FIXED = 64 + 256
+MULTIFD_PACKET_SIZE = _MW.MULTIFD_PACKET_SIZE
+#: Flags: SYNC; the compression bits (3 in 7.2-9.0, 4 in 9.1, 5 since 9.2: the
+#: mask takes the widest, older senders never set the extra bits); device state (10.0+).
+MULTIFD_FLAG_SYNC, MULTIFD_FLAG_ZLIB = _MW.MULTIFD_FLAG_SYNC, 0x2
+MULTIFD_FLAG_COMPRESSION_MASK = _MW.MULTIFD_FLAG_COMPRESSION_MASK
+MULTIFD_FLAG_DEVICE_STATE = _MW.MULTIFD_FLAG_DEVICE_STATE
+_MF_HDR = _MW.MULTIFD_HDR_SIZE                  # MultiFDPacketHdr_t: magic, version, flags
+_MF_FIXED = _MW.MULTIFD_RAM_FIXED_SIZE          # MultiFDPacket_t up to the offset array
+_MF_DEV = _MW.MULTIFD_DEVICE_STATE_HEADER_SIZE  # MultiFDPacketDeviceState_t
 
 
 class MultifdChannel:
-    """One recorded multifd channel (QEMU 7.2-8.x), read packet by packet.
+    """One recorded multifd channel (QEMU 7.2-10.x), read packet by packet.
 
-    The channel starts with ``MultiFDInit_t`` (64 bytes); each packet is
-    ``MultiFDPacket_t`` with ``pages_alloc`` be64 offsets, then
-    ``normal_pages`` raw pages (``multifd_recv_unfill_packet`` and
-    ``nocomp_recv_pages``, migration/multifd.c) or, with
-    ``multifd-compression=zlib``, ``next_packet_size`` bytes of one zlib stream
-    that runs on across the channel's packets, flushed at the end of each
-    (``zlib_recv_pages``, migration/multifd-zlib.c).  Packets up to and including
-    a ``MULTIFD_FLAG_SYNC`` one form an epoch: the source syncs the channels
+    The channel starts with ``MultiFDInit_t`` (64 bytes); then packets, each
+    starting with magic, version 1 and flags (``MultiFDPacketHdr_t``):
+
+    * a RAM packet (``MultiFDPacket_t``): a 320-byte fixed part, then an offset
+      array of ``MULTIFD_PACKET_SIZE / page size`` be64 entries (128 for 4 KiB
+      pages) whatever ``pages_alloc`` says: the receiver always reads its fixed
+      ``packet_len`` (7.2-9.1 senders set ``pages_alloc`` to that count, 9.2+
+      SYNC packets leave it 0).  The array lists ``normal_pages`` offsets, then
+      ``zero_pages`` ones (9.0+, ``zero-page-detection=multifd``; the field is
+      reserved and 0 before), checked as ``multifd_ram_unfill_packet`` does:
+      ``normal + zero <= pages_alloc <= count``.  Then ``normal_pages`` raw
+      pages (``multifd_nocomp_recv``) or, with ``multifd-compression=zlib``,
+      ``next_packet_size`` bytes of one zlib stream that runs on across the
+      channel's packets, flushed at the end of each (``multifd_zlib_recv``,
+      migration/multifd-zlib.c).  Zero pages are pages that are zero
+      (``multifd_recv_zero_page_process``); they are yielded before the
+      packet's normal pages, the order the receiver applies them in.
+    * a device-state packet (10.0+, flag ``MULTIFD_FLAG_DEVICE_STATE``,
+      ``MultiFDPacketDeviceState_t``): idstr, instance id and
+      ``next_packet_size``, then that many bytes of device state (VFIO), which
+      is no RAM: skipped, counted in ``packets["device_state"]``.
+
+    The layouts are those of :mod:`qmigstream.vfio.multifd` (its
+    :class:`~qmigstream.vfio.multifd.RamPacket` decodes the RAM header here);
+    a 7.2-8.x RAM packet is a 9.0+ one with no zero pages, so one rule reads
+    both, as a 9.0+ receiver does.
+
+    Packets up to and including a ``MULTIFD_FLAG_SYNC`` one form an epoch.  With
+    per-section sync (7.2-8.0 machine types) the source syncs the channels
     right before the EOS of every RAM section (``multifd_send_sync_main``), so
-    epoch *k* holds the normal pages of RAM iteration *k*.
+    epoch *k* holds the pages of RAM iteration *k*; with per-round sync (8.1+
+    machine types, every 10.x one) a SYNC goes with each ``MULTIFD_FLUSH`` on
+    the main channel instead, not one per section.
     """
 
     def __init__(self, path, page_size: int = 4096):
         self.name = str(path)
         self.f = open(path, "rb")
         self.page_size = page_size
+        self.page_count = _MF.ram_page_count(page_size)
         self.offset = 0
         self.epoch = 0
         self.done = False
+        self.packets = {"ram": 0, "sync": 0, "device_state": 0}
+        self.zero_pages = 0              # zero-page entries seen (9.0+ senders)
         init = self._read(64, "MultiFDInit_t")
         magic, version = struct.unpack_from(">II", init)
         if magic != MULTIFD_MAGIC:
@@ -462,6 +496,7 @@ class MultifdChannel:
                               expected=MULTIFD_VERSION, found=version)
         self.channel_id = init[24]
         self._inflate = None             # the channel's zlib stream, once it has one
+        self._zeros = None               # page_count zero pages, once a packet has any
 
     def _read(self, n, what):
         data = self.f.read(n)
@@ -472,42 +507,76 @@ class MultifdChannel:
         self.offset += n
         return data
 
+    def _skip(self, n, what):
+        """Step over ``n`` bytes that must all be in the channel."""
+        if self.f.seekable():
+            left = os.fstat(self.f.fileno()).st_size - self.offset
+            if left < n:
+                from .errors import Truncated
+                raise Truncated(f"{self.name}: channel ends inside {what}", self.offset,
+                                needed=n, available=max(left, 0))
+            self.f.seek(n, os.SEEK_CUR)
+            self.offset += n
+            return
+        while n:
+            k = min(n, 1 << 20)
+            self._read(k, what)
+            n -= k
+
     def epoch_packets(self):
-        """Yield ``(block, offsets, data, offset)`` for each packet of the current epoch."""
+        """Yield ``(block, offsets, data, offset)`` for each packet of the current epoch.
+
+        ``data`` holds one page per offset; a packet with zero pages yields them
+        first, with zero-filled ``data``, then its normal pages.
+        """
         ps = self.page_size
-        limit = MULTIFD_PACKET_SIZE // ps
+        count = self.page_count
         while not self.done:
             off = self.offset
-            head = self.f.read(_MF_FIXED)
+            head = self.f.read(_MF_HDR)
             if not head:
                 self.done = True
                 return
-            if len(head) < _MF_FIXED:
+            if len(head) < _MF_HDR:
                 from .errors import Truncated
                 raise Truncated(f"{self.name}: channel ends inside a packet header", off,
-                                needed=_MF_FIXED, available=len(head))
-            self.offset += _MF_FIXED
-            magic, version, flags, alloc, normal, _next, _num = _MF_HEAD.unpack_from(head)
+                                needed=_MF_HDR, available=len(head))
+            self.offset += _MF_HDR
+            magic, version, flags = struct.unpack_from(">III", head)
             if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION:
                 raise StreamError(f"{self.name}: bad multifd packet header", off,
                                   expected=f"magic {MULTIFD_MAGIC:#x} version 1",
                                   found=f"magic {magic:#x} version {version}")
-            if alloc > limit or normal > alloc:
+            if flags & MULTIFD_FLAG_DEVICE_STATE:
+                tail = self._read(_MF_DEV - _MF_HDR, "a device-state packet header")
+                size = struct.unpack_from(">I", tail, len(tail) - 4)[0]
+                self._skip(size, "device-state packet data")
+                self.packets["device_state"] += 1
+                continue
+            pkt = _MF.RamPacket(head + self._read(_MF_FIXED - _MF_HDR + 8 * count,
+                                                  "a packet header"), off, ps)
+            alloc, normal, nps, _num, zero = pkt.fields()
+            if alloc > count or normal > alloc or zero > alloc - normal:
                 raise StreamError(f"{self.name}: multifd packet page counts out of range", off + 12,
-                                  expected=f"normal <= pages_alloc <= {limit}",
-                                  found=f"{normal} / {alloc}")
-            method = flags & MULTIFD_FLAG_COMPRESSION_MASK
-            if method not in (0, MULTIFD_FLAG_ZLIB):
-                raise StreamError(f"{self.name}: multifd compression other than zlib is not "
-                                  "supported", off + 8, found=f"flags {flags:#x}")
-            offsets = struct.unpack(f">{alloc}Q", self._read(8 * alloc, "packet offsets"))
-            name = head[64:64 + 255].split(b"\0", 1)[0].decode("latin-1")
-            if normal and method:
-                data = self._inflated(_next, normal * ps, off)
-                yield name, offsets[:normal], data, off
-            elif normal:
-                data = self._read(normal * ps, "packet pages")
-                yield name, offsets[:normal], data, off
+                                  expected=f"normal + zero <= pages_alloc <= {count}",
+                                  found=f"{normal} + {zero} of {alloc}")
+            self.packets["sync" if flags & MULTIFD_FLAG_SYNC else "ram"] += 1
+            if normal or zero:
+                name = pkt.ramblock[:255]          # QEMU NUL-terminates ramblock[255]
+                normal_offs, zero_offs = pkt.offsets()
+                method = flags & MULTIFD_FLAG_COMPRESSION_MASK
+                if method not in (0, MULTIFD_FLAG_ZLIB):
+                    raise StreamError(f"{self.name}: multifd compression other than zlib is "
+                                      "not supported", off + 8, found=f"flags {flags:#x}")
+                if zero:
+                    self.zero_pages += zero
+                    if self._zeros is None:
+                        self._zeros = memoryview(bytes(count * ps))
+                    yield name, zero_offs, self._zeros[:zero * ps], off
+                if normal and method:
+                    yield name, normal_offs, self._inflated(nps, normal * ps, off), off
+                elif normal:
+                    yield name, normal_offs, self._read(normal * ps, "packet pages"), off
             if flags & MULTIFD_FLAG_SYNC:
                 self.epoch += 1
                 return
