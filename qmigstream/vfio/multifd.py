@@ -15,8 +15,9 @@ uuid, channel id); then packets, each with the common header
   ``MULTIFD_PACKET_SIZE / page size`` entries (128 for 4 KiB pages): the
   receiver reads a packet of its fixed ``packet_len``
   (``multifd_recv_setup``: ``sizeof(MultiFDPacket_t) + 8 * page_count``)
-  whatever pages_alloc says, and 9.0+ SYNC packets carry pages_alloc 0
-  (``multifd_send_fill_packet`` fills no RAM fields for them).
+  whatever pages_alloc says, and 9.2+ SYNC packets carry pages_alloc 0
+  (``multifd_send_fill_packet`` fills no RAM fields for them; 9.0 and 9.1
+  still fill them).
 
 The VFIO save thread (``vfio_multifd_save_complete_precopy_thread``) sends
 data packets with idx 0, 1, 2, ... (one read() each) and then one config
@@ -295,14 +296,13 @@ def parse_channel(data, *, init=True, name=None, max_pages=None, page_size=4096)
             pages_alloc, normal, nps = struct.unpack_from(">III", buf, pos + 12)
             zero = struct.unpack_from(">I", buf, pos + 32)[0]
             limit = ram_page_count(page_size) if max_pages is None else max_pages
-            if pages_alloc > limit or normal > pages_alloc or \
-                    (pages_alloc and zero > pages_alloc - normal):
+            if pages_alloc > limit or normal > pages_alloc or zero > pages_alloc - normal:
                 raise LimitExceeded("RAM packet page count out of range", pos + 12,
                                     section=name,
                                     expected=f"normal + zero <= alloc <= {limit}",
                                     found=f"{normal} + {zero} of {pages_alloc}")
             # The offset array has the receiver's page count of entries (its fixed
-            # packet_len), not pages_alloc: 9.0+ SYNC packets say pages_alloc 0.
+            # packet_len), not pages_alloc: 9.2+ SYNC packets say pages_alloc 0.
             # Without compression the receiver reads normal_pages whole pages
             # (next_packet_size is stale in SYNC packets of 7.2, seen in real
             # captures); with compression it reads next_packet_size bytes.
