@@ -303,10 +303,12 @@ def test_v1_round_stops_at_the_first_device_that_sent_data(tmp_path):
 # -- fault injection on the v2 data file ------------------------------------------
 
 def test_short_reads_on_the_source_data_file_still_give_a_loadable_stream(tmp_path, monkeypatch):
-    """read() may return less than asked: every read becomes its own DATA chunk."""
+    """read() may return less than asked: every read becomes its own DATA chunk.
+    (The source reads with read_view, read() without the copy.)"""
     from qmigstream.device.device_v2 import MigrationFile
-    real_read = MigrationFile.read
-    monkeypatch.setattr(MigrationFile, "read", lambda self, n=1 << 20: real_read(self, min(n, 777)))
+    real_read = MigrationFile.read_view
+    monkeypatch.setattr(MigrationFile, "read_view",
+                        lambda self, n=1 << 20: real_read(self, min(n, 777)))
     p = tmp_path / "short.mig"
     res = migrate(p, small("qemu-8.2", devices=[DeviceSpec("sized:8K", seed=1, dma_rate=500)]))
     sizes = [r.data_size for r in read_records(str(p)) if isinstance(r, VfioDataChunk)]

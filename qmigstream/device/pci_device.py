@@ -361,23 +361,23 @@ class SizedProfile(Profile):
                               msix_bar=2)
 
     def initial_image(self, seed):
-        img = bytearray(SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
-                                             state_size=self.state_size, ctrl=1, status=0)))
+        regs = SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
+                                    state_size=self.state_size, ctrl=1, status=0))
+        img = bytearray(REGS_SIZE + self.state_size)
+        img[:REGS_SIZE] = regs
         if self.state_size:
             import numpy as np
             # PCG64's raw output: numpy keeps bit generator streams stable across
-            # releases (Generator methods may change), so the bytes are the same everywhere
+            # releases (Generator methods may change), so the bytes are the same everywhere;
             # made 1 MiB at a time straight into the image (one copy of the state
             # in memory); consecutive random_raw calls continue the same stream
             gen = np.random.PCG64(seed & MASK64)
-            base = len(img)
-            img.extend(bytes(self.state_size))
             view = np.frombuffer(img, dtype=np.uint8)
             step = 1 << 20
             for pos in range(0, self.state_size, step):
                 n = min(step, self.state_size - pos)
                 words = gen.random_raw(-(-n // 8)).astype("<u8", copy=False)
-                view[base + pos:base + pos + n] = words.view(np.uint8)[:n]
+                view[REGS_SIZE + pos:REGS_SIZE + pos + n] = words.view(np.uint8)[:n]
             del view
         return img
 
@@ -479,6 +479,8 @@ class EmulatedPciDevice:
         self.config = self.profile.make_config()
         self.msix_table = bytearray(16 * getattr(self.profile, "msix_vectors", 0))
         self._image = self.profile.initial_image(seed)
+        self._image_version = 0           # bumped by every change of the image
+        self._image_hash = None           # (version, sha256 digest) last computed
         self._image_dirty = None          # set of image pages while a save session runs
         self._rng = splitmix64(seed ^ 0x51D3A)
         self._dma_listeners = []
@@ -494,6 +496,7 @@ class EmulatedPciDevice:
 
     def _poke(self, offset: int, data: bytes) -> None:
         self._image[offset:offset + len(data)] = data
+        self._image_version += 1
         if self._image_dirty is not None and data:
             first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
             self._image_dirty.update(range(first, last + 1))
@@ -502,15 +505,25 @@ class EmulatedPciDevice:
         """Install a new image (a bytearray is taken over as it is, not copied)."""
         self.profile.validate_image(image)
         self._image = image if type(image) is bytearray else bytearray(image)
+        self._image_version += 1
+
+    def _image_sha256(self) -> bytes:
+        """sha256 of the image, computed once per image state (every change of the
+        image goes through :meth:`_poke` or :meth:`apply_image`)."""
+        c = self._image_hash
+        if c is None or c[0] != self._image_version:
+            c = self._image_hash = (self._image_version, hashlib.sha256(self._image).digest())
+        return c[1]
 
     def image_digest(self) -> str:
-        return hashlib.sha256(self._image).hexdigest()
+        """sha256 of the image."""
+        return self._image_sha256().hex()
 
     def state_digest(self) -> str:
-        """sha256 over profile id, image, config space and MSI-X table."""
+        """sha256 over profile id, the image's sha256, config space and MSI-X table."""
         h = hashlib.sha256()
         h.update(struct.pack("<I", self.profile.profile_id))
-        h.update(self._image)
+        h.update(self._image_sha256())
         h.update(self.config.data)
         h.update(self.msix_table)
         return h.hexdigest()
@@ -661,8 +674,9 @@ class SaveSession:
     def read(self, n: int, *, chunk: int | None = None):
         """Up to ``n`` bytes (never across a blob end, at most ``chunk``).
 
-        Returns ``b""`` at the end of a final session; ``None`` when pre-copy has
-        nothing now (the caller maps that to ENOMSG or pending_bytes == 0).
+        Returns a read-only view of the queued blob (no copy), ``b""`` at the end
+        of a final session, ``None`` when pre-copy has nothing now (the caller maps
+        that to ENOMSG or pending_bytes == 0).
         """
         if not self._queue:
             if self.final:
@@ -671,7 +685,7 @@ class SaveSession:
                 return None
         blob, pos, _ = self._queue[0]
         k = min(n, len(blob) - pos, chunk or self.dev.chunk_size)
-        out = blob[pos:pos + k]
+        out = memoryview(blob)[pos:pos + k]      # a view of the (immutable) blob
         if pos + k == len(blob):
             self._queue.pop(0)
         else:

@@ -122,7 +122,7 @@ class SourceV2:
         if self.file is None:
             return b""
         try:
-            return self.file.read(self.buffer)
+            return self.file.read_view(self.buffer)
         except DeviceError as e:
             if e.errno == _errno.ENOMSG:
                 return b""
@@ -150,7 +150,7 @@ class SourceV2:
             self.file = f
         chunks = []
         while True:
-            got = self.file.read(self.buffer)
+            got = self.file.read_view(self.buffer)      # views of the blob: no copies
             if not got:
                 break
             chunks.append(got)
