@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from conftest import capture_names, requires_qemu
@@ -34,7 +35,7 @@ def outputs(tmp_path_factory):
     out = {}
     for name in P.PROFILES:
         path = d / f"{name}.mig"
-        res = migrate(path, small(name))
+        res = migrate(path, small(name, stream_sha256=True))
         out[name] = (path, res)
     return out
 
@@ -83,8 +84,9 @@ def test_same_configuration_same_bytes(tmp_path):
     ra = migrate(a, small("qemu-8.2", switchover_ack=True))
     rb = migrate(b, small("qemu-8.2", switchover_ack=True))
     rc = migrate(c, small("qemu-8.2", switchover_ack=True, seed=4))
-    assert a.read_bytes() == b.read_bytes() and ra.sha256 == rb.sha256
-    assert ra.sha256 != rc.sha256
+    assert a.read_bytes() == b.read_bytes() and ra.ram == rb.ram
+    assert a.read_bytes() != c.read_bytes() and ra.ram != rc.ram
+    assert ra.sha256 is None                       # only with stream_sha256
 
 
 def test_switchover_ack_marks_initial_data_sent_once(tmp_path):
@@ -255,16 +257,20 @@ def test_qemu_loads_template_output_with_the_pipelines_memory(name, args, captur
     assert m1.read_bytes() == pc.mem[0x100000:ram_size]
 
 
-def test_fast_ram_pass_equals_the_record_path():
-    """RamSaver.pass_bytes (the fast path) writes exactly what pass_records' records encode."""
+@pytest.mark.parametrize("xbzrle_on,scratch", [(True, False), (False, False), (False, True)])
+def test_fast_ram_pass_equals_the_record_path(xbzrle_on, scratch):
+    """RamSaver.pass_bytes (the fast path) writes exactly what pass_records' records encode:
+    with XBZRLE (numpy batches in the first pass, page by page after), without (numpy
+    batches in every pass; with ``scratch`` into one reused buffer)."""
     from qmigstream.pipeline.guest import CpuWorkload, GuestRam, fill_initial
     from qmigstream.pipeline.ramsave import RamSaver
 
     def make():
-        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10)])
+        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10), ("one", 4096)])
         fill_initial(ram, seed=5, fraction=0.3, uniform=0.1)
         ram.block("rom").write(4096, b"\x01" * 100)
-        return ram, RamSaver(ram, xbzrle_on=True, cache_size=1 << 20)
+        ram.block("rom").write(3 * 4096, bytes(4096))  # written, yet zero
+        return ram, RamSaver(ram, xbzrle_on=xbzrle_on, cache_size=1 << 20)
 
     (ra, sa), (rb, sb) = make(), make()
     wa, wb = (CpuWorkload(r, seed=2, rate=1, store_size=48) for r in (ra, rb))
@@ -272,14 +278,135 @@ def test_fast_ram_pass_equals_the_record_path():
         sa.sync()
         sb.sync()
         slow = b"".join(r.encode() for r in sa.pass_records(last_stage=rnd == 3))
-        fast = b"".join(bytes(p) for piece in sb.pass_bytes(last_stage=rnd == 3) for p in piece)
+        fast = b"".join(bytes(p) for piece in sb.pass_bytes(last_stage=rnd == 3,
+                                                             scratch=scratch) for p in piece)
         assert fast == slow, rnd
         assert sa.counts == sb.counts
         wa.run_stores(3000)
         wb.run_stores(3000)
         ra.main.write(0x200000, bytes(8192))           # pages that turn zero
         rb.main.write(0x200000, bytes(8192))
-    assert sa.counts["xbzrle"] > 0 and sa.counts["zero"] > 0
+        if rnd == 1:
+            for r in (ra, rb):
+                r.block("one").write(0, b"\x07")     # the only page of a block
+    assert sa.counts["zero"] > 0 and sa.counts["normal"] > 0
+    assert sa.counts["xbzrle"] > 0 if xbzrle_on else sa.counts["xbzrle"] == 0
+
+
+def test_nonzero_pages_and_the_written_marks():
+    """Pages never written are zero without being read; written ones are checked."""
+    from qmigstream.pipeline.guest import GuestRam
+    ram = GuestRam([("pc.ram", 64 * 4096)])
+    blk = ram.main
+    blk.write(5 * 4096 + 4000, b"\x01")              # last word of page 5
+    blk.write(7 * 4096, bytes(4096))                   # written, zero
+    blk.mem[9 * 4096] = 3                              # a direct store, marked below
+    assert blk.nonzero_pages().tolist() == [5]
+    blk.mark_written(9)
+    assert blk.nonzero_pages().tolist() == [5, 9]
+    blk.store_pages(np.array([20, 22]), np.full((2, 4096), 9, np.uint8))
+    assert blk.nonzero_pages().tolist() == [5, 9, 20, 22]
+    assert blk.nonzero(np.arange(4, 24)).tolist() == [
+        i in (5, 9, 20, 22) for i in range(4, 24)]
+    assert blk.nonzero(np.array([3, 9, 22, 40])).tolist() == [False, True, True, False]
+    assert ram.resident_pages() == 4
+
+
+def test_ram_digests_see_one_byte():
+    """Both RAM digests change with any one byte, and pages-crc32 with which page is
+    non-zero (the same bytes one page on are different memory)."""
+    from qmigstream.pipeline.guest import RAM_DIGESTS, GuestRam
+    for scheme in RAM_DIGESTS:
+        a, b, c = (GuestRam([("pc.ram", 32 * 4096)]) for _ in range(3))
+        for r in (a, b):
+            r.main.write(3 * 4096, bytes(range(256)) * 16)
+        c.main.write(4 * 4096, bytes(range(256)) * 16)
+        assert a.main.digest(scheme) == b.main.digest(scheme)
+        assert a.main.digest(scheme) != c.main.digest(scheme)
+        for pos in (3 * 4096, 3 * 4096 + 4095, 31 * 4096 + 17):
+            b.main.mem[pos] ^= 0x01
+            b.main.mark_written(pos // 4096)
+            assert a.main.digest(scheme) != b.main.digest(scheme), (scheme, pos)
+            b.main.mem[pos] ^= 0x01
+            assert a.main.digest(scheme) == b.main.digest(scheme)
+    with pytest.raises(Exception):
+        a.main.digest("md5")
+
+
+def _page_record(path):
+    from qmigstream.codec import ram_records as R
+    return [r for r in read_records(str(path)) if isinstance(r, R.RamPage)][-1]
+
+
+@pytest.mark.parametrize("ram_digest", ["pages-crc32", "sha256"])
+def test_replay_expect_catches_one_differing_ram_byte(tmp_path, ram_digest):
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", ram_digest=ram_digest, xbzrle=False, dirty_rate=0))
+    assert res.ram_digest == ram_digest
+    man = res.to_json()
+    rr = replay(str(p), expect=man)
+    assert rr.ok and rr.verified and rr.ram_digest == ram_digest
+    rec = _page_record(p)
+    data = bytearray(p.read_bytes())
+    data[rec.offset + len(rec.encode()) - 1] ^= 0x20     # the page's last byte
+    bad = tmp_path / "b.mig"
+    bad.write_bytes(data)
+    rr = replay(str(bad), expect=man)
+    assert rr.ok and rr.verified is False
+    assert len(rr.mismatches) == 1 and "RAM block pc.ram" in rr.mismatches[0]
+    # the CLI: exit 1, "verification FAILED"
+    mpath = tmp_path / "m.json"
+    mpath.write_text(json.dumps(man))
+    assert main(["replay", str(bad), "--expect", str(mpath)]) == 1
+
+
+def test_replay_expect_catches_a_zero_page_turned_non_zero(tmp_path):
+    from qmigstream.codec import ram_records as R
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", xbzrle=False, dirty_rate=0))
+    run = [r for r in read_records(str(p)) if isinstance(r, R.RamZeroRun)][-1]
+    data = bytearray(p.read_bytes())
+    at = run.offset + run.size - 1                       # the run's last fill byte
+    assert run.size == 9 * run.count and data[at] == 0
+    data[at] = 1                                         # fill 0 -> fill 1
+    bad = tmp_path / "b.mig"
+    bad.write_bytes(data)
+    rr = replay(str(bad), expect=res.to_json())
+    assert rr.ok and rr.verified is False and "RAM block pc.ram" in rr.mismatches[0]
+
+
+def test_replay_expect_catches_one_differing_device_byte(tmp_path):
+    """A device image byte changed (the blob's CRC fixed up so the device takes it)."""
+    import struct
+    import zlib
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", devices=[DeviceSpec("sized:8K", seed=1)]))
+    chunk = [r for r in read_records(str(p)) if isinstance(r, VfioDataChunk)][0]
+    data = bytearray(p.read_bytes())
+    blob = data[chunk.data_offset:chunk.data_offset + chunk.data_size]
+    n = struct.unpack_from("<Q", blob, 16)[0]
+    assert len(blob) == 24 + n + 4                        # the whole FULL blob
+    blob[24 + 100] ^= 0x01
+    struct.pack_into("<I", blob, 24 + n, zlib.crc32(bytes(blob[:24 + n])))
+    data[chunk.data_offset:chunk.data_offset + chunk.data_size] = blob
+    bad = tmp_path / "b.mig"
+    bad.write_bytes(data)
+    rr = replay(str(bad), expect=res.to_json())
+    assert rr.ok and rr.verified is False
+    assert rr.mismatches == [f"{res.devices[0]['idstr']}: device state differs from the source's"]
+
+
+def test_a_manifest_without_ram_digest_is_sha256(tmp_path):
+    """Manifests written before pages-crc32 carry whole-block sha256 digests."""
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", ram_digest="sha256"))
+    man = res.to_json()
+    del man["ram_digest"]
+    rr = replay(str(p), expect=man)
+    assert rr.ok and rr.verified and rr.ram_digest == "sha256"
+    man["ram_digest"] = "pages-crc32"                  # a manifest that lies about them
+    rr = replay(str(p), expect=man)
+    assert rr.verified is False
 
 
 def test_v1_round_stops_at_the_first_device_that_sent_data(tmp_path):

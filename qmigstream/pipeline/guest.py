@@ -6,6 +6,23 @@ the kernel gives pages only when they are first written, so the model is
 grows with the pages actually written.  ``pages`` is a numpy view
 (``pages x page_size`` bytes) used for vectorised zero detection.
 
+``written`` (one bool per page) marks every page ever written: a page not
+marked is zero and is never read, so zero detection, digests and zero runs
+on a fresh model touch only the pages that hold something (reading an
+untouched page would make the kernel map its zero page, about a microsecond
+each).  Every write goes through :meth:`RamBlock.write`,
+:meth:`RamBlock.store_pages` or marks the pages with
+:meth:`RamBlock.mark_written`; code writing ``mem`` or ``pages`` directly must
+mark them too.
+
+RAM digests (:meth:`RamBlock.digest`): ``pages-crc32`` (the default) covers
+the pages holding a non-zero byte — sha256 over the page size, the block
+length, the indexes of those pages and the CRC-32 of their contents in index
+order — so it costs a CRC of the data (3 GB/s) instead of a sha256 over the
+whole block, zero pages included (1 GB/s); any difference confined to 32
+consecutive bits (a byte, a word) is always caught, any other with
+probability 1 - 2^-32.  ``sha256`` is the sha256 of the whole block.
+
 Guest-physical addresses (:meth:`GuestRam.write`, what a device's DMA engine
 writes) map onto the first block (``pc.ram`` on pc/q35) one to one, which is
 how QEMU lays out RAM below the PCI hole; the pipeline keeps DMA there.
@@ -45,6 +62,12 @@ def pattern(seed: int, n: int) -> bytes:
     return words.astype("<u8", copy=False).tobytes()[:n]
 
 
+#: RAM digest schemes (see the module docstring); the first is the default.
+RAM_DIGESTS = ("pages-crc32", "sha256")
+DEFAULT_RAM_DIGEST = RAM_DIGESTS[0]
+_PAGES_CRC32_TAG = b"qmigstream ram digest pages-crc32 v1\0"
+
+
 class RamBlock:
     def __init__(self, name: str, used_length: int, page_size: int, info=None):
         if used_length % page_size:
@@ -68,7 +91,11 @@ class RamBlock:
         self.pages = np.frombuffer(self.mem, dtype=np.uint8,
                                    count=used_length).reshape(self.npages, page_size) \
             if used_length else np.zeros((0, page_size), np.uint8)
+        self._words = self.pages.view(np.uint64) if page_size % 8 == 0 else self.pages
         self.dirty = np.zeros(self.npages, dtype=bool)
+        # pages ever written; a bytearray (fast to mark one page) seen as numpy bools
+        self._written = bytearray(self.npages)
+        self.written = np.frombuffer(self._written, dtype=bool)
 
     def write(self, offset: int, data) -> None:
         n = len(data)
@@ -78,31 +105,91 @@ class RamBlock:
         self.mem[offset:offset + n] = data
         if n:
             ps = self.page_size
-            self.dirty[offset // ps:(offset + n - 1) // ps + 1] = True
+            first, end = offset // ps, (offset + n - 1) // ps + 1
+            self.dirty[first:end] = True
+            self.written[first:end] = True
+
+    def mark_written(self, first: int, count: int = 1) -> None:
+        """Pages ``first .. first+count-1`` were written (by a direct store to ``mem``)."""
+        self.written[first:first + count] = True
+
+    def store_pages(self, indexes, data) -> None:
+        """Whole pages at once: ``data[k]`` (``page_size`` bytes) to page ``indexes[k]``.
+
+        One numpy scatter; what a run of PAGE records turns into."""
+        self.pages[indexes] = data
+        self.written[indexes] = True
 
     def page(self, index: int) -> memoryview:
         ps = self.page_size
         return memoryview(self.mem)[index * ps:(index + 1) * ps]
 
     def nonzero(self, indices) -> np.ndarray:
-        """For each page index, whether the page has a non-zero byte."""
-        if len(indices) == 0:
-            return np.zeros(0, dtype=bool)
-        words = self.pages.view(np.uint64) if self.page_size % 8 == 0 else self.pages
-        first, last = int(indices[0]), int(indices[-1])
-        if last - first + 1 == len(indices):          # a contiguous run: a view, no copy
-            return words[first:last + 1].any(axis=1)
-        return words[indices].any(axis=1)
+        """For each page index (ascending), whether the page has a non-zero byte.
 
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        view = memoryview(self.mem)
-        for pos in range(0, self.used_length, 64 << 20):
-            h.update(view[pos:min(self.used_length, pos + (64 << 20))])
+        Pages never written are zero without being read; of the others, a page
+        whose first word is non-zero is decided by that word, the rest by a scan."""
+        n = len(indices)
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        words = self._words
+        first, last = int(indices[0]), int(indices[-1])
+        contiguous = last - first + 1 == n
+        written = self.written[first:last + 1] if contiguous else self.written[indices]
+        if not written.any():
+            return np.zeros(n, dtype=bool)
+        if written.all():
+            sel = indices
+            out = (words[first:last + 1, 0] if contiguous else words[indices, 0]) != 0
+            pos = None
+        else:
+            pos = np.flatnonzero(written)
+            sel = indices[pos]
+            out = words[sel, 0] != 0
+        maybe = np.flatnonzero(~out)
+        if len(maybe):
+            out[maybe] = words[sel[maybe]].any(axis=1)
+        if pos is None:
+            return out
+        full = np.zeros(n, dtype=bool)
+        full[pos] = out
+        return full
+
+    def nonzero_pages(self) -> np.ndarray:
+        """Indexes (ascending) of the pages that hold a non-zero byte."""
+        idx = np.flatnonzero(self.written)
+        return idx[self.nonzero(idx)] if len(idx) else idx
+
+    def digest(self, scheme: str = DEFAULT_RAM_DIGEST) -> str:
+        if scheme == "sha256":
+            h = hashlib.sha256()
+            view = memoryview(self.mem)
+            for pos in range(0, self.used_length, 64 << 20):
+                h.update(view[pos:min(self.used_length, pos + (64 << 20))])
+            return h.hexdigest()
+        if scheme != "pages-crc32":
+            raise QmigstreamError(f"unknown RAM digest {scheme!r} (one of "
+                                  f"{', '.join(RAM_DIGESTS)})")
+        idx = self.nonzero_pages()
+        crc = 0
+        if len(idx):
+            # CRC-32 of the non-zero pages' contents in index order, chained over
+            # runs of consecutive pages
+            ps = self.page_size
+            view = memoryview(self.mem)
+            cut = np.flatnonzero(np.diff(idx) != 1) + 1
+            starts = idx[np.concatenate(([0], cut))]
+            ends = idx[np.concatenate((cut - 1, [len(idx) - 1]))] + 1
+            for a, b in zip((starts * ps).tolist(), (ends * ps).tolist()):
+                crc = zlib.crc32(view[a:b], crc)
+        h = hashlib.sha256(_PAGES_CRC32_TAG)
+        h.update(struct.pack("<QQQ", self.page_size, self.used_length, len(idx)))
+        h.update(idx.astype("<u8").tobytes())
+        h.update(struct.pack("<I", crc))
         return h.hexdigest()
 
     def close(self):
-        self.pages = None
+        self.pages = self._words = None
         self.mem.close()
 
 
@@ -142,11 +229,12 @@ class GuestRam:
     def total(self) -> int:
         return sum(b.used_length for b in self)
 
-    def digests(self) -> dict:
-        return {b.name: b.digest() for b in self}
+    def digests(self, scheme: str = DEFAULT_RAM_DIGEST) -> dict:
+        return {b.name: b.digest(scheme) for b in self}
 
     def resident_pages(self) -> int:
-        return sum(int(b.nonzero(np.arange(b.npages)).sum()) for b in self)
+        """Pages holding a non-zero byte."""
+        return sum(len(b.nonzero_pages()) for b in self)
 
     def clear_dirty(self):
         for b in self:
@@ -221,17 +309,24 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     # data pages: 64 pseudo-random bytes per page, repeated over the page (cheap to make,
     # different on every page); made and stored in batches
     reps = blk.page_size // 64
+    # pages as (reps, 64) rows: the 64 bytes of a page are broadcast over it in place
+    rows = blk.pages.reshape(blk.npages, reps, 64) if blk.page_size % 64 == 0 else None
     per = 4096
     for start in range(0, n_data, per):
         pages = idx[start:min(n_data, start + per)]
         words = np.random.PCG64((seed + start) & MASK64).random_raw(len(pages) * 8)
-        blk.pages[pages] = np.tile(words.astype("<u8").view(np.uint8).reshape(len(pages), 64),
-                                   (1, reps))
+        data = words.astype("<u8").view(np.uint8).reshape(len(pages), 64)
+        if rows is not None:
+            rows[pages] = data[:, None, :]
+        else:
+            blk.pages[pages] = np.tile(data, (1, reps))
+        blk.written[pages] = True
     uni = idx[n_data:]
     if len(uni):
         fills = np.array([1 + (splitmix64(state + k) % 255) for k in range(len(uni))],
                          dtype=np.uint8)
         blk.pages[uni] = fills[:, None]
+        blk.written[uni] = True
     ram.clear_dirty()
 
 
@@ -256,26 +351,51 @@ class RamLoader:
         start = rec.addr // blk.page_size
         self._bounds(blk, rec.addr + (rec.count - 1) * blk.page_size, rec)
         # as ram_handle_zero: write only pages that are not zero already (a fresh
-        # page stays untouched, so the model stays sparse)
-        dirty = blk.nonzero(np.arange(start, start + rec.count))
-        if dirty.any():
-            blk.pages[start + np.flatnonzero(dirty)] = 0
+        # page stays untouched, so the model stays sparse); pages never written
+        # are zero and not even read
+        written = blk.written[start:start + rec.count]
+        if written.any():
+            idx = start + np.flatnonzero(written)
+            dirty = blk.nonzero(idx)
+            if dirty.any():
+                blk.pages[idx[dirty]] = 0
         self.pages += rec.count
 
     def _zero(self, rec):
         blk = self.ram.block(rec.block)
         self._bounds(blk, rec.addr, rec)
         i = rec.addr // blk.page_size
-        if rec.fill or blk.pages[i].any():
+        if rec.fill:
             blk.pages[i] = rec.fill
+            blk._written[i] = 1
+        elif blk._written[i] and blk.pages[i].any():
+            blk.pages[i] = 0
         self.pages += 1
 
     def _page(self, rec):
         blk = self.ram.blocks.get(rec.block) or self.ram.block(rec.block)
-        if rec.addr >= blk.used_length:
-            self._bounds(blk, rec.addr, rec)
-        blk.mem[rec.addr:rec.addr + blk.page_size] = rec.data
+        a = rec.addr
+        if a >= blk.used_length:
+            self._bounds(blk, a, rec)
+        ps = blk.page_size
+        blk.mem[a:a + ps] = rec.data
+        blk._written[a // ps] = 1
+        if a % ps:                              # not page-aligned: it spans two pages
+            blk.mark_written(a // ps, 2)
         self.pages += 1
+
+    def pages_run(self, block: str, indexes, data) -> None:
+        """A run of whole pages at once (``data[k]`` to page ``indexes[k]``, ascending):
+        one numpy scatter, for a reader that hands over runs of PAGE records."""
+        blk = self.ram.blocks.get(block) or self.ram.block(block)
+        if len(indexes):
+            last = int(indexes[-1])
+            if last >= blk.npages or int(indexes[0]) < 0:
+                raise StreamError(f"page offset beyond the end of RAM block {blk.name!r}",
+                                  None, section="ram", expected=f"< 0x{blk.used_length:x}",
+                                  found=last * blk.page_size)
+            blk.store_pages(indexes, data)
+        self.pages += len(indexes)
 
     def _xbzrle(self, rec):
         blk = self.ram.block(rec.block)
@@ -283,6 +403,7 @@ class RamLoader:
         old = bytes(blk.page(rec.addr // blk.page_size))
         blk.mem[rec.addr:rec.addr + blk.page_size] = xbzrle.decode(
             bytes(rec.data), old, offset=rec.offset)
+        blk.mark_written(rec.addr // blk.page_size, 1 + (rec.addr % blk.page_size > 0))
         self.pages += 1
 
     def _compressed(self, rec):
@@ -298,6 +419,7 @@ class RamLoader:
             raise StreamError("compressed page does not inflate to one page", rec.offset,
                               section="ram", expected=blk.page_size, found=len(out))
         blk.mem[rec.addr:rec.addr + blk.page_size] = out
+        blk.mark_written(rec.addr // blk.page_size, 1 + (rec.addr % blk.page_size > 0))
         self.pages += 1
 
     def _mapped(self, rec):
@@ -306,6 +428,10 @@ class RamLoader:
             if rec.start + rec.length > blk.used_length:
                 self._bounds(blk, rec.start + rec.length, rec)
             blk.mem[rec.start:rec.start + rec.length] = rec.data
+            if rec.length:
+                ps = blk.page_size
+                first = rec.start // ps
+                blk.mark_written(first, (rec.start + rec.length - 1) // ps + 1 - first)
 
     _dispatch = {R.RamZeroRun: _zero_run, R.RamZero: _zero, R.RamPage: _page,
                  R.RamXbzrle: _xbzrle, R.RamCompressed: _compressed, R.MappedRamChunk: _mapped}

@@ -50,7 +50,7 @@ from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..vfio.scan import scan
 from ..wire import vfio as W
-from .guest import GuestRam, RamLoader
+from .guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS, GuestRam, RamLoader
 from .vfiodev import DestV1, DestV2
 
 #: Seeds of destination devices made here: their state before the load differs from any source.
@@ -89,6 +89,7 @@ class ReplayResult:
     ok: bool
     error: dict | None = None
     devices: list = field(default_factory=list)
+    ram_digest: str = DEFAULT_RAM_DIGEST               # how ``ram`` is computed
     ram: dict = field(default_factory=dict)
     pages: int = 0
     verified: bool | None = None
@@ -191,14 +192,22 @@ def channel_files(path, expect) -> list:
 
 
 def replay(path, *, expect=None, page_size=None, destinations=None,
-           channels=None) -> ReplayResult:
+           channels=None, ram_digest=None) -> ReplayResult:
     """Load ``path``; returns a :class:`ReplayResult`, never a half-loaded device.
 
     ``expect``: the source manifest (dict) to verify against; ``destinations``:
     ready :class:`Destination` objects by idstr (else they are made here);
-    ``channels``: multifd channel files (default: those ``expect`` lists).
+    ``channels``: multifd channel files (default: those ``expect`` lists);
+    ``ram_digest``: how to digest the loaded RAM (default: as the manifest's
+    digests are made — ``sha256`` for a manifest that does not say — else
+    ``pages-crc32``).
     """
-    result = ReplayResult(ok=False)
+    if ram_digest is None:
+        ram_digest = expect.get("ram_digest", "sha256") if expect is not None \
+            else DEFAULT_RAM_DIGEST
+    if ram_digest not in RAM_DIGESTS:
+        raise QmigstreamError(f"RAM digest {ram_digest!r}: one of {', '.join(RAM_DIGESTS)}")
+    result = ReplayResult(ok=False, ram_digest=ram_digest)
     if channels is None:
         channels = channel_files(path, expect)
     if destinations is None and expect is not None:
@@ -238,7 +247,7 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
         return result
     result.ok = True
     result.channels = [c.to_json() for c in chans]
-    result.ram = ram.digests()
+    result.ram = ram.digests(ram_digest)
     result.devices = [_final_report(d) for d in destinations.values()]
     if expect is not None:
         _verify(result, expect, destinations)
@@ -354,10 +363,14 @@ def _error_json(e) -> dict:
 
 def _verify(result, expect, dests):
     mism = []
+    scheme = result.ram_digest
+    if scheme != expect.get("ram_digest", "sha256"):
+        mism.append(f"RAM digests: {scheme} here, the manifest's are "
+                    f"{expect.get('ram_digest', 'sha256')}")
     for name, digest in expect.get("ram", {}).items():
         got = result.ram.get(name)
         if got != digest:
-            mism.append(f"RAM block {name}: sha256 {got} differs from the source's {digest}")
+            mism.append(f"RAM block {name}: {scheme} {got} differs from the source's {digest}")
     for d in expect.get("devices", []):
         dest = dests.get(d["idstr"])
         if dest is None:
@@ -425,8 +438,11 @@ class _MultifdLoad:
                                   expected=f"<= 0x{blk.used_length - ps:x}", found=off)
         for i, off in enumerate(normal):
             blk.mem[off:off + ps] = pkt.page(i)
+            blk.mark_written(off // ps, 1 + (off % ps > 0))
         for off in zero:                   # multifd_recv_zero_page_process
-            blk.mem[off:off + ps] = bytes(ps)
+            i = off // ps
+            if off % ps or blk.written[i]:  # a page never written is zero already
+                blk.mem[off:off + ps] = bytes(ps)
         loader.pages += len(normal) + len(zero)
         ch.counts["pages"] += len(normal) + len(zero)
 
