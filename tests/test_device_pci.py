@@ -411,3 +411,29 @@ def test_dma_logging_sees_the_engine():
     gpas = d.run(10)
     words = dev.dma_logging_report(base, n * 4096, 4096)
     assert dev.bitmap_pages(words, base, 4096) == set(gpas)
+
+
+def test_full_blob_keeps_the_image_of_its_session_start():
+    """The FULL blob holds the device image itself (no copy); a change of the image
+    while the blob is still being read copies the image first, so the blob stays the
+    image as it was when PRE_COPY began, and its CRC holds."""
+    src = v2("sized:20000", seed=3)
+    before = src.device.image()
+    f = src.set_state("PRE_COPY")
+    first = f.read(5000)
+    src.device.run(3)                                   # DMA ticks change the image
+    assert src.device.image() != before
+    rest, end = drain(f)                                # the FULL blob, then a DELTA
+    assert end == "ENOMSG"
+    full = parse_blobs(first + rest)[0]
+    assert full["kind"] == KIND_FULL and full["payload"] == before
+    src.device.run(2)
+    more, _ = drain(f)
+    src.set_state("STOP_COPY")
+    final, end = drain(f)
+    dst, g, _ = resume_with("sized:20000", b"")
+    for piece in (first, rest, more, final):
+        if piece:
+            g.write(piece)
+    dst.set_state("RUNNING")
+    assert dst.device.image() == src.device.image()

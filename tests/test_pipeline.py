@@ -266,10 +266,15 @@ def test_fast_ram_pass_equals_the_record_path(xbzrle_on, scratch):
     from qmigstream.pipeline.ramsave import RamSaver
 
     def make():
-        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10), ("one", 4096)])
+        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10), ("one", 4096),
+                        ("runs", 1 << 20)])
         fill_initial(ram, seed=5, fraction=0.3, uniform=0.1)
         ram.block("rom").write(4096, b"\x01" * 100)
         ram.block("rom").write(3 * 4096, bytes(4096))  # written, yet zero
+        # long runs of consecutive data pages (copied run by run), one page zero
+        ram.block("runs").write(10 * 4096, bytes(range(256)) * 16 * 150)
+        ram.block("runs").write(190 * 4096, b"\x05" * 4096 * 60)
+        ram.block("runs").write(70 * 4096, bytes(4096))
         return ram, RamSaver(ram, xbzrle_on=xbzrle_on, cache_size=1 << 20)
 
     (ra, sa), (rb, sb) = make(), make()

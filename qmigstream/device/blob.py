@@ -105,6 +105,52 @@ def build_blob(kind: int, payload, *, profile: int, seq: int, last: bool,
     return b"".join((head, payload, struct.pack("<I", crc)))
 
 
+class BlobParts:
+    """A blob held as header, payload and CRC without copying the payload (what
+    :func:`blob_parts` makes); ``len()`` is the blob's size, :meth:`view` reads it."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts):
+        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.size = sum(len(p) for p in self.parts)
+
+    def __len__(self):
+        return self.size
+
+    def view(self, pos: int, n: int):
+        """Bytes ``pos .. pos+n``: a view of one part, or a copy when they span two."""
+        out = []
+        for p in self.parts:
+            if pos >= len(p):
+                pos -= len(p)
+                continue
+            take = p[pos:pos + n]
+            if len(take) == n and not out:
+                return take
+            out.append(take)
+            n -= len(take)
+            pos = 0
+            if not n:
+                break
+        return b"".join(out)
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def blob_parts(kind: int, payload, *, profile: int, seq: int, last: bool,
+               version: int = VERSION) -> BlobParts:
+    """:func:`build_blob` without the copy: the payload object itself is a part
+    (the caller must not change it while the blob is in use)."""
+    head = BlobHeader.build(dict(magic=MAGIC, version=version, kind=kind,
+                                 flags=FLAG_LAST if last else 0, profile=profile,
+                                 seq=seq, length=len(payload)))
+    crcf = CRCS[version]
+    crc = crcf(payload, crcf(head))
+    return BlobParts((head, payload, struct.pack("<I", crc)))
+
+
 def build_delta_payload(patches) -> bytes:
     """``patches``: iterable of ``(offset, bytes)``."""
     parts = [b""]

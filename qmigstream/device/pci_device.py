@@ -38,8 +38,8 @@ import struct
 import construct as c
 
 from ..errors import DeviceError
-from .blob import (BLOB_OVERHEAD, KIND_DELTA, KIND_FULL, BlobAssembler, Rejects,
-                   build_blob, build_delta_payload, delta_size)
+from .blob import (BLOB_OVERHEAD, KIND_DELTA, KIND_FULL, BlobAssembler, BlobParts,
+                   Rejects, blob_parts, build_blob, build_delta_payload, delta_size)
 
 PAGE = 4096
 MASK64 = (1 << 64) - 1
@@ -481,6 +481,7 @@ class EmulatedPciDevice:
         self._image = self.profile.initial_image(seed)
         self._image_version = 0           # bumped by every change of the image
         self._image_hash = None           # (version, sha256 digest) last computed
+        self._image_shared = False        # a save session holds the image as its FULL blob
         self._image_dirty = None          # set of image pages while a save session runs
         self._rng = splitmix64(seed ^ 0x51D3A)
         self._dma_listeners = []
@@ -495,6 +496,10 @@ class EmulatedPciDevice:
         return self.profile.describe(self._image)
 
     def _poke(self, offset: int, data: bytes) -> None:
+        if self._image_shared:
+            # copy on write: the save session's FULL blob keeps the image it was given
+            self._image = bytearray(self._image)
+            self._image_shared = False
         self._image[offset:offset + len(data)] = data
         self._image_version += 1
         if self._image_dirty is not None and data:
@@ -505,6 +510,7 @@ class EmulatedPciDevice:
         """Install a new image (a bytearray is taken over as it is, not copied)."""
         self.profile.validate_image(image)
         self._image = image if type(image) is bytearray else bytearray(image)
+        self._image_shared = False
         self._image_version += 1
 
     def _image_sha256(self) -> bytes:
@@ -622,8 +628,14 @@ class SaveSession:
             dev._image_dirty = None
 
     def _push(self, kind, payload, *, last, name):
-        blob = build_blob(kind, payload, profile=self.dev.profile.profile_id, seq=self.seq,
-                          last=last)
+        pid = self.dev.profile.profile_id
+        if payload is self.dev._image:
+            # the FULL blob holds the image itself, not a copy: the device copies
+            # it before its next change (EmulatedPciDevice._poke)
+            blob = blob_parts(kind, payload, profile=pid, seq=self.seq, last=last)
+            self.dev._image_shared = True
+        else:
+            blob = build_blob(kind, payload, profile=pid, seq=self.seq, last=last)
         self.seq += 1
         self._queue.append([blob, 0, name])
 
@@ -685,7 +697,7 @@ class SaveSession:
                 return None
         blob, pos, _ = self._queue[0]
         k = min(n, len(blob) - pos, chunk or self.dev.chunk_size)
-        out = memoryview(blob)[pos:pos + k]      # a view of the (immutable) blob
+        out = blob.view(pos, k) if type(blob) is BlobParts else memoryview(blob)[pos:pos + k]
         if pos + k == len(blob):
             self._queue.pop(0)
         else:

@@ -53,9 +53,11 @@ from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..wire.commands import MigCmd
 from ..wire.header import SectionType as T
-from ..wire.vfio import PciConfigState
+from ..codec.sections.vfio import VfioDataChunk
+from ..wire.vfio import DataChunkHeader, PciConfigState
 from . import profiles as P
-from .guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial
+from .guest import (DEFAULT_RAM_DIGEST, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial,
+                    run_parallel)
 from .multifd import MultifdSender, channel_paths
 from .ramsave import RamSaver
 from .template import load_template
@@ -170,6 +172,9 @@ class _Out:
 
     def rec(self, r):
         r.offset = self.offset
+        if type(r) is VfioDataChunk and len(r.data) > 4096:
+            # what r.encode() gives, without copying the data (a view of the device's blob)
+            return self.raw((DataChunkHeader.build(dict(size=len(r.data))), r.data))
         return self.raw((r.encode(),))
 
     def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1):
@@ -385,7 +390,11 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         res.channels = sender.entries()
     res.pages = dict(saver.counts)
     res.ram_digest = cfg.ram_digest
-    res.ram = ram.digests(cfg.ram_digest)
+    # the RAM digests and the devices' image sha256 (cached, used below) side by side
+    res.ram, _ = run_parallel([lambda: ram.digests(cfg.ram_digest),
+                               lambda: [d.device.image_digest() for d in devices]],
+                              weights=[ram.total // 3, sum(d.device.profile.image_size
+                                                           for d in devices)])
     for d in devices:
         res.devices.append({"idstr": d.idstr, "interface": d.src.interface,
                             "family": d.family.name, "profile": d.spec.profile,

@@ -62,7 +62,8 @@ def _encode_run(buf, blk, idx, nz) -> None:
     Each record's place comes from a cumulative sum of the sizes; the words,
     fill bytes and pages are scattered there through byte-granular sliding
     views of ``buf`` (rows of 8 and of ``page_size`` bytes starting at every
-    byte), whose rows the records never share."""
+    byte), whose rows the records never share; a run of consecutive pages is
+    copied in one go into a view with the records' stride."""
     ps = blk.page_size
     sizes = np.where(nz, np.int64(8 + ps), np.int64(9))
     offs = np.cumsum(sizes) - sizes
@@ -74,9 +75,24 @@ def _encode_run(buf, blk, idx, nz) -> None:
     zeros = ~nz
     if zeros.any():
         buf[offs[zeros] + 8] = 0
-    if not zeros.all():
+    dpos = np.flatnonzero(nz)
+    if not len(dpos):
+        return
+    didx = idx[dpos]
+    # runs of data records that are consecutive pages too: their pages go in with
+    # one strided copy each (no gather); many short runs: one scatter of them all
+    cut = np.flatnonzero((np.diff(dpos) != 1) | (np.diff(didx) != 1)) + 1
+    if len(cut) < len(dpos) // 16:
+        starts = np.concatenate(([0], cut)).tolist()
+        ends = np.concatenate((cut, [len(dpos)])).tolist()
+        firsts = (offs[dpos[starts]] + 8).tolist()
+        for a, b, o in zip(starts, ends, firsts):
+            i0 = int(didx[a])
+            dst = as_strided(buf[o:], shape=(b - a, ps), strides=(ps + 8, 1))
+            dst[...] = blk.pages[i0:i0 + b - a]
+    else:
         rows = as_strided(buf, shape=(total - ps + 1, ps), strides=(1, 1))
-        rows[offs[nz] + 8] = blk.pages[idx[nz]]
+        rows[offs[dpos] + 8] = blk.pages[didx]
 
 
 def pow2floor(n: int) -> int:

@@ -50,7 +50,7 @@ from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..vfio.scan import scan
 from ..wire import vfio as W
-from .guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS, GuestRam, RamLoader
+from .guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS, GuestRam, RamLoader, run_parallel
 from .vfiodev import DestV1, DestV2
 
 #: Seeds of destination devices made here: their state before the load differs from any source.
@@ -247,7 +247,12 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
         return result
     result.ok = True
     result.channels = [c.to_json() for c in chans]
-    result.ram = ram.digests(ram_digest)
+    # the RAM digests and the devices' image sha256 (cached for the reports) side by side
+    result.ram, _ = run_parallel([lambda: ram.digests(ram_digest),
+                                  lambda: [d.device.image_digest()
+                                           for d in destinations.values()]],
+                                 weights=[ram.total // 3, sum(d.device.profile.image_size
+                                                              for d in destinations.values())])
     result.devices = [_final_report(d) for d in destinations.values()]
     if expect is not None:
         _verify(result, expect, destinations)
