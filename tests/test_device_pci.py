@@ -437,3 +437,17 @@ def test_full_blob_keeps_the_image_of_its_session_start():
             g.write(piece)
     dst.set_state("RUNNING")
     assert dst.device.image() == src.device.image()
+
+
+def test_state_digest_later_is_the_state_when_asked():
+    d = EmulatedPciDevice("sized:3M", seed=7, memory=SparseGuestMemory())
+    now = d.state_digest()
+    d2 = EmulatedPciDevice("sized:3M", seed=7, memory=SparseGuestMemory())
+    later = d2.state_digest_later()                     # hashed on another thread
+    d2.run(5)                                           # the image changes meanwhile
+    d2.load_config_space(bytes(256))
+    assert later() == now and later() == now
+    assert d2.state_digest() != now
+    fresh = EmulatedPciDevice("sized:3M", seed=7)
+    f = fresh.state_digest_later()
+    assert f() == now and fresh.state_digest() == now  # and cached for the device

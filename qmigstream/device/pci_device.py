@@ -527,12 +527,40 @@ class EmulatedPciDevice:
 
     def state_digest(self) -> str:
         """sha256 over profile id, the image's sha256, config space and MSI-X table."""
+        return self._state_digest(self._image_sha256(), self.config.data, self.msix_table)
+
+    def _state_digest(self, image_sha256, config, msix) -> str:
         h = hashlib.sha256()
         h.update(struct.pack("<I", self.profile.profile_id))
-        h.update(self._image_sha256())
-        h.update(self.config.data)
-        h.update(self.msix_table)
+        h.update(image_sha256)
+        h.update(config)
+        h.update(msix)
         return h.hexdigest()
+
+    def state_digest_later(self):
+        """A function that returns :meth:`state_digest` as it is now, whatever the
+        device does meanwhile; the image's sha256 is computed on another thread
+        in the meantime (hashlib lets go of the GIL)."""
+        version, image = self._image_version, self._image
+        config, msix = bytes(self.config.data), bytes(self.msix_table)
+        c = self._image_hash
+        if c is not None and c[0] == version or len(image) < (1 << 20):
+            digest = self._state_digest(self._image_sha256(), config, msix)
+            return lambda: digest
+        import threading
+        box = []
+        t = threading.Thread(target=lambda: box.append(hashlib.sha256(image).digest()),
+                             daemon=True)
+        t.start()
+
+        def result():
+            t.join()
+            if not box:                   # the thread failed: do it here
+                box.append(hashlib.sha256(image).digest())
+            if self._image_version == version:
+                self._image_hash = (version, box[0])
+            return self._state_digest(box[0], config, msix)
+        return result
 
     def __eq__(self, other):
         if not isinstance(other, EmulatedPciDevice):

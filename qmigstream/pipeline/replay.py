@@ -111,8 +111,8 @@ class Destination:
             self.io = DestV1(self.device, layout=v1_layout or "rfc")
         else:
             self.io = DestV2(self.device, features=features or "p2p,pre_copy")
-        self.report = DeviceReport(idstr, interface, str(profile),
-                                   state_before=self.device.state_digest())
+        self.report = DeviceReport(idstr, interface, str(profile))
+        self._before = self.device.state_digest_later()    # hashed while the load runs
         self.config = None
         self.begun = False
         self.committed = False
@@ -261,6 +261,8 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
 
 
 def _final_report(d):
+    if not d.report.state_before:
+        d.report.state_before = d._before()
     d.report.state_after = d.device.state_digest()
     return asdict(d.report)
 
@@ -274,10 +276,11 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
     mf = _MultifdLoad(chans, dests) if chans else None
     full_markers = {}
     try:
-        feed = None
+        dispatch = {}                  # RamLoader's handlers, once the block list came
         for rec in reader.records():
-            if feed is not None and type(rec) in RamLoader._dispatch:
-                feed(rec)
+            fn = dispatch.get(type(rec))
+            if fn is not None:
+                fn(loader, rec)
                 continue
             if isinstance(rec, SectionHeader):
                 idstr = reader.sections[rec.section_id].idstr
@@ -318,7 +321,7 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                     raise ReplayError(f"cannot hold the stream's RAM blocks: {e}",
                                       rec.offset) from None
                 loader = RamLoader(ram)
-                feed = loader.feed
+                dispatch = RamLoader._dispatch
 
             elif isinstance(rec, EndOfStream) and rec.depth == 0:
                 eof = True

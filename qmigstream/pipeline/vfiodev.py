@@ -233,7 +233,7 @@ class DestV2:
 
     def write(self, data):
         """``qemu_file_get_to_fd``: write the chunk, going on after short writes."""
-        mv = memoryview(bytes(data))
+        mv = memoryview(data).cast("B")      # the device copies what it accepts
         while len(mv):
             n = self.file.write(mv)
             if n <= 0:
