@@ -489,3 +489,25 @@ def test_a_data_file_that_stops_taking_bytes_leaves_devices_as_they_were(outputs
     assert rr.error["errno"] == 5 and rr.error["offset"] is not None
     assert {k: d.device.state_digest() for k, d in dests.items()} == before
     assert all(d.io.dev.state.name == "RUNNING" for d in dests.values())
+
+
+def test_a_failing_write_in_the_ram_pass_is_raised(tmp_path, monkeypatch):
+    """The RAM pass's lists are written on a thread: its error comes out of migrate."""
+    import errno
+    import threading
+    from qmigstream.pipeline import migrate as M
+    real = M._Out._write
+    written = []
+
+    def write(self, pieces):
+        if sum(len(p) for p in pieces) > 100000:       # a batch of pages
+            written.append(1)
+            if len(written) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, pieces)
+    monkeypatch.setattr(M._Out, "_write", write)
+    before = threading.active_count()
+    with pytest.raises(OSError) as ei:
+        migrate(tmp_path / "a.mig", small("qemu-8.2", xbzrle=False, ram_size=64 << 20))
+    assert ei.value.errno == errno.ENOSPC
+    assert threading.active_count() == before

@@ -148,7 +148,14 @@ class MigrationResult:
 
 class _Out:
     """Writes records (and pre-encoded pieces), hashing as it goes if asked; bytes
-    per phase."""
+    per phase.
+
+    A section written with ``background=True`` (the RAM pass) has its lists of
+    pieces written by a thread, one list behind the caller (a file's write lets
+    go of the GIL), so the next batch is encoded while the last one is written;
+    every other write waits for that one first, so the bytes stay in order.  The
+    pieces must not change until written: the pass's scratch buffers rotate
+    between two, and nothing changes guest RAM during a section."""
 
     def __init__(self, f, footers, sha256=None):
         self.f = f
@@ -157,18 +164,85 @@ class _Out:
         self.phase = "header"
         self.phases = {}
         self.sha256 = sha256
+        self._thread = None
+        self._todo = None
+        self._done = None
+        self._error = None
 
-    def raw(self, pieces):
-        n = 0
+    def _write(self, pieces):
         h = self.sha256
         for p in pieces:
             self.f.write(p)
             if h is not None:
                 h.update(p)
-            n += len(p)
+
+    def _count(self, pieces):
+        n = sum(len(p) for p in pieces)
         self.offset += n
         self.phases[self.phase] = self.phases.get(self.phase, 0) + n
         return n
+
+    def raw(self, pieces):
+        self.wait()
+        self._write(pieces)
+        return self._count(pieces)
+
+    # -- the writer thread ------------------------------------------------------------
+    def _run(self):
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    self._write(item)
+            except BaseException as e:           # raised in the caller by wait()
+                self._error = e
+            finally:
+                self._done.release()
+
+    def raw_background(self, pieces):
+        if self._thread is None:
+            import queue
+            import threading
+            self._todo, self._done = queue.SimpleQueue(), threading.Semaphore(1)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        self._done.acquire()                 # the list before this one is written
+        self._check()
+        self._todo.put(pieces)
+        return self._count(pieces)
+
+    def wait(self):
+        if self._thread is not None:
+            self._done.acquire()
+            self._done.release()
+            self._check()
+
+    def _check(self):
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def close(self):
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+            self._check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        else:                                 # the error on the way out is the one to see
+            self._error = None
+            try:
+                self.close()
+            except BaseException:
+                pass
 
     def rec(self, r):
         r.offset = self.offset
@@ -177,14 +251,19 @@ class _Out:
             return self.raw((DataChunkHeader.build(dict(size=len(r.data))), r.data))
         return self.raw((r.encode(),))
 
-    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1):
+    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1,
+                background=False):
         """Header, payload (records, or lists of encoded pieces), footer."""
         n = self.rec(SectionHeader(type_, sid, idstr, instance_id, version_id)
                      if type_ in (T.SECTION_START, T.SECTION_FULL) else SectionHeader(type_, sid))
         for r in payload:
-            n += self.raw(r) if isinstance(r, list) else self.rec(r)
+            if isinstance(r, list):
+                n += self.raw_background(r) if background else self.raw(r)
+            else:
+                n += self.rec(r)
         if self.footers:
             n += self.rec(SectionFooter(sid))
+        self.wait()
         return n
 
 
@@ -268,8 +347,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     if cfg.multifd_channels:
         sender = MultifdSender(channel_paths(out_path, cfg.multifd_channels), ram.page_size,
                                saver.counts)
-    with _open_output(out_path) as f:
-        out = _Out(f, footers, hashlib.sha256() if cfg.stream_sha256 else None)
+    with _open_output(out_path) as f, \
+            _Out(f, footers, hashlib.sha256() if cfg.stream_sha256 else None) as out:
         out.rec(FileHeader())
         if conf is not None:
             out.rec(Configuration(conf.machine, conf.subsections))
@@ -298,7 +377,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             saver.sync()
             _merge_device_dirty(devices, ram, total_pfns)
             before = out.offset + (sender.bytes if sender else 0)
-            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender))
+            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender), background=True)
             for d in devices:
                 if not d.precopy_active:
                     continue
@@ -340,7 +419,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         for d in devices:
             finals.append(d.src.stop_and_copy())
         _merge_device_dirty(devices, ram, total_pfns)
-        out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True))
+        out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True),
+                    background=True)
         fulls = {}
         packets = []
         for d, (chunks, zero) in zip(devices, finals):
@@ -441,7 +521,8 @@ def _ram_pass(saver, sender, last_stage=False):
     """One RAM section's records: the main-channel pass, or with multifd the scan
     whose pages go to the channels and whose wraps are MULTIFD_FLUSH; then EOS."""
     if sender is None:
-        yield from saver.pass_bytes(last_stage=last_stage, scratch=True)
+        # two scratch buffers: _Out writes each list while the next is encoded
+        yield from saver.pass_bytes(last_stage=last_stage, scratch=2)
     else:
         for ev in saver.scan_pass():
             if ev[0] == "wrap":

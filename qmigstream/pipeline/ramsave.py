@@ -243,13 +243,16 @@ class RamSaver:
         The fast path of the same rules: without XBZRLE a batch of pages becomes
         one buffer built by numpy (each record's header word and fill byte or
         page contents scattered into place); pages that XBZRLE may touch go
-        through :meth:`pass_records`' logic.  ``scratch``: the buffers are reused
-        from one batch to the next, so each yielded list must be written out
-        before the next is asked for (what ``migrate`` does).
+        through :meth:`pass_records`' logic.  ``scratch`` (a number N >= 1, or
+        True for 1): the buffers rotate among N reused ones, so each yielded
+        list must be written out before N more are asked for (``migrate``
+        writes one list while the next is encoded, with N = 2).
         ``b"".join(pass_bytes()) == b"".join(r.encode() for r in pass_records())``
         (tested).
         """
-        out_buf = None
+        nbuf = int(scratch)
+        bufs = [None] * nbuf
+        turn = 0
         for blk, key_base, idx, nz in self._batches():
             if self.xbzrle_enabled:
                 yield self._pieces_xbzrle(blk, key_base, idx, nz, last_stage)
@@ -269,10 +272,13 @@ class RamSaver:
                     yield out
                     continue
             need = _run_size(len(idx), int(np.count_nonzero(nz)), self.page_size)
-            if scratch:
-                if out_buf is None or len(out_buf) < need:
-                    out_buf = np.empty(max(need, BATCH * (self.page_size + 8)), np.uint8)
-                buf = out_buf[:need]
+            if nbuf:
+                b = bufs[turn]
+                if b is None or len(b) < need:
+                    b = bufs[turn] = np.empty(max(need, BATCH * (self.page_size + 8)),
+                                              np.uint8)
+                turn = (turn + 1) % nbuf
+                buf = b[:need]
             else:
                 buf = np.empty(need, np.uint8)
             _encode_run(buf, blk, idx, nz)
