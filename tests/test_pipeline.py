@@ -511,3 +511,19 @@ def test_a_failing_write_in_the_ram_pass_is_raised(tmp_path, monkeypatch):
         migrate(tmp_path / "a.mig", small("qemu-8.2", xbzrle=False, ram_size=64 << 20))
     assert ei.value.errno == errno.ENOSPC
     assert threading.active_count() == before
+
+
+def test_loader_applies_a_run_of_pages_at_once():
+    """RamLoader.pages_run: what a reader handing over runs of PAGE records needs."""
+    from qmigstream.errors import StreamError
+    from qmigstream.pipeline.guest import GuestRam, RamLoader
+    ram = GuestRam([("pc.ram", 512 * 4096)])
+    loader = RamLoader(ram)
+    idx = np.arange(100, 300)
+    data = (np.arange(200, dtype=np.uint8)[:, None] + np.zeros((1, 4096), np.uint8))
+    loader.pages_run("pc.ram", idx, data)
+    assert loader.pages == 200
+    assert ram.main.nonzero_pages().tolist() == list(range(101, 300))   # page 100: zeros
+    assert bytes(ram.main.page(150)) == bytes([50]) * 4096
+    with pytest.raises(StreamError):
+        loader.pages_run("pc.ram", np.array([511, 512]), np.zeros((2, 4096), np.uint8))

@@ -183,7 +183,7 @@ class RamBlock:
         self.written[indexes] = True
 
     def populate(self, indexes) -> None:
-        """Make pages ``indexes`` (sorted) resident ahead of writing them, in one
+        """Make pages ``indexes`` (any order) resident ahead of writing them, in one
         madvise(MADV_POPULATE_WRITE) per run of consecutive pages (a hint: pages
         the caller then leaves unwritten would only cost memory)."""
         global _POPULATE_WRITE
@@ -436,7 +436,10 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
 class RamLoader:
     """Applies RAM records to a :class:`GuestRam` (``ram_load_precopy``).
 
-    ``iteration`` counts RAM sections (START = 0, each PART +1, END last).
+    One record at a time (:meth:`feed`, or the handlers in ``_dispatch`` by
+    record type); a reader that hands over a run of PAGE records as one
+    object (block, page indexes, an ``n x page_size`` array) has it applied
+    with one numpy scatter by :meth:`pages_run`.
     """
 
     def __init__(self, ram: GuestRam):
