@@ -71,6 +71,32 @@ _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
                           23 if sys.platform.startswith("linux") else None)
 
 
+def _native_madvise(blk):
+    """``madvise(offset, length)`` on ``blk``'s mapping: through libc with ctypes,
+    which lets go of the GIL (mmap.madvise holds it), else mmap.madvise."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            libc.madvise.restype = ctypes.c_int
+            _LIBC = (libc, ctypes)
+        libc, ctypes = _LIBC
+        base = blk.pages.__array_interface__["data"][0]
+    except (ImportError, OSError, AttributeError):
+        return lambda off, n: blk.mem.madvise(_POPULATE_WRITE, off, n)
+
+    def call(off, n):
+        if libc.madvise(base + off, n, _POPULATE_WRITE) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    return call
+
+
+_LIBC = None
+
+
 def _runs(idx):
     """(first, count) of each run of consecutive values in sorted ``idx``."""
     if not len(idx):
@@ -184,22 +210,35 @@ class RamBlock:
 
     def populate(self, indexes) -> None:
         """Make pages ``indexes`` (any order) resident ahead of writing them, in one
-        madvise(MADV_POPULATE_WRITE) per run of consecutive pages (a hint: pages
-        the caller then leaves unwritten would only cost memory)."""
+        madvise(MADV_POPULATE_WRITE) per run of consecutive pages, the runs split
+        over two threads (a hint: pages the caller then leaves unwritten would
+        only cost memory)."""
         global _POPULATE_WRITE
         if _POPULATE_WRITE is None or len(indexes) < 16:
             return
         ps = self.page_size
         if ps % mmap.PAGESIZE:
             return
+        spans = []                           # (offset, length), split into two halves
         for first, count in _runs(np.sort(indexes)):
-            if count < 16:
-                continue
-            try:
-                self.mem.madvise(_POPULATE_WRITE, first * ps, count * ps)
-            except OSError:                  # an older kernel: fault them one by one
-                _POPULATE_WRITE = None
-                return
+            if count >= 16:
+                spans.append((first * ps, count * ps))
+        total = sum(n for _, n in spans)
+        halves, acc = ([], []), 0
+        for off, n in spans:
+            if acc < total // 2 < acc + n and n >= 32 * ps:   # this span holds the middle
+                cut = (total // 2 - acc) // ps * ps
+                halves[0].append((off, cut))
+                halves[1].append((off + cut, n - cut))
+            else:
+                halves[0 if acc + n <= total // 2 else 1].append((off, n))
+            acc += n
+        madvise = _native_madvise(self)
+        try:
+            run_parallel([lambda h=h: [madvise(off, n) for off, n in h] for h in halves],
+                         weights=[sum(n for _, n in h) for h in halves])
+        except OSError:                      # an older kernel: fault them one by one
+            _POPULATE_WRITE = None
 
     def page(self, index: int) -> memoryview:
         ps = self.page_size

@@ -321,7 +321,6 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         machine = tpl.machine or prof.machine
     else:
         ram = GuestRam([("pc.ram", cfg.ram_size)])
-        fill_initial(ram, seed=cfg.seed, fraction=cfg.initial_fraction)
         footers = True
         machine = prof.machine
         conf = Configuration(machine.encode("latin-1"))
@@ -332,7 +331,17 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     if cfg.switchover_ack and not VF.get(prof.vfio_family).init_data_sent:
         raise QmigstreamError(f"{prof.name}: this release has no switchover-ack")
     family, lcai = _multifd_choice(prof, cfg, machine)
-    devices = [_Device(i, s, prof, cfg, ram, family) for i, s in enumerate(cfg.devices)]
+
+    def make_devices():
+        return [_Device(i, s, prof, cfg, ram, family) for i, s in enumerate(cfg.devices)]
+    if tpl is None:
+        # the guest's initial data and the devices' state, side by side (memory work
+        # that lets go of the GIL; neither touches what the other makes)
+        _, devices = run_parallel([lambda: fill_initial(ram, seed=cfg.seed,
+                                                        fraction=cfg.initial_fraction),
+                                   make_devices])
+    else:
+        devices = make_devices()
     ram_sid = tpl.ram_section_id if tpl else 2
     next_sid = (tpl.max_section_id if tpl else ram_sid) + 1
     for d in devices:
