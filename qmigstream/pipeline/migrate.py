@@ -428,6 +428,12 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         for d in devices:
             finals.append(d.src.stop_and_copy())
         _merge_device_dirty(devices, ram, total_pfns)
+        # The VM and the devices are stopped: RAM and device images are final.  Their
+        # digests are made on other threads while the rest is written.
+        digests = _Later(lambda: run_parallel(
+            [lambda: ram.digests(cfg.ram_digest),
+             lambda: [d.device.image_digest() for d in devices]],
+            weights=[ram.total // 3, sum(d.device.profile.image_size for d in devices)]))
         out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True),
                     background=True)
         fulls = {}
@@ -480,10 +486,9 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     res.pages = dict(saver.counts)
     res.ram_digest = cfg.ram_digest
     # the RAM digests and the devices' image sha256 (cached, used below) side by side
-    res.ram, _ = run_parallel([lambda: ram.digests(cfg.ram_digest),
-                               lambda: [d.device.image_digest() for d in devices]],
-                              weights=[ram.total // 3, sum(d.device.profile.image_size
-                                                           for d in devices)])
+    res.ram, _ = digests.result()
+    if any(b.dirty.any() for b in ram):     # written after the stop: not final after all
+        res.ram = ram.digests(cfg.ram_digest)
     for d in devices:
         res.devices.append({"idstr": d.idstr, "interface": d.src.interface,
                             "family": d.family.name, "profile": d.spec.profile,
@@ -512,6 +517,29 @@ def _open_output(path):
 def _end_output(f):
     if f.seekable() and f.mode == "rb+":
         f.truncate()                   # at the end of what was written
+
+
+class _Later:
+    """``fn()`` on another thread; :meth:`result` waits for it (and raises its error)."""
+
+    def __init__(self, fn):
+        import threading
+        self._out = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._out.append((True, fn()))
+        except BaseException as e:            # handed to result()
+            self._out.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _then(pieces, last):
