@@ -527,3 +527,30 @@ def test_loader_applies_a_run_of_pages_at_once():
     assert bytes(ram.main.page(150)) == bytes([50]) * 4096
     with pytest.raises(StreamError):
         loader.pages_run("pc.ram", np.array([511, 512]), np.zeros((2, 4096), np.uint8))
+
+
+def test_replay_digests_ram_early_and_only_if_it_stayed_final(outputs, monkeypatch):
+    """The RAM digests start once the RAM END section is over; a RAM record applied
+    after that makes them start again at the end."""
+    from qmigstream.codec import ram_records as R
+    from qmigstream.pipeline import replay as RP
+    from qmigstream.pipeline.guest import GuestRam, RamLoader
+    made = []
+    real = RP._EarlyDigest
+
+    class Spy(real):
+        def __init__(self, *a):
+            super().__init__(*a)
+            made.append(self)
+    monkeypatch.setattr(RP, "_EarlyDigest", Spy)
+    path, res = outputs["qemu-8.2"]
+    rr = replay(str(path), expect=res.to_json())
+    assert rr.ok and rr.verified and len(made) == 1 and made[0].result() == rr.ram
+    # a record applied after the start: the early digests are not used
+    ram = GuestRam([("pc.ram", 64 * 4096)])
+    loader = RamLoader(ram)
+    job = real(ram, "pages-crc32", loader)
+    loader.feed(R.RamPage("pc.ram", 4096, b"\x01" * 4096, 0x28))
+    assert job.result() is None
+    job = real(ram, "pages-crc32", loader)
+    assert job.result() == ram.digests("pages-crc32")

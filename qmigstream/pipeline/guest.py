@@ -484,6 +484,12 @@ class RamLoader:
     def __init__(self, ram: GuestRam):
         self.ram = ram
         self.pages = 0
+        self.chunks = 0                 # mapped-ram chunks applied
+
+    @property
+    def changes(self) -> int:
+        """Grows with every record applied (pages and mapped-ram chunks)."""
+        return self.pages + self.chunks
 
     def feed(self, rec) -> None:
         """Apply one record (records that are not RAM pages are ignored)."""
@@ -573,6 +579,7 @@ class RamLoader:
             if rec.start + rec.length > blk.used_length:
                 self._bounds(blk, rec.start + rec.length, rec)
             blk.mem[rec.start:rec.start + rec.length] = rec.data
+            self.chunks += 1
             if rec.length:
                 ps = blk.page_size
                 first = rec.start // ps

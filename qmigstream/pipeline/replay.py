@@ -232,13 +232,15 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
         destinations = {idstr: Destination(idstr, *spec[:2], features=spec[2],
                                            v1_layout=spec[3])
                         for idstr, spec in plan.items()}
-    ram = None
+    ram = early = None
     try:
-        ram = _load(path, destinations, page_size, result, chans)
+        ram, early = _load(path, destinations, page_size, result, chans, ram_digest)
         _commit(destinations)
     except (StreamError, DeviceError, ReplayError) as e:
         for d in destinations.values():
             d.abort()
+        if early is not None:
+            early.wait()
         if ram is not None:
             ram.close()
         result.error = _error_json(e)
@@ -247,12 +249,15 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
         return result
     result.ok = True
     result.channels = [c.to_json() for c in chans]
-    # the RAM digests and the devices' image sha256 (cached for the reports) side by side
-    result.ram, _ = run_parallel([lambda: ram.digests(ram_digest),
+    # the RAM digests (unless made already while the devices' data loaded) and the
+    # devices' image sha256 (cached for the reports) side by side
+    ready = early.result() if early is not None else None
+    result.ram, _ = run_parallel([lambda: ready or ram.digests(ram_digest),
                                   lambda: [d.device.image_digest()
                                            for d in destinations.values()]],
-                                 weights=[ram.total // 3, sum(d.device.profile.image_size
-                                                              for d in destinations.values())])
+                                 weights=[0 if ready else ram.total // 3,
+                                          sum(d.device.profile.image_size
+                                              for d in destinations.values())])
     result.devices = [_final_report(d) for d in destinations.values()]
     if expect is not None:
         _verify(result, expect, destinations)
@@ -267,7 +272,9 @@ def _final_report(d):
     return asdict(d.report)
 
 
-def _load(path, dests, page_size, result, chans=()) -> GuestRam:
+def _load(path, dests, page_size, result, chans=(), ram_digest=None):
+    """Load the stream: ``(ram, early)``; ``early``: the RAM digests started on
+    another thread once the RAM END section was over (None if not started)."""
     reader = StreamReader(path, page_size=page_size)
     ram = loader = None
     current = None
@@ -275,6 +282,8 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
     eof = False
     mf = _MultifdLoad(chans, dests) if chans else None
     full_markers = {}
+    early = None
+    ram_end = False
     try:
         dispatch = {}                  # RamLoader's handlers, once the block list came
         for rec in reader.records():
@@ -284,6 +293,10 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                 continue
             if isinstance(rec, SectionHeader):
                 idstr = reader.sections[rec.section_id].idstr
+                if ram_end and early is None and ram_digest and mf is None:
+                    # the RAM END section is over: RAM is final (checked at the end)
+                    early = _EarlyDigest(ram, ram_digest, loader)
+                ram_end = idstr == "ram" and rec.type_name == "END"
                 section = rec.type_name
                 current = dests.get(idstr) if is_vfio_idstr(idstr) else None
                 if is_vfio_idstr(idstr) and current is None:
@@ -311,6 +324,9 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                                       "doing multifd transfer", rec.offset, current.idstr)
                 current.config = rec
             elif isinstance(rec, R.RamMemSize):
+                if early is not None:
+                    early.wait()
+                    early = None
                 if ram is not None:
                     ram.close()
                 ram = None
@@ -342,11 +358,41 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                                                       "they have no packets for it"),
                                   None, d.idstr)
     except BaseException:
+        if early is not None:
+            early.wait()
         if ram is not None:
             ram.close()
         raise
     result.pages = loader.pages
-    return ram
+    return ram, early
+
+
+class _EarlyDigest:
+    """RAM digests on another thread, from a point where RAM should be final;
+    :meth:`result` gives them only if the loader changed nothing since."""
+
+    def __init__(self, ram, scheme, loader):
+        import threading
+        self.loader = loader
+        self.mark = loader.changes
+        self._out = []
+        self._thread = threading.Thread(target=self._run, args=(ram, scheme), daemon=True)
+        self._thread.start()
+
+    def _run(self, ram, scheme):
+        try:
+            self._out.append(ram.digests(scheme))
+        except BaseException:                 # made again by the caller
+            pass
+
+    def wait(self):
+        self._thread.join()
+
+    def result(self):
+        self.wait()
+        if self._out and self.loader.changes == self.mark:
+            return self._out[0]
+        return None
 
 
 def _commit(dests):
