@@ -554,3 +554,11 @@ def test_replay_digests_ram_early_and_only_if_it_stayed_final(outputs, monkeypat
     assert job.result() is None
     job = real(ram, "pages-crc32", loader)
     assert job.result() == ram.digests("pages-crc32")
+
+
+def test_vectorised_splitmix64_is_splitmix64():
+    from qmigstream.device.pci_device import splitmix64
+    from qmigstream.pipeline.guest import _splitmix64_array
+    xs = [0, 1, 2**64 - 1, 2**63, 12345678901234567890, 2**64 - 0x9E3779B97F4A7C15]
+    assert _splitmix64_array(np.array(xs, dtype=np.uint64)).tolist() == \
+        [splitmix64(x) for x in xs]

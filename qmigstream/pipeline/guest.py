@@ -419,6 +419,15 @@ class CpuWorkload:
         return self.run_stores(n)
 
 
+def _splitmix64_array(x) -> np.ndarray:
+    """:func:`splitmix64` of each value of the uint64 array ``x`` (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: float = 0.05):
     """Give a synthetic guest something to migrate: ``fraction`` of the main block's
     pages hold pseudo-random data, ``uniform`` hold one repeated non-zero byte, the
@@ -465,8 +474,9 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     blk.written[didx] = True
     uni = idx[n_data:]
     if len(uni):
-        fills = np.array([1 + (splitmix64(state + k) % 255) for k in range(len(uni))],
-                         dtype=np.uint8)
+        fills = (1 + _splitmix64_array(
+            (np.uint64(state) + np.arange(len(uni), dtype=np.uint64))) % np.uint64(255)
+                 ).astype(np.uint8)
         blk.pages[uni] = fills[:, None]
         blk.written[uni] = True
     ram.clear_dirty()
