@@ -43,7 +43,7 @@ def outputs(tmp_path_factory):
     out = {}
     for (profile, lcai, fam), name in zip(CASES, IDS):
         path = d / f"{name}.mig"
-        res = migrate(path, cfg_for(profile, lcai, stream_sha256=True))
+        res = migrate(path, cfg_for(profile, lcai))
         out[name] = (path, res, fam)
     return out
 

@@ -105,6 +105,18 @@ def build_blob(kind: int, payload, *, profile: int, seq: int, last: bool,
     return b"".join((head, payload, struct.pack("<I", crc)))
 
 
+def byte_view(data) -> memoryview:
+    """``data`` (any bytes-like object) as a flat memoryview of bytes, without a copy
+    when it can be."""
+    mv = memoryview(data)
+    if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous:
+        return mv
+    try:
+        return mv.cast("B")
+    except TypeError:                 # not contiguous
+        return memoryview(mv.tobytes())
+
+
 class BlobParts:
     """A blob held as header, payload and CRC without copying the payload (what
     :func:`blob_parts` makes); ``len()`` is the blob's size, :meth:`view` reads it."""
@@ -112,7 +124,7 @@ class BlobParts:
     __slots__ = ("parts", "size")
 
     def __init__(self, parts):
-        self.parts = [memoryview(p).cast("B") for p in parts]
+        self.parts = [byte_view(p) for p in parts]
         self.size = sum(len(p) for p in self.parts)
 
     def __len__(self):
@@ -229,7 +241,7 @@ class BlobAssembler:
     # -- incremental input -------------------------------------------------
     def write(self, data) -> int:
         """Accept ``data``; returns its length.  A rejected write changes nothing."""
-        mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        mv = byte_view(data)
         n = len(mv)
         if not n:
             return 0

@@ -118,7 +118,7 @@ class MigrateConfig:
     multifd_channels: int = 0             # 0: no multifd
     load_config_after_iter: bool | None = None   # 10.1+; None: the default (off on x86)
     ram_digest: str = DEFAULT_RAM_DIGEST  # the manifest's RAM digests (guest.RAM_DIGESTS)
-    stream_sha256: bool = False           # also the sha256 of the main stream
+    stream_sha256: bool = True            # the sha256 of the main stream, in the manifest
 
     def to_json(self):
         d = asdict(self)
@@ -131,7 +131,7 @@ class MigrationResult:
     path: str
     profile: str
     size: int = 0
-    sha256: str | None = None                         # of the stream, if asked for
+    sha256: str | None = None                         # of the stream (None: not made)
     rounds: int = 0
     phases: dict = field(default_factory=dict)        # phase -> bytes
     pages: dict = field(default_factory=dict)
@@ -157,13 +157,14 @@ class _Out:
     pieces must not change until written: the pass's scratch buffers rotate
     between two, and nothing changes guest RAM during a section."""
 
-    def __init__(self, f, footers, sha256=None):
+    def __init__(self, f, footers, sha256=None, hasher=None):
         self.f = f
         self.footers = footers
         self.offset = 0
         self.phase = "header"
         self.phases = {}
-        self.sha256 = sha256
+        self.sha256 = sha256               # hashed here, as written
+        self.hasher = hasher               # or: a _FileHasher reading the file behind us
         self._thread = None
         self._todo = None
         self._done = None
@@ -195,7 +196,11 @@ class _Out:
                 return
             try:
                 if self._error is None:
-                    self._write(item)
+                    pieces, end = item
+                    self._write(pieces)
+                    if self.hasher is not None:
+                        self.f.flush()
+                        self.hasher.advance(end)
             except BaseException as e:           # raised in the caller by wait()
                 self._error = e
             finally:
@@ -210,8 +215,9 @@ class _Out:
             self._thread.start()
         self._done.acquire()                 # the list before this one is written
         self._check()
-        self._todo.put(pieces)
-        return self._count(pieces)
+        n = self._count(pieces)
+        self._todo.put((pieces, self.offset))
+        return n
 
     def wait(self):
         if self._thread is not None:
@@ -243,6 +249,9 @@ class _Out:
                 self.close()
             except BaseException:
                 pass
+        if self.hasher is not None:
+            self.hasher.abandon()
+            self.hasher = None
 
     def rec(self, r):
         r.offset = self.offset
@@ -357,7 +366,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         sender = MultifdSender(channel_paths(out_path, cfg.multifd_channels), ram.page_size,
                                saver.counts)
     with _open_output(out_path) as f, \
-            _Out(f, footers, hashlib.sha256() if cfg.stream_sha256 else None) as out:
+            _Out(f, footers, *_stream_hashing(f, cfg.stream_sha256)) as out:
         out.rec(FileHeader())
         if conf is not None:
             out.rec(Configuration(conf.machine, conf.subsections))
@@ -477,9 +486,14 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
         res.size = out.offset
         res.phases = out.phases
+        out.close()
+        _end_output(f)
         if out.sha256 is not None:
             res.sha256 = out.sha256.hexdigest()
-        _end_output(f)
+        elif out.hasher is not None:
+            f.flush()
+            res.sha256 = out.hasher.finish(out.offset)
+            out.hasher = None
     if sender is not None:
         sender.close()
         res.channels = sender.entries()
@@ -514,9 +528,85 @@ def _open_output(path):
     return open(path, "wb", buffering=1 << 20)
 
 
+def _stream_hashing(f, wanted):
+    """(sha256 object, _FileHasher) for _Out: the file is hashed by reading it back
+    on a thread when it can be (a regular file), else as it is written."""
+    if not wanted:
+        return None, None
+    try:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode) and hasattr(os, "preadv"):
+            return None, _FileHasher(f.name)
+    except OSError:
+        pass
+    return hashlib.sha256(), None
+
+
 def _end_output(f):
     if f.seekable() and f.mode == "rb+":
         f.truncate()                   # at the end of what was written
+
+
+class _FileHasher:
+    """The sha256 of a file being written, on a thread that reads it back (from the
+    page cache) up to what has been written and flushed (:meth:`advance`), so the
+    hashing runs beside the writing instead of after it."""
+
+    def __init__(self, path):
+        import threading
+        self._fd = os.open(path, os.O_RDONLY)
+        self._h = hashlib.sha256()
+        self._limit = 0
+        self._closed = False
+        self._cv = threading.Condition()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def advance(self, upto: int):
+        with self._cv:
+            self._limit = max(self._limit, upto)
+            self._cv.notify()
+
+    def _run(self):
+        buf = bytearray(8 << 20)
+        view = memoryview(buf)
+        pos = 0
+        try:
+            while True:
+                with self._cv:
+                    while pos >= self._limit and not self._closed:
+                        self._cv.wait()
+                    limit, closed = self._limit, self._closed
+                if pos >= limit and closed:
+                    return
+                while pos < limit:
+                    n = os.preadv(self._fd, [view[:min(len(buf), limit - pos)]], pos)
+                    if n <= 0:
+                        raise OSError(f"stream file shorter than written ({pos} < {limit})")
+                    self._h.update(view[:n])
+                    pos += n
+        except BaseException as e:            # handed to finish()
+            self._error = e
+
+    def finish(self, size: int) -> str:
+        """The sha256 of the first ``size`` bytes (all written and flushed)."""
+        self.advance(size)
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+        return self._h.hexdigest()
+
+    def abandon(self):
+        with self._cv:
+            self._closed = True
+            self._limit = 0
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
 
 
 class _Later:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno as _errno
 
 from ..device import region_v1 as V1
+from ..device.blob import byte_view
 from ..device.device_v2 import VfioDeviceV2
 from ..device.fsm import MigFeature, MigState
 from ..device.pci_device import PAGE, EmulatedPciDevice
@@ -233,7 +234,7 @@ class DestV2:
 
     def write(self, data):
         """``qemu_file_get_to_fd``: write the chunk, going on after short writes."""
-        mv = memoryview(data).cast("B")      # the device copies what it accepts
+        mv = byte_view(data)                 # the device copies what it accepts
         while len(mv):
             n = self.file.write(mv)
             if n <= 0:
