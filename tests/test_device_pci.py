@@ -2,6 +2,7 @@
 
 import errno
 import struct
+import zlib
 
 import pytest
 
@@ -147,11 +148,60 @@ def test_blob_format():
     d = EmulatedPciDevice("mtty", seed=1)
     data = save_stop_copy(VfioDeviceV2(d, features="none"))
     assert len(data) == HEADER_SIZE + 60 + 4
-    assert data[:4] == b"QMDV" and struct.unpack_from("<HBB", data, 4) == (1, KIND_FULL, 1)
+    assert data[:4] == b"QMDV" and struct.unpack_from("<HBB", data, 4) == (2, KIND_FULL, 1)
     assert struct.unpack_from("<Q", data, 16)[0] == 60
     assert data[24:84] == d.image()
-    assert struct.unpack_from("<I", data, 84)[0] == crc32c(data[:84])
-    assert crc32c(b"123456789") == 0xE3069283       # CRC-32C check value
+    assert struct.unpack_from("<I", data, 84)[0] == zlib.crc32(data[:84])
+    assert zlib.crc32(b"123456789") == 0xCBF43926   # CRC-32 (ISO-HDLC) check value
+    assert crc32c(b"123456789") == 0xE3069283       # CRC-32C check value (version 1)
+
+
+@pytest.mark.parametrize("profile", ["mtty", "sized:3000"])
+def test_version_1_blobs_still_load(profile):
+    """Version 1 (CRC-32C) data, as earlier releases of the device wrote it, loads."""
+    src = EmulatedPciDevice(profile, seed=4)
+    pid = src.profile.profile_id
+    img = src.image()
+    blob = build_blob(KIND_FULL, img, profile=pid, seq=0, last=True, version=1)
+    assert struct.unpack_from("<H", blob, 4)[0] == 1
+    assert struct.unpack_from("<I", blob, len(blob) - 4)[0] == crc32c(blob[:-4])
+    dst, g, before = resume_with(profile, blob)
+    bad = bytearray(blob)
+    bad[-4:] = struct.pack("<I", zlib.crc32(blob[:-4]))      # a version 2 CRC: wrong
+    fails(errno.EINVAL, g.write, bytes(bad))
+    assert dst.device.state_digest() == before
+    assert g.write(blob) == len(blob)
+    dst.set_state("RUNNING")
+    assert dst.device.image() == img
+
+
+@pytest.mark.parametrize("step", [1, 7, 24, 25, 3000, 3024, 3027, 3028])
+def test_full_blob_staged_in_pieces(step):
+    """A FULL blob written in pieces of any size (its payload is staged as it comes):
+    a bad CRC rejects the write that completes it and leaves everything as it was;
+    the right bytes then load on the same file."""
+    src = v2("sized:2960", seed=2)
+    good = save_stop_copy(src)
+    bad = bytearray(good)
+    bad[100] ^= 0x40
+    dst, g, before = resume_with("sized:2960", bytes(bad))
+    pieces = [bytes(bad[i:i + step]) for i in range(0, len(bad), step)]
+    for p in pieces[:-1]:
+        assert g.write(p) == len(p)
+    fails(errno.EINVAL, g.write, pieces[-1])
+    assert dst.device.state_digest() == before
+    # the last piece again, with the bad byte fixed when it is in that piece
+    last = bytearray(pieces[-1])
+    start = len(bad) - len(last)
+    if start <= 100:
+        last[100 - start] ^= 0x40
+        assert g.write(bytes(last)) == len(last)
+        dst.set_state("RUNNING")
+        assert dst.device.image() == src.device.image()
+    else:
+        fails(errno.EINVAL, g.write, bytes(last))   # the bad byte is staged already
+        fails(errno.EINVAL, dst.set_state, "STOP")  # short: the blob never completed
+        assert dst.device.state_digest() == before
 
 
 def resume_with(profile, data, seed=9, **kw):
@@ -189,7 +239,7 @@ def test_rejections_keep_previous_state(profile, bad_header):
     bad[0:4] = b"XXXX"
     check(bytes(bad), err_write=bad_header)                   # wrong magic
     bad = bytearray(good)
-    bad[4:6] = struct.pack("<H", 2)
+    bad[4:6] = struct.pack("<H", 3)
     check(bytes(bad), err_write=bad_header)                   # wrong version
     bad = bytearray(good)
     bad[30] ^= 1
@@ -361,3 +411,43 @@ def test_dma_logging_sees_the_engine():
     gpas = d.run(10)
     words = dev.dma_logging_report(base, n * 4096, 4096)
     assert dev.bitmap_pages(words, base, 4096) == set(gpas)
+
+
+def test_full_blob_keeps_the_image_of_its_session_start():
+    """The FULL blob holds the device image itself (no copy); a change of the image
+    while the blob is still being read copies the image first, so the blob stays the
+    image as it was when PRE_COPY began, and its CRC holds."""
+    src = v2("sized:20000", seed=3)
+    before = src.device.image()
+    f = src.set_state("PRE_COPY")
+    first = f.read(5000)
+    src.device.run(3)                                   # DMA ticks change the image
+    assert src.device.image() != before
+    rest, end = drain(f)                                # the FULL blob, then a DELTA
+    assert end == "ENOMSG"
+    full = parse_blobs(first + rest)[0]
+    assert full["kind"] == KIND_FULL and full["payload"] == before
+    src.device.run(2)
+    more, _ = drain(f)
+    src.set_state("STOP_COPY")
+    final, end = drain(f)
+    dst, g, _ = resume_with("sized:20000", b"")
+    for piece in (first, rest, more, final):
+        if piece:
+            g.write(piece)
+    dst.set_state("RUNNING")
+    assert dst.device.image() == src.device.image()
+
+
+def test_state_digest_later_is_the_state_when_asked():
+    d = EmulatedPciDevice("sized:3M", seed=7, memory=SparseGuestMemory())
+    now = d.state_digest()
+    d2 = EmulatedPciDevice("sized:3M", seed=7, memory=SparseGuestMemory())
+    later = d2.state_digest_later()                     # hashed on another thread
+    d2.run(5)                                           # the image changes meanwhile
+    d2.load_config_space(bytes(256))
+    assert later() == now and later() == now
+    assert d2.state_digest() != now
+    fresh = EmulatedPciDevice("sized:3M", seed=7)
+    f = fresh.state_digest_later()
+    assert f() == now and fresh.state_digest() == now  # and cached for the device

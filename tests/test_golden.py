@@ -91,6 +91,21 @@ def test_compare_equal_and_different(vector_set, tmp_path, capsys):
     assert "machine: pc-i440fx-8.2 -> pc-i440fx-8.0" in out
 
 
+def test_check_names_a_set_of_older_content(vector_set, tmp_path, capsys):
+    """A set made before a content change (blob version, device state generator, RAM
+    digests) cannot regenerate the same bytes: check says why."""
+    d, m = vector_set
+    assert m["content"] == G.CONTENT
+    import shutil
+    c = tmp_path / "old"
+    shutil.copytree(d, c)
+    old = dict(m, content={"device_blob": 1})
+    (c / "manifest.json").write_text(json.dumps(old))
+    res = G.check(str(c))
+    assert not res.ok and "the set was made with content {'device_blob': 1}" in res.problems[0]
+    assert G.check(str(c), regenerate=False).ok
+
+
 def test_not_a_vector_set_is_exit_2(tmp_path, capsys):
     assert main(["golden", "check", str(tmp_path)]) == 2
     assert "no manifest" in capsys.readouterr().err

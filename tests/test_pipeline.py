@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
 from conftest import capture_names, requires_qemu
@@ -84,7 +85,10 @@ def test_same_configuration_same_bytes(tmp_path):
     rb = migrate(b, small("qemu-8.2", switchover_ack=True))
     rc = migrate(c, small("qemu-8.2", switchover_ack=True, seed=4))
     assert a.read_bytes() == b.read_bytes() and ra.sha256 == rb.sha256
-    assert ra.sha256 != rc.sha256
+    assert ra.sha256 != rc.sha256 and ra.ram == rb.ram and ra.ram != rc.ram
+    rd = migrate(tmp_path / "d.mig", small("qemu-8.2", switchover_ack=True,
+                                           stream_sha256=False))
+    assert rd.sha256 is None and rd.ram == ra.ram
 
 
 def test_switchover_ack_marks_initial_data_sent_once(tmp_path):
@@ -255,16 +259,25 @@ def test_qemu_loads_template_output_with_the_pipelines_memory(name, args, captur
     assert m1.read_bytes() == pc.mem[0x100000:ram_size]
 
 
-def test_fast_ram_pass_equals_the_record_path():
-    """RamSaver.pass_bytes (the fast path) writes exactly what pass_records' records encode."""
+@pytest.mark.parametrize("xbzrle_on,scratch", [(True, False), (False, False), (False, True)])
+def test_fast_ram_pass_equals_the_record_path(xbzrle_on, scratch):
+    """RamSaver.pass_bytes (the fast path) writes exactly what pass_records' records encode:
+    with XBZRLE (numpy batches in the first pass, page by page after), without (numpy
+    batches in every pass; with ``scratch`` into one reused buffer)."""
     from qmigstream.pipeline.guest import CpuWorkload, GuestRam, fill_initial
     from qmigstream.pipeline.ramsave import RamSaver
 
     def make():
-        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10)])
+        ram = GuestRam([("pc.ram", 6 << 20), ("rom", 64 << 10), ("one", 4096),
+                        ("runs", 1 << 20)])
         fill_initial(ram, seed=5, fraction=0.3, uniform=0.1)
         ram.block("rom").write(4096, b"\x01" * 100)
-        return ram, RamSaver(ram, xbzrle_on=True, cache_size=1 << 20)
+        ram.block("rom").write(3 * 4096, bytes(4096))  # written, yet zero
+        # long runs of consecutive data pages (copied run by run), one page zero
+        ram.block("runs").write(10 * 4096, bytes(range(256)) * 16 * 150)
+        ram.block("runs").write(190 * 4096, b"\x05" * 4096 * 60)
+        ram.block("runs").write(70 * 4096, bytes(4096))
+        return ram, RamSaver(ram, xbzrle_on=xbzrle_on, cache_size=1 << 20)
 
     (ra, sa), (rb, sb) = make(), make()
     wa, wb = (CpuWorkload(r, seed=2, rate=1, store_size=48) for r in (ra, rb))
@@ -272,14 +285,135 @@ def test_fast_ram_pass_equals_the_record_path():
         sa.sync()
         sb.sync()
         slow = b"".join(r.encode() for r in sa.pass_records(last_stage=rnd == 3))
-        fast = b"".join(bytes(p) for piece in sb.pass_bytes(last_stage=rnd == 3) for p in piece)
+        fast = b"".join(bytes(p) for piece in sb.pass_bytes(last_stage=rnd == 3,
+                                                             scratch=scratch) for p in piece)
         assert fast == slow, rnd
         assert sa.counts == sb.counts
         wa.run_stores(3000)
         wb.run_stores(3000)
         ra.main.write(0x200000, bytes(8192))           # pages that turn zero
         rb.main.write(0x200000, bytes(8192))
-    assert sa.counts["xbzrle"] > 0 and sa.counts["zero"] > 0
+        if rnd == 1:
+            for r in (ra, rb):
+                r.block("one").write(0, b"\x07")     # the only page of a block
+    assert sa.counts["zero"] > 0 and sa.counts["normal"] > 0
+    assert sa.counts["xbzrle"] > 0 if xbzrle_on else sa.counts["xbzrle"] == 0
+
+
+def test_nonzero_pages_and_the_written_marks():
+    """Pages never written are zero without being read; written ones are checked."""
+    from qmigstream.pipeline.guest import GuestRam
+    ram = GuestRam([("pc.ram", 64 * 4096)])
+    blk = ram.main
+    blk.write(5 * 4096 + 4000, b"\x01")              # last word of page 5
+    blk.write(7 * 4096, bytes(4096))                   # written, zero
+    blk.mem[9 * 4096] = 3                              # a direct store, marked below
+    assert blk.nonzero_pages().tolist() == [5]
+    blk.mark_written(9)
+    assert blk.nonzero_pages().tolist() == [5, 9]
+    blk.store_pages(np.array([20, 22]), np.full((2, 4096), 9, np.uint8))
+    assert blk.nonzero_pages().tolist() == [5, 9, 20, 22]
+    assert blk.nonzero(np.arange(4, 24)).tolist() == [
+        i in (5, 9, 20, 22) for i in range(4, 24)]
+    assert blk.nonzero(np.array([3, 9, 22, 40])).tolist() == [False, True, True, False]
+    assert ram.resident_pages() == 4
+
+
+def test_ram_digests_see_one_byte():
+    """Both RAM digests change with any one byte, and pages-crc32 with which page is
+    non-zero (the same bytes one page on are different memory)."""
+    from qmigstream.pipeline.guest import RAM_DIGESTS, GuestRam
+    for scheme in RAM_DIGESTS:
+        a, b, c = (GuestRam([("pc.ram", 32 * 4096)]) for _ in range(3))
+        for r in (a, b):
+            r.main.write(3 * 4096, bytes(range(256)) * 16)
+        c.main.write(4 * 4096, bytes(range(256)) * 16)
+        assert a.main.digest(scheme) == b.main.digest(scheme)
+        assert a.main.digest(scheme) != c.main.digest(scheme)
+        for pos in (3 * 4096, 3 * 4096 + 4095, 31 * 4096 + 17):
+            b.main.mem[pos] ^= 0x01
+            b.main.mark_written(pos // 4096)
+            assert a.main.digest(scheme) != b.main.digest(scheme), (scheme, pos)
+            b.main.mem[pos] ^= 0x01
+            assert a.main.digest(scheme) == b.main.digest(scheme)
+    with pytest.raises(Exception):
+        a.main.digest("md5")
+
+
+def _page_record(path):
+    from qmigstream.codec import ram_records as R
+    return [r for r in read_records(str(path)) if isinstance(r, R.RamPage)][-1]
+
+
+@pytest.mark.parametrize("ram_digest", ["pages-crc32", "sha256"])
+def test_replay_expect_catches_one_differing_ram_byte(tmp_path, ram_digest):
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", ram_digest=ram_digest, xbzrle=False, dirty_rate=0))
+    assert res.ram_digest == ram_digest
+    man = res.to_json()
+    rr = replay(str(p), expect=man)
+    assert rr.ok and rr.verified and rr.ram_digest == ram_digest
+    rec = _page_record(p)
+    data = bytearray(p.read_bytes())
+    data[rec.offset + len(rec.encode()) - 1] ^= 0x20     # the page's last byte
+    bad = tmp_path / "b.mig"
+    bad.write_bytes(data)
+    rr = replay(str(bad), expect=man)
+    assert rr.ok and rr.verified is False
+    assert len(rr.mismatches) == 1 and "RAM block pc.ram" in rr.mismatches[0]
+    # the CLI: exit 1, "verification FAILED"
+    mpath = tmp_path / "m.json"
+    mpath.write_text(json.dumps(man))
+    assert main(["replay", str(bad), "--expect", str(mpath)]) == 1
+
+
+def test_replay_expect_catches_a_zero_page_turned_non_zero(tmp_path):
+    from qmigstream.codec import ram_records as R
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", xbzrle=False, dirty_rate=0))
+    run = [r for r in read_records(str(p)) if isinstance(r, R.RamZeroRun)][-1]
+    data = bytearray(p.read_bytes())
+    at = run.offset + run.size - 1                       # the run's last fill byte
+    assert run.size == 9 * run.count and data[at] == 0
+    data[at] = 1                                         # fill 0 -> fill 1
+    bad = tmp_path / "b.mig"
+    bad.write_bytes(data)
+    rr = replay(str(bad), expect=res.to_json())
+    assert rr.ok and rr.verified is False and "RAM block pc.ram" in rr.mismatches[0]
+
+
+def test_replay_expect_catches_one_differing_device_byte(tmp_path):
+    """A device image byte changed (the blob's CRC fixed up so the device takes it)."""
+    import struct
+    import zlib
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", devices=[DeviceSpec("sized:8K", seed=1)]))
+    chunk = [r for r in read_records(str(p)) if isinstance(r, VfioDataChunk)][0]
+    data = bytearray(p.read_bytes())
+    blob = data[chunk.data_offset:chunk.data_offset + chunk.data_size]
+    n = struct.unpack_from("<Q", blob, 16)[0]
+    assert len(blob) == 24 + n + 4                        # the whole FULL blob
+    blob[24 + 100] ^= 0x01
+    struct.pack_into("<I", blob, 24 + n, zlib.crc32(bytes(blob[:24 + n])))
+    data[chunk.data_offset:chunk.data_offset + chunk.data_size] = blob
+    bad = tmp_path / "b.mig"
+    bad.write_bytes(data)
+    rr = replay(str(bad), expect=res.to_json())
+    assert rr.ok and rr.verified is False
+    assert rr.mismatches == [f"{res.devices[0]['idstr']}: device state differs from the source's"]
+
+
+def test_a_manifest_without_ram_digest_is_sha256(tmp_path):
+    """Manifests written before pages-crc32 carry whole-block sha256 digests."""
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", ram_digest="sha256"))
+    man = res.to_json()
+    del man["ram_digest"]
+    rr = replay(str(p), expect=man)
+    assert rr.ok and rr.verified and rr.ram_digest == "sha256"
+    man["ram_digest"] = "pages-crc32"                  # a manifest that lies about them
+    rr = replay(str(p), expect=man)
+    assert rr.verified is False
 
 
 def test_v1_round_stops_at_the_first_device_that_sent_data(tmp_path):
@@ -303,10 +437,12 @@ def test_v1_round_stops_at_the_first_device_that_sent_data(tmp_path):
 # -- fault injection on the v2 data file ------------------------------------------
 
 def test_short_reads_on_the_source_data_file_still_give_a_loadable_stream(tmp_path, monkeypatch):
-    """read() may return less than asked: every read becomes its own DATA chunk."""
+    """read() may return less than asked: every read becomes its own DATA chunk.
+    (The source reads with read_view, read() without the copy.)"""
     from qmigstream.device.device_v2 import MigrationFile
-    real_read = MigrationFile.read
-    monkeypatch.setattr(MigrationFile, "read", lambda self, n=1 << 20: real_read(self, min(n, 777)))
+    real_read = MigrationFile.read_view
+    monkeypatch.setattr(MigrationFile, "read_view",
+                        lambda self, n=1 << 20: real_read(self, min(n, 777)))
     p = tmp_path / "short.mig"
     res = migrate(p, small("qemu-8.2", devices=[DeviceSpec("sized:8K", seed=1, dma_rate=500)]))
     sizes = [r.data_size for r in read_records(str(p)) if isinstance(r, VfioDataChunk)]
@@ -354,3 +490,94 @@ def test_a_data_file_that_stops_taking_bytes_leaves_devices_as_they_were(outputs
     assert rr.error["errno"] == 5 and rr.error["offset"] is not None
     assert {k: d.device.state_digest() for k, d in dests.items()} == before
     assert all(d.io.dev.state.name == "RUNNING" for d in dests.values())
+
+
+def test_a_failing_write_in_the_ram_pass_is_raised(tmp_path, monkeypatch):
+    """The RAM pass's lists are written on a thread: its error comes out of migrate."""
+    import errno
+    import threading
+    from qmigstream.pipeline import migrate as M
+    real = M._Out._write
+    written = []
+
+    def write(self, pieces):
+        if sum(len(p) for p in pieces) > 100000:       # a batch of pages
+            written.append(1)
+            if len(written) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, pieces)
+    monkeypatch.setattr(M._Out, "_write", write)
+    before = threading.active_count()
+    with pytest.raises(OSError) as ei:
+        migrate(tmp_path / "a.mig", small("qemu-8.2", xbzrle=False, ram_size=64 << 20))
+    assert ei.value.errno == errno.ENOSPC
+    assert threading.active_count() == before
+
+
+def test_loader_applies_a_run_of_pages_at_once():
+    """RamLoader.pages_run: what a reader handing over runs of PAGE records needs."""
+    from qmigstream.errors import StreamError
+    from qmigstream.pipeline.guest import GuestRam, RamLoader
+    ram = GuestRam([("pc.ram", 512 * 4096)])
+    loader = RamLoader(ram)
+    idx = np.arange(100, 300)
+    data = (np.arange(200, dtype=np.uint8)[:, None] + np.zeros((1, 4096), np.uint8))
+    loader.pages_run("pc.ram", idx, data)
+    assert loader.pages == 200
+    assert ram.main.nonzero_pages().tolist() == list(range(101, 300))   # page 100: zeros
+    assert bytes(ram.main.page(150)) == bytes([50]) * 4096
+    with pytest.raises(StreamError):
+        loader.pages_run("pc.ram", np.array([511, 512]), np.zeros((2, 4096), np.uint8))
+
+
+def test_replay_digests_ram_early_and_only_if_it_stayed_final(outputs, monkeypatch):
+    """The RAM digests start once the RAM END section is over; a RAM record applied
+    after that makes them start again at the end."""
+    from qmigstream.codec import ram_records as R
+    from qmigstream.pipeline import replay as RP
+    from qmigstream.pipeline.guest import GuestRam, RamLoader
+    made = []
+    real = RP._EarlyDigest
+
+    class Spy(real):
+        def __init__(self, *a):
+            super().__init__(*a)
+            made.append(self)
+    monkeypatch.setattr(RP, "_EarlyDigest", Spy)
+    path, res = outputs["qemu-8.2"]
+    rr = replay(str(path), expect=res.to_json())
+    assert rr.ok and rr.verified and len(made) == 1 and made[0].result() == rr.ram
+    # a record applied after the start: the early digests are not used
+    ram = GuestRam([("pc.ram", 64 * 4096)])
+    loader = RamLoader(ram)
+    job = real(ram, "pages-crc32", loader)
+    loader.feed(R.RamPage("pc.ram", 4096, b"\x01" * 4096, 0x28))
+    assert job.result() is None
+    job = real(ram, "pages-crc32", loader)
+    assert job.result() == ram.digests("pages-crc32")
+
+
+def test_vectorised_splitmix64_is_splitmix64():
+    from qmigstream.device.pci_device import splitmix64
+    from qmigstream.pipeline.guest import _splitmix64_array
+    xs = [0, 1, 2**64 - 1, 2**63, 12345678901234567890, 2**64 - 0x9E3779B97F4A7C15]
+    assert _splitmix64_array(np.array(xs, dtype=np.uint64)).tolist() == \
+        [splitmix64(x) for x in xs]
+
+
+def test_stream_sha256_read_back_or_as_written(tmp_path):
+    """The stream's sha256: read back on a thread from a regular file, hashed as it is
+    written otherwise (a pipe); the same either way."""
+    import os
+    import threading
+    p = tmp_path / "a.mig"
+    res = migrate(p, small("qemu-8.2", ram_size=32 << 20, xbzrle=False))
+    assert res.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    res2 = migrate(fifo, small("qemu-8.2", ram_size=32 << 20, xbzrle=False))
+    reader.join()
+    assert res2.sha256 == res.sha256 == hashlib.sha256(got[0]).hexdigest()

@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..pipeline import profiles as P
+from ..pipeline.guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS
 from ..pipeline.migrate import DeviceSpec, MigrateConfig, migrate, write_manifest
 from .progress import Progress
 
@@ -50,6 +51,12 @@ def register(sub):
     p.add_argument("--load-config-after-iter", action="store_true", default=None,
                    help="10.1+ with --multifd-channels: FULL carries DEV_CONFIG_LOAD_READY "
                         "(x-migration-load-config-after-iter=on)")
+    p.add_argument("--ram-digest", choices=list(RAM_DIGESTS), default=DEFAULT_RAM_DIGEST,
+                   help="the manifest's RAM digests: pages-crc32 (default: the non-zero "
+                        "pages' indexes and CRC-32) or sha256 (of each whole block)")
+    p.add_argument("--no-stream-sha256", dest="stream_sha256", action="store_false",
+                   help="leave the stream's sha256 out of the manifest (it is computed "
+                        "on a thread reading the stream back as it is written)")
     p.add_argument("--manifest", help="where to write the source manifest "
                                       "(default OUTPUT.json)")
     p.add_argument("--json", action="store_true")
@@ -67,7 +74,8 @@ def config_from_args(args) -> MigrateConfig:
                          v1_layout=args.v1_layout, v1_window=args.v1_window,
                          v1_bitmap_bits=args.v1_bitmap_bits,
                          multifd_channels=args.multifd_channels,
-                         load_config_after_iter=args.load_config_after_iter)
+                         load_config_after_iter=args.load_config_after_iter,
+                         ram_digest=args.ram_digest, stream_sha256=args.stream_sha256)
 
 
 def run(args) -> int:
@@ -87,7 +95,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"manifest": manifest, **res.to_json()}, indent=2))
         return 0
-    print(f"wrote {res.path}: {res.size:,} bytes as {res.profile}, sha256 {res.sha256}")
+    sha = f", sha256 {res.sha256}" if res.sha256 else ""
+    print(f"wrote {res.path}: {res.size:,} bytes as {res.profile}{sha}")
     print(f"  rounds:   {res.rounds} ({res.converged})")
     print("  pages:    " + ", ".join(f"{k} {v:,}" for k, v in res.pages.items() if v))
     print("  phases:   " + ", ".join(f"{k} {v:,}" for k, v in res.phases.items()))

@@ -66,7 +66,7 @@ def _text(res):
               f"{c['sync']} SYNC, {c['device_state']} device-state packets")
     if res.ok:
         for name, digest in res.ram.items():
-            print(f"  RAM {name}: sha256 {digest}")
+            print(f"  RAM {name}: {res.ram_digest} {digest}")
     if res.verified is not None:
         print("verified: source and destination are equal" if res.verified else
               "verification FAILED:\n  " + "\n  ".join(res.mismatches))

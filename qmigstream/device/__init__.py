@@ -9,7 +9,7 @@ Modules:
   2019 RFC layout with the dirty-pfn protocol), plus the user-side loops
 * :mod:`.pci_device` - :class:`EmulatedPciDevice`: config space, image, DMA engine,
   profiles (mtty-like and sized), save sessions
-* :mod:`.blob`       - the migration data format (versioned, CRC-32C blobs) and the
+* :mod:`.blob`       - the migration data format (versioned, CRC-checked blobs) and the
   resuming-side assembler
 
 Typical use (v2)::

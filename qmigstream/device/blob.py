@@ -5,7 +5,7 @@ window) and a resuming device consumes is a concatenation of blobs::
 
     off  size  field
     0    4     magic      b"QMDV"
-    4    2     version    1
+    4    2     version    2 (1: the same layout with a CRC-32C, still accepted)
     6    1     kind       1 = FULL (payload is the whole device image)
                           2 = DELTA (payload is a list of patches to the image)
     7    1     flags      bit 0 = LAST (the stream ends after this blob)
@@ -13,7 +13,8 @@ window) and a resuming device consumes is a concatenation of blobs::
     12   4     seq        0, 1, 2, ... within one data session
     16   8     length     payload length in bytes
     24   n     payload
-    24+n 4     crc        CRC-32C (crcmod ``crc-32c``) of bytes 0 .. 24+n
+    24+n 4     crc        CRC-32 (zlib's ``crc32``, ISO-HDLC) of bytes 0 .. 24+n;
+                          version 1: CRC-32C (crcmod ``crc-32c``)
 
 All integers little-endian (the device's native order on x86 hosts; the data is
 opaque to the user, who must only preserve byte order and never re-segment
@@ -26,7 +27,9 @@ zero or more DELTAs (pre-copy's dirty bytes), the last blob flagged LAST.
 checks each header as soon as it is complete and each blob as soon as its CRC
 is in, and keeps the staged image; nothing reaches the device until
 :meth:`BlobAssembler.finish` succeeds (called when the device leaves
-RESUMING).  Rejections are :class:`~qmigstream.errors.DeviceError` with the
+RESUMING).  A FULL blob of the device's image size is staged as it arrives:
+its payload is copied straight into the new image and its CRC computed on
+the way, so the image is held once, not also as a buffered blob.  Rejections are :class:`~qmigstream.errors.DeviceError` with the
 errno a kernel driver returns (see :class:`Rejects`).
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import errno as _errno
 import struct
+import zlib
 from dataclasses import dataclass
 
 import construct as c
@@ -42,12 +46,14 @@ import crcmod.predefined
 from ..errors import DeviceError
 
 MAGIC = b"QMDV"
-VERSION = 1
+VERSION = 2
 KIND_FULL = 1
 KIND_DELTA = 2
 FLAG_LAST = 0x01
 
 crc32c = crcmod.predefined.mkCrcFun("crc-32c")
+#: The checksum of each blob version: ``fn(data, crc=0) -> crc`` (chainable).
+CRCS = {1: crc32c, 2: zlib.crc32}
 
 #: The blob header, described once.
 BlobHeader = c.Struct(
@@ -88,12 +94,73 @@ class Rejects:
     short: int = _errno.EINVAL
 
 
-def build_blob(kind: int, payload, *, profile: int, seq: int, last: bool) -> bytes:
-    head = BlobHeader.build(dict(magic=MAGIC, version=VERSION, kind=kind,
+def build_blob(kind: int, payload, *, profile: int, seq: int, last: bool,
+               version: int = VERSION) -> bytes:
+    """One blob around ``payload`` (any bytes-like object; copied once, into the blob)."""
+    head = BlobHeader.build(dict(magic=MAGIC, version=version, kind=kind,
                                  flags=FLAG_LAST if last else 0, profile=profile,
                                  seq=seq, length=len(payload)))
-    crc = crc32c(payload, crc32c(head))
-    return b"".join((head, bytes(payload), struct.pack("<I", crc)))
+    crcf = CRCS[version]
+    crc = crcf(payload, crcf(head))
+    return b"".join((head, payload, struct.pack("<I", crc)))
+
+
+def byte_view(data) -> memoryview:
+    """``data`` (any bytes-like object) as a flat memoryview of bytes, without a copy
+    when it can be."""
+    mv = memoryview(data)
+    if mv.format == "B" and mv.ndim == 1 and mv.c_contiguous:
+        return mv
+    try:
+        return mv.cast("B")
+    except TypeError:                 # not contiguous
+        return memoryview(mv.tobytes())
+
+
+class BlobParts:
+    """A blob held as header, payload and CRC without copying the payload (what
+    :func:`blob_parts` makes); ``len()`` is the blob's size, :meth:`view` reads it."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts):
+        self.parts = [byte_view(p) for p in parts]
+        self.size = sum(len(p) for p in self.parts)
+
+    def __len__(self):
+        return self.size
+
+    def view(self, pos: int, n: int):
+        """Bytes ``pos .. pos+n``: a view of one part, or a copy when they span two."""
+        out = []
+        for p in self.parts:
+            if pos >= len(p):
+                pos -= len(p)
+                continue
+            take = p[pos:pos + n]
+            if len(take) == n and not out:
+                return take
+            out.append(take)
+            n -= len(take)
+            pos = 0
+            if not n:
+                break
+        return b"".join(out)
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def blob_parts(kind: int, payload, *, profile: int, seq: int, last: bool,
+               version: int = VERSION) -> BlobParts:
+    """:func:`build_blob` without the copy: the payload object itself is a part
+    (the caller must not change it while the blob is in use)."""
+    head = BlobHeader.build(dict(magic=MAGIC, version=version, kind=kind,
+                                 flags=FLAG_LAST if last else 0, profile=profile,
+                                 seq=seq, length=len(payload)))
+    crcf = CRCS[version]
+    crc = crcf(payload, crcf(head))
+    return BlobParts((head, payload, struct.pack("<I", crc)))
 
 
 def build_delta_payload(patches) -> bytes:
@@ -141,6 +208,12 @@ class BlobAssembler:
     ``validate_image(image)`` (optional) checks a complete FULL image and raises
     DeviceError itself.  Nothing is applied anywhere: :meth:`finish` returns
     the new image, or raises.
+
+    ``_buf`` holds the bytes of the blob being received that are not staged
+    elsewhere: its header, its CRC, and the payload of a DELTA (or of a FULL
+    blob whose length is not the image size, which is then rejected as such).
+    The payload of a FULL blob of the right size goes straight into the new
+    image (``_full``) with a running CRC.
     """
 
     def __init__(self, *, profile: int, image_size: int, rejects: Rejects = Rejects(),
@@ -155,6 +228,9 @@ class BlobAssembler:
         self.max_payload = max(image_size, 4 + image_size + PATCH_OVERHEAD * pages)
         self._buf = bytearray()
         self._header = None
+        self._full = None           # the FULL blob's image while its payload arrives
+        self._pos = 0               # payload bytes staged into _full
+        self._crc = 0               # running CRC over header and staged payload
         self._image = None
         self._seq = 0
         self._undo = None
@@ -165,20 +241,23 @@ class BlobAssembler:
     # -- incremental input -------------------------------------------------
     def write(self, data) -> int:
         """Accept ``data``; returns its length.  A rejected write changes nothing."""
-        data = bytes(data)
-        if not data:
+        mv = byte_view(data)
+        n = len(mv)
+        if not n:
             return 0
         if self.done:
             raise DeviceError("data after the last blob of the session", self.rejects.corrupt)
         # A write is atomic: on rejection everything is put back as it was,
         # including blobs of this write that were accepted before the bad one.
-        saved = (self._header, self._image, self._seq, self.done, self.blobs)
-        self._pre = len(self._buf)        # staged bytes from earlier writes
-        self._pre_bytes = None            # kept once a blob of this write is accepted
+        # _buf is only appended to until a blob of this write completes; then
+        # its bytes from earlier writes are kept (_pre_bytes) and it is replaced.
+        saved = (self._header, self._full, self._pos, self._crc, self._image, self._seq,
+                 self.done, self.blobs)
+        self._pre = len(self._buf)
+        self._pre_bytes = None
         self._undo = []
-        self._buf += data
         try:
-            self._drain()
+            self._drain(mv)
         except DeviceError:
             for off, old in reversed(self._undo):
                 self._image[off:off + len(old)] = old
@@ -186,37 +265,73 @@ class BlobAssembler:
                 self._buf = bytearray(memoryview(self._buf)[:self._pre])
             else:
                 self._buf = bytearray(self._pre_bytes)
-            (self._header, self._image, self._seq, self.done, self.blobs) = saved
+            (self._header, self._full, self._pos, self._crc, self._image, self._seq,
+             self.done, self.blobs) = saved
             raise
         finally:
             self._undo = None
-        self.bytes_in += len(data)
-        return len(data)
+        self.bytes_in += n
+        return n
 
-    def _drain(self):
+    def _take(self, mv, want):
+        """Move up to ``want - len(_buf)`` bytes of ``mv`` into _buf; the rest of ``mv``."""
+        k = min(len(mv), max(0, want - len(self._buf)))
+        if k:
+            self._buf += mv[:k]
+        return mv[k:]
+
+    def _consume_buf(self):
+        """The blob in _buf is done with: keep what earlier writes had put there."""
+        if self._pre_bytes is None:
+            self._pre_bytes = bytes(memoryview(self._buf)[:self._pre])
+        self._buf = bytearray()       # replaced, not cleared: views of it may be alive
+
+    def _drain(self, mv):
         while True:
             if self._header is None:
+                mv = self._take(mv, HEADER_SIZE)
                 if len(self._buf) < HEADER_SIZE:
                     return
-                self._header = self._check_header(bytes(self._buf[:HEADER_SIZE]))
+                self._header = h = self._check_header(bytes(self._buf[:HEADER_SIZE]))
+                if h.kind == KIND_FULL and h.length == self.image_size:
+                    # stage the payload straight into the new image
+                    self._crc = CRCS[h.version](memoryview(self._buf)[:HEADER_SIZE])
+                    self._full = bytearray(self.image_size)
+                    self._pos = 0
+                    self._consume_buf()
             h = self._header
-            need = HEADER_SIZE + h.length + CRC_SIZE
-            if len(self._buf) < need:
-                return
-            # The buffer itself when it holds exactly this blob (the usual case for
-            # a large blob), else a copy.  A failed check may leave views of the
-            # buffer alive, so write() then replaces the buffer instead of resizing it.
-            blob = self._buf if len(self._buf) == need else bytes(self._buf[:need])
-            self._accept(h, memoryview(blob))
-            if self._undo is not None and self._pre_bytes is None:
-                self._pre_bytes = bytes(blob[:self._pre])
-            if blob is self._buf:
-                self._buf = bytearray()
+            if self._full is not None:
+                if self._pos < h.length:
+                    k = min(len(mv), h.length - self._pos)
+                    if k:
+                        piece = mv[:k]
+                        self._full[self._pos:self._pos + k] = piece
+                        self._crc = CRCS[h.version](piece, self._crc)
+                        self._pos += k
+                        mv = mv[k:]
+                    if self._pos < h.length:
+                        return
+                mv = self._take(mv, CRC_SIZE)
+                if len(self._buf) < CRC_SIZE:
+                    return
+                (crc,) = struct.unpack_from("<I", self._buf, 0)
+                if crc != self._crc:
+                    raise DeviceError(f"blob {h.seq} CRC mismatch", self.rejects.corrupt)
+                image, self._full = self._full, None
+                if self.validate_image is not None:
+                    self.validate_image(image)
+                self._image = image
+                self._accepted(h)
             else:
-                del self._buf[:need]
+                need = HEADER_SIZE + h.length + CRC_SIZE
+                mv = self._take(mv, need)
+                if len(self._buf) < need:
+                    return
+                self._accept(h, memoryview(self._buf))
+            self._consume_buf()
             self._header = None
             if self.done:
-                if self._buf:
+                if len(mv):
                     raise DeviceError("data after the last blob of the session",
                                       self.rejects.corrupt)
                 return
@@ -226,7 +341,7 @@ class BlobAssembler:
         r = self.rejects
         if h.magic != MAGIC:
             raise DeviceError(f"bad blob magic {h.magic!r}", r.bad_header)
-        if h.version != VERSION:
+        if h.version not in CRCS:
             raise DeviceError(f"unsupported blob version {h.version}", r.bad_header)
         if h.profile != self.profile:
             raise DeviceError(f"blob from device profile 0x{h.profile:08x}, this device is "
@@ -243,27 +358,26 @@ class BlobAssembler:
         return h
 
     def _accept(self, h, blob: memoryview):
+        """A whole blob in ``blob`` (a DELTA, or a FULL of the wrong size)."""
         r = self.rejects
         body = blob[:HEADER_SIZE + h.length]
         (crc,) = struct.unpack_from("<I", blob, HEADER_SIZE + h.length)
-        if crc32c(body) != crc:
+        if CRCS[h.version](body) != crc:
             raise DeviceError(f"blob {h.seq} CRC mismatch", r.corrupt)
         payload = blob[HEADER_SIZE:HEADER_SIZE + h.length]
         if h.kind == KIND_FULL:
-            if h.length != self.image_size:
-                raise DeviceError(f"device image of {h.length} bytes, expected "
-                                  f"{self.image_size}",
-                                  r.oversized if h.length > self.image_size else r.short)
-            image = bytearray(payload)
-            if self.validate_image is not None:
-                self.validate_image(image)
-            self._image = image
-        else:
-            patches = self._parse_delta(payload)
-            for off, data in patches:
-                if self._undo is not None:
-                    self._undo.append((off, bytes(self._image[off:off + len(data)])))
-                self._image[off:off + len(data)] = data
+            # only a FULL blob whose length is not the image size is buffered
+            raise DeviceError(f"device image of {h.length} bytes, expected "
+                              f"{self.image_size}",
+                              r.oversized if h.length > self.image_size else r.short)
+        patches = self._parse_delta(payload)
+        for off, data in patches:
+            if self._undo is not None:
+                self._undo.append((off, bytes(self._image[off:off + len(data)])))
+            self._image[off:off + len(data)] = data
+        self._accepted(h)
+
+    def _accepted(self, h):
         self._seq += 1
         self.blobs += 1
         if h.flags & FLAG_LAST:
@@ -297,7 +411,7 @@ class BlobAssembler:
     def finish(self) -> bytes:
         """The staged image, if the session is complete; else DeviceError (``short``)."""
         if not self.done:
-            what = ("partial blob" if self._buf else
+            what = ("partial blob" if self._buf or self._header is not None else
                     "no data" if self._image is None else "no LAST blob")
             raise DeviceError(f"incomplete device data ({what})", self.rejects.short)
         if self.validate_image is not None:

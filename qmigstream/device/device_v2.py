@@ -70,6 +70,14 @@ class MigrationFile:
 
         In PRE_COPY(_P2P) with nothing to send now: ``DeviceError(ENOMSG)``.
         """
+        return bytes(self.read_view(n))
+
+    def read_view(self, n: int = 1 << 20):
+        """:meth:`read`, as a read-only ``memoryview`` of the device's queued data
+        (no copy; the pipeline's source keeps chunks this way), or ``b""``.
+
+        In PRE_COPY(_P2P) with nothing to send now: ``DeviceError(ENOMSG)``.
+        """
         self._live()
         if self.mode != "save":
             raise DeviceError("resuming data file is write-only", _errno.EINVAL)
@@ -80,7 +88,7 @@ class MigrationFile:
         out = self.session.read(n)
         if out is None:
             raise DeviceError("no pre-copy data available now", _errno.ENOMSG)
-        return bytes(out)
+        return out
 
     def write(self, data) -> int:
         """Feed migration data; returns the count accepted (all of it, or an error)."""

@@ -38,8 +38,8 @@ import struct
 import construct as c
 
 from ..errors import DeviceError
-from .blob import (BLOB_OVERHEAD, KIND_DELTA, KIND_FULL, BlobAssembler, Rejects,
-                   build_blob, build_delta_payload, delta_size)
+from .blob import (BLOB_OVERHEAD, KIND_DELTA, KIND_FULL, BlobAssembler, BlobParts,
+                   Rejects, blob_parts, build_blob, build_delta_payload, delta_size)
 
 PAGE = 4096
 MASK64 = (1 << 64) - 1
@@ -315,6 +315,10 @@ class MttyProfile(Profile):
                            for k, v in p.items() if not k.startswith("_")} for p in ports]}
 
 
+#: Generation of the SizedProfile state generator (2: MiBs after the first are derived
+#: from it; 1: PCG64 over the whole state).
+SIZED_CONTENT_GENERATION = 2
+
 #: The register block at the start of a SizedProfile image.
 SizedRegs = c.Struct(
     "dma_count" / c.Int64ul,
@@ -332,7 +336,10 @@ class SizedProfile(Profile):
     """A device with ``state_size`` bytes of internal state (any size, 0 allowed).
 
     Image = 64-byte register block (:data:`SizedRegs`) then the state, which is
-    generated from the seed (numpy's PCG64 bit generator, ~0.3 s for 64 MiB).  Each DMA tick
+    generated from the seed: its first MiB by numpy's PCG64 bit generator, each
+    further MiB that one XOR a SplitMix64 word of the seed and the MiB's number
+    (the ``content`` generation 2; up to 1 MiB the same as generation 1, all
+    PCG64), 64 MiB in about 0.02 s plus the memory's first touch.  Each DMA tick
     bumps ``dma_count``/``last_gpa`` and, if the state is at least 8 bytes,
     writes the counter at a random 8-byte slot of it.  Config space: vendor
     0x1b36 device 0x11f0 (a number not used by QEMU), class 12/00/00, BAR0 64-bit
@@ -361,23 +368,32 @@ class SizedProfile(Profile):
                               msix_bar=2)
 
     def initial_image(self, seed):
-        img = bytearray(SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
-                                             state_size=self.state_size, ctrl=1, status=0)))
+        regs = SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
+                                    state_size=self.state_size, ctrl=1, status=0))
+        img = bytearray(REGS_SIZE + self.state_size)
+        img[:REGS_SIZE] = regs
         if self.state_size:
             import numpy as np
-            # PCG64's raw output: numpy keeps bit generator streams stable across
-            # releases (Generator methods may change), so the bytes are the same everywhere
-            # made 1 MiB at a time straight into the image (one copy of the state
-            # in memory); consecutive random_raw calls continue the same stream
-            gen = np.random.PCG64(seed & MASK64)
-            base = len(img)
-            img.extend(bytes(self.state_size))
-            view = np.frombuffer(img, dtype=np.uint8)
+            # The first MiB: PCG64's raw output (numpy keeps bit generator streams
+            # stable across releases, so the bytes are the same everywhere); MiB k
+            # after it: the first XOR splitmix64(seed ^ k) in every 64-bit word, so
+            # every page differs and 64 MiB cost one MiB of generator; made a MiB
+            # at a time straight into the image (one copy of the state in memory)
             step = 1 << 20
-            for pos in range(0, self.state_size, step):
-                n = min(step, self.state_size - pos)
-                words = gen.random_raw(-(-n // 8)).astype("<u8", copy=False)
-                view[base + pos:base + pos + n] = words.view(np.uint8)[:n]
+            n = self.state_size
+            base = np.random.PCG64(seed & MASK64).random_raw(-(-min(step, n) // 8))
+            base = base.astype("<u8", copy=False)
+            tmp = np.empty_like(base)
+            view = np.frombuffer(img, dtype=np.uint8)
+            for pos in range(0, n, step):
+                k = pos // step
+                m = min(step, n - pos)
+                if k:
+                    np.bitwise_xor(base, np.uint64(splitmix64((seed ^ k) & MASK64)), out=tmp)
+                    src = tmp
+                else:
+                    src = base
+                view[REGS_SIZE + pos:REGS_SIZE + pos + m] = src.view(np.uint8)[:m]
             del view
         return img
 
@@ -479,6 +495,9 @@ class EmulatedPciDevice:
         self.config = self.profile.make_config()
         self.msix_table = bytearray(16 * getattr(self.profile, "msix_vectors", 0))
         self._image = self.profile.initial_image(seed)
+        self._image_version = 0           # bumped by every change of the image
+        self._image_hash = None           # (version, sha256 digest) last computed
+        self._image_shared = False        # a save session holds the image as its FULL blob
         self._image_dirty = None          # set of image pages while a save session runs
         self._rng = splitmix64(seed ^ 0x51D3A)
         self._dma_listeners = []
@@ -493,7 +512,12 @@ class EmulatedPciDevice:
         return self.profile.describe(self._image)
 
     def _poke(self, offset: int, data: bytes) -> None:
+        if self._image_shared:
+            # copy on write: the save session's FULL blob keeps the image it was given
+            self._image = bytearray(self._image)
+            self._image_shared = False
         self._image[offset:offset + len(data)] = data
+        self._image_version += 1
         if self._image_dirty is not None and data:
             first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
             self._image_dirty.update(range(first, last + 1))
@@ -502,18 +526,58 @@ class EmulatedPciDevice:
         """Install a new image (a bytearray is taken over as it is, not copied)."""
         self.profile.validate_image(image)
         self._image = image if type(image) is bytearray else bytearray(image)
+        self._image_shared = False
+        self._image_version += 1
+
+    def _image_sha256(self) -> bytes:
+        """sha256 of the image, computed once per image state (every change of the
+        image goes through :meth:`_poke` or :meth:`apply_image`)."""
+        c = self._image_hash
+        if c is None or c[0] != self._image_version:
+            c = self._image_hash = (self._image_version, hashlib.sha256(self._image).digest())
+        return c[1]
 
     def image_digest(self) -> str:
-        return hashlib.sha256(self._image).hexdigest()
+        """sha256 of the image."""
+        return self._image_sha256().hex()
 
     def state_digest(self) -> str:
-        """sha256 over profile id, image, config space and MSI-X table."""
+        """sha256 over profile id, the image's sha256, config space and MSI-X table."""
+        return self._state_digest(self._image_sha256(), self.config.data, self.msix_table)
+
+    def _state_digest(self, image_sha256, config, msix) -> str:
         h = hashlib.sha256()
         h.update(struct.pack("<I", self.profile.profile_id))
-        h.update(self._image)
-        h.update(self.config.data)
-        h.update(self.msix_table)
+        h.update(image_sha256)
+        h.update(config)
+        h.update(msix)
         return h.hexdigest()
+
+    def state_digest_later(self):
+        """A function that returns :meth:`state_digest` as it is now, whatever the
+        device does meanwhile; the image's sha256 is computed on another thread
+        in the meantime (hashlib lets go of the GIL)."""
+        version, image = self._image_version, self._image
+        config, msix = bytes(self.config.data), bytes(self.msix_table)
+        c = self._image_hash
+        if c is not None and c[0] == version or len(image) < (1 << 20):
+            digest = self._state_digest(self._image_sha256(), config, msix)
+            return lambda: digest
+        import threading
+        self._image_shared = True         # the thread reads it: copy on the next change
+        box = []
+        t = threading.Thread(target=lambda: box.append(hashlib.sha256(image).digest()),
+                             daemon=True)
+        t.start()
+
+        def result():
+            t.join()
+            if not box:                   # the thread failed: do it here
+                box.append(hashlib.sha256(image).digest())
+            if self._image_version == version:
+                self._image_hash = (version, box[0])
+            return self._state_digest(box[0], config, msix)
+        return result
 
     def __eq__(self, other):
         if not isinstance(other, EmulatedPciDevice):
@@ -609,8 +673,14 @@ class SaveSession:
             dev._image_dirty = None
 
     def _push(self, kind, payload, *, last, name):
-        blob = build_blob(kind, payload, profile=self.dev.profile.profile_id, seq=self.seq,
-                          last=last)
+        pid = self.dev.profile.profile_id
+        if payload is self.dev._image:
+            # the FULL blob holds the image itself, not a copy: the device copies
+            # it before its next change (EmulatedPciDevice._poke)
+            blob = blob_parts(kind, payload, profile=pid, seq=self.seq, last=last)
+            self.dev._image_shared = True
+        else:
+            blob = build_blob(kind, payload, profile=pid, seq=self.seq, last=last)
         self.seq += 1
         self._queue.append([blob, 0, name])
 
@@ -661,8 +731,9 @@ class SaveSession:
     def read(self, n: int, *, chunk: int | None = None):
         """Up to ``n`` bytes (never across a blob end, at most ``chunk``).
 
-        Returns ``b""`` at the end of a final session; ``None`` when pre-copy has
-        nothing now (the caller maps that to ENOMSG or pending_bytes == 0).
+        Returns a read-only view of the queued blob (no copy), ``b""`` at the end
+        of a final session, ``None`` when pre-copy has nothing now (the caller maps
+        that to ENOMSG or pending_bytes == 0).
         """
         if not self._queue:
             if self.final:
@@ -671,7 +742,7 @@ class SaveSession:
                 return None
         blob, pos, _ = self._queue[0]
         k = min(n, len(blob) - pos, chunk or self.dev.chunk_size)
-        out = blob[pos:pos + k]
+        out = blob.view(pos, k) if type(blob) is BlobParts else memoryview(blob)[pos:pos + k]
         if pos + k == len(blob):
             self._queue.pop(0)
         else:

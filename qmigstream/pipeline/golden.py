@@ -39,11 +39,20 @@ from ..errors import QmigstreamError
 from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..vfio.scan import scan
+from ..device.blob import VERSION as _BLOB_VERSION
+from ..device.pci_device import SIZED_CONTENT_GENERATION
 from . import profiles as P
+from .guest import DEFAULT_RAM_DIGEST
 from .migrate import DeviceSpec, MigrateConfig, migrate
 from .replay import replay
 
 crc32 = crcmod.predefined.mkCrcFun("crc-32")
+
+#: What the vectors' bytes depend on besides the settings and the QEMU layouts; a
+#: change of any means every vector changes (``golden check`` says so): the device
+#: blob version, the sized device's state generator, the RAM digests in .state.json.
+CONTENT = {"device_blob": _BLOB_VERSION, "sized_state": SIZED_CONTENT_GENERATION,
+           "ram_digest": DEFAULT_RAM_DIGEST}
 
 MIB = 1 << 20
 #: Registers (64) + blob header and CRC (28): a sized:N device's stop-copy data is N + 92.
@@ -235,7 +244,7 @@ def generate(directory, profiles=None, scenarios=None, progress=None) -> dict:
             if progress:
                 progress(f"{prof.name}/{sc.name}")
     manifest = {"format": "qmigstream-golden", "format_version": 1,
-                "generator": f"qmigstream {__version__}",
+                "generator": f"qmigstream {__version__}", "content": CONTENT,
                 "regenerate": regenerate_command(profiles and [p.name for p in profs],
                                                  scenarios),
                 "profiles": [p.name for p in profs], "scenarios": [s.name for s in scs],
@@ -272,6 +281,10 @@ class CheckResult:
 def check(directory, *, regenerate=True) -> CheckResult:
     m = load_manifest(directory)
     res = CheckResult()
+    if regenerate and m.get("content") != CONTENT:
+        res.fail(f"the set was made with content {m.get('content')}, this qmigstream makes "
+                 f"{CONTENT}: its vectors cannot regenerate the same; make the set again "
+                 f"({m.get('regenerate', 'qmigstream golden generate DIR')})")
     for v in m["vectors"]:
         name = f"{v['profile']}/{v['scenario']}"
         for fe in v["files"]:

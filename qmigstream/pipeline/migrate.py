@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 
 from .. import __version__, vmdesc
@@ -51,9 +53,11 @@ from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..wire.commands import MigCmd
 from ..wire.header import SectionType as T
-from ..wire.vfio import PciConfigState
+from ..codec.sections.vfio import VfioDataChunk
+from ..wire.vfio import DataChunkHeader, PciConfigState
 from . import profiles as P
-from .guest import CpuWorkload, GuestRam, fill_initial
+from .guest import (DEFAULT_RAM_DIGEST, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial,
+                    run_parallel)
 from .multifd import MultifdSender, channel_paths
 from .ramsave import RamSaver
 from .template import load_template
@@ -113,6 +117,8 @@ class MigrateConfig:
     v1_bitmap_bits: int | None = None
     multifd_channels: int = 0             # 0: no multifd
     load_config_after_iter: bool | None = None   # 10.1+; None: the default (off on x86)
+    ram_digest: str = DEFAULT_RAM_DIGEST  # the manifest's RAM digests (guest.RAM_DIGESTS)
+    stream_sha256: bool = True            # the sha256 of the main stream, in the manifest
 
     def to_json(self):
         d = asdict(self)
@@ -125,12 +131,13 @@ class MigrationResult:
     path: str
     profile: str
     size: int = 0
-    sha256: str = ""
+    sha256: str | None = None                         # of the stream (None: not made)
     rounds: int = 0
     phases: dict = field(default_factory=dict)        # phase -> bytes
     pages: dict = field(default_factory=dict)
     devices: list = field(default_factory=list)
-    ram: dict = field(default_factory=dict)           # block -> sha256 of final memory
+    ram_digest: str = DEFAULT_RAM_DIGEST              # how ``ram`` is computed
+    ram: dict = field(default_factory=dict)           # block -> digest of final memory
     converged: str = ""
     config: dict = field(default_factory=dict)
     channels: list = field(default_factory=list)      # multifd channel files
@@ -140,36 +147,132 @@ class MigrationResult:
 
 
 class _Out:
-    """Writes records (and pre-encoded pieces), hashing as it goes; bytes per phase."""
+    """Writes records (and pre-encoded pieces), hashing as it goes if asked; bytes
+    per phase.
 
-    def __init__(self, f, footers):
+    A section written with ``background=True`` (the RAM pass) has its lists of
+    pieces written by a thread, one list behind the caller (a file's write lets
+    go of the GIL), so the next batch is encoded while the last one is written;
+    every other write waits for that one first, so the bytes stay in order.  The
+    pieces must not change until written: the pass's scratch buffers rotate
+    between two, and nothing changes guest RAM during a section."""
+
+    def __init__(self, f, footers, sha256=None, hasher=None):
         self.f = f
         self.footers = footers
         self.offset = 0
         self.phase = "header"
         self.phases = {}
+        self.sha256 = sha256               # hashed here, as written
+        self.hasher = hasher               # or: a _FileHasher reading the file behind us
+        self._thread = None
+        self._todo = None
+        self._done = None
+        self._error = None
 
-    def raw(self, pieces):
-        n = 0
+    def _write(self, pieces):
+        h = self.sha256
         for p in pieces:
             self.f.write(p)
-            n += len(p)
+            if h is not None:
+                h.update(p)
+
+    def _count(self, pieces):
+        n = sum(len(p) for p in pieces)
         self.offset += n
         self.phases[self.phase] = self.phases.get(self.phase, 0) + n
         return n
 
+    def raw(self, pieces):
+        self.wait()
+        self._write(pieces)
+        return self._count(pieces)
+
+    # -- the writer thread ------------------------------------------------------------
+    def _run(self):
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    pieces, end = item
+                    self._write(pieces)
+                    if self.hasher is not None:
+                        self.f.flush()
+                        self.hasher.advance(end)
+            except BaseException as e:           # raised in the caller by wait()
+                self._error = e
+            finally:
+                self._done.release()
+
+    def raw_background(self, pieces):
+        if self._thread is None:
+            import queue
+            import threading
+            self._todo, self._done = queue.SimpleQueue(), threading.Semaphore(1)
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        self._done.acquire()                 # the list before this one is written
+        self._check()
+        n = self._count(pieces)
+        self._todo.put((pieces, self.offset))
+        return n
+
+    def wait(self):
+        if self._thread is not None:
+            self._done.acquire()
+            self._done.release()
+            self._check()
+
+    def _check(self):
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def close(self):
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+            self._thread = None
+            self._check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if et is None:
+            self.close()
+        else:                                 # the error on the way out is the one to see
+            self._error = None
+            try:
+                self.close()
+            except BaseException:
+                pass
+        if self.hasher is not None:
+            self.hasher.abandon()
+            self.hasher = None
+
     def rec(self, r):
         r.offset = self.offset
+        if type(r) is VfioDataChunk and len(r.data) > 4096:
+            # what r.encode() gives, without copying the data (a view of the device's blob)
+            return self.raw((DataChunkHeader.build(dict(size=len(r.data))), r.data))
         return self.raw((r.encode(),))
 
-    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1):
+    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1,
+                background=False):
         """Header, payload (records, or lists of encoded pieces), footer."""
         n = self.rec(SectionHeader(type_, sid, idstr, instance_id, version_id)
                      if type_ in (T.SECTION_START, T.SECTION_FULL) else SectionHeader(type_, sid))
         for r in payload:
-            n += self.raw(r) if isinstance(r, list) else self.rec(r)
+            if isinstance(r, list):
+                n += self.raw_background(r) if background else self.raw(r)
+            else:
+                n += self.rec(r)
         if self.footers:
             n += self.rec(SectionFooter(sid))
+        self.wait()
         return n
 
 
@@ -201,7 +304,6 @@ class _Device:
         self.data_bytes = 0
         self.chunks = 0
         self._carry = 0
-        self.digest_before = self.device.state_digest()
 
     def run_for(self, ns):
         if not self.spec.dma_rate:
@@ -228,16 +330,27 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         machine = tpl.machine or prof.machine
     else:
         ram = GuestRam([("pc.ram", cfg.ram_size)])
-        fill_initial(ram, seed=cfg.seed, fraction=cfg.initial_fraction)
         footers = True
         machine = prof.machine
         conf = Configuration(machine.encode("latin-1"))
+    if cfg.ram_digest not in RAM_DIGESTS:
+        raise QmigstreamError(f"RAM digest {cfg.ram_digest!r}: one of {', '.join(RAM_DIGESTS)}")
     if cfg.switchover_ack and prof.interface != "v2":
         raise QmigstreamError(f"{prof.name}: switchover-ack needs the v2 interface (8.1+)")
     if cfg.switchover_ack and not VF.get(prof.vfio_family).init_data_sent:
         raise QmigstreamError(f"{prof.name}: this release has no switchover-ack")
     family, lcai = _multifd_choice(prof, cfg, machine)
-    devices = [_Device(i, s, prof, cfg, ram, family) for i, s in enumerate(cfg.devices)]
+
+    def make_devices():
+        return [_Device(i, s, prof, cfg, ram, family) for i, s in enumerate(cfg.devices)]
+    if tpl is None:
+        # the guest's initial data and the devices' state, side by side (memory work
+        # that lets go of the GIL; neither touches what the other makes)
+        _, devices = run_parallel([lambda: fill_initial(ram, seed=cfg.seed,
+                                                        fraction=cfg.initial_fraction),
+                                   make_devices])
+    else:
+        devices = make_devices()
     ram_sid = tpl.ram_section_id if tpl else 2
     next_sid = (tpl.max_section_id if tpl else ram_sid) + 1
     for d in devices:
@@ -252,8 +365,8 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     if cfg.multifd_channels:
         sender = MultifdSender(channel_paths(out_path, cfg.multifd_channels), ram.page_size,
                                saver.counts)
-    with open(out_path, "wb", buffering=1 << 20) as f:
-        out = _Out(f, footers)
+    with _open_output(out_path) as f, \
+            _Out(f, footers, *_stream_hashing(f, cfg.stream_sha256)) as out:
         out.rec(FileHeader())
         if conf is not None:
             out.rec(Configuration(conf.machine, conf.subsections))
@@ -282,7 +395,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             saver.sync()
             _merge_device_dirty(devices, ram, total_pfns)
             before = out.offset + (sender.bytes if sender else 0)
-            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender))
+            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender), background=True)
             for d in devices:
                 if not d.precopy_active:
                     continue
@@ -324,7 +437,14 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         for d in devices:
             finals.append(d.src.stop_and_copy())
         _merge_device_dirty(devices, ram, total_pfns)
-        out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True))
+        # The VM and the devices are stopped: RAM and device images are final.  Their
+        # digests are made on other threads while the rest is written.
+        digests = _Later(lambda: run_parallel(
+            [lambda: ram.digests(cfg.ram_digest),
+             lambda: [d.device.image_digest() for d in devices]],
+            weights=[ram.total // 3, sum(d.device.profile.image_size for d in devices)]))
+        out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True),
+                    background=True)
         fulls = {}
         packets = []
         for d, (chunks, zero) in zip(devices, finals):
@@ -366,12 +486,23 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
         res.size = out.offset
         res.phases = out.phases
+        out.close()
+        _end_output(f)
+        if out.sha256 is not None:
+            res.sha256 = out.sha256.hexdigest()
+        elif out.hasher is not None:
+            f.flush()
+            res.sha256 = out.hasher.finish(out.offset)
+            out.hasher = None
     if sender is not None:
         sender.close()
         res.channels = sender.entries()
-    res.sha256 = _file_sha256(out_path)
     res.pages = dict(saver.counts)
-    res.ram = ram.digests()
+    res.ram_digest = cfg.ram_digest
+    # the RAM digests and the devices' image sha256 (cached, used below) side by side
+    res.ram, _ = digests.result()
+    if any(b.dirty.any() for b in ram):     # written after the stop: not final after all
+        res.ram = ram.digests(cfg.ram_digest)
     for d in devices:
         res.devices.append({"idstr": d.idstr, "interface": d.src.interface,
                             "family": d.family.name, "profile": d.spec.profile,
@@ -384,17 +515,121 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     return res
 
 
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+def _open_output(path):
+    """The stream file, for writing from its start.  An existing regular file is
+    overwritten in place and cut to length at the end (:func:`_end_output`):
+    truncating a file just written costs its pages and, on ext4, starts their
+    writeback at close (auto_da_alloc), 0.1 s and more for a 400 MB stream."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            return open(path, "r+b", buffering=1 << 20)
+    except OSError:
+        pass
+    return open(path, "wb", buffering=1 << 20)
+
+
+def _stream_hashing(f, wanted):
+    """(sha256 object, _FileHasher) for _Out: the file is hashed by reading it back
+    on a thread when it can be (a regular file), else as it is written."""
+    if not wanted:
+        return None, None
+    try:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode) and hasattr(os, "preadv"):
+            return None, _FileHasher(f.name)
+    except OSError:
+        pass
+    return hashlib.sha256(), None
+
+
+def _end_output(f):
+    if f.seekable() and f.mode == "rb+":
+        f.truncate()                   # at the end of what was written
+
+
+class _FileHasher:
+    """The sha256 of a file being written, on a thread that reads it back (from the
+    page cache) up to what has been written and flushed (:meth:`advance`), so the
+    hashing runs beside the writing instead of after it."""
+
+    def __init__(self, path):
+        import threading
+        self._fd = os.open(path, os.O_RDONLY)
+        self._h = hashlib.sha256()
+        self._limit = 0
+        self._closed = False
+        self._cv = threading.Condition()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def advance(self, upto: int):
+        with self._cv:
+            self._limit = max(self._limit, upto)
+            self._cv.notify()
+
+    def _run(self):
         buf = bytearray(8 << 20)
         view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
+        pos = 0
+        try:
+            while True:
+                with self._cv:
+                    while pos >= self._limit and not self._closed:
+                        self._cv.wait()
+                    limit, closed = self._limit, self._closed
+                if pos >= limit and closed:
+                    return
+                while pos < limit:
+                    n = os.preadv(self._fd, [view[:min(len(buf), limit - pos)]], pos)
+                    if n <= 0:
+                        raise OSError(f"stream file shorter than written ({pos} < {limit})")
+                    self._h.update(view[:n])
+                    pos += n
+        except BaseException as e:            # handed to finish()
+            self._error = e
+
+    def finish(self, size: int) -> str:
+        """The sha256 of the first ``size`` bytes (all written and flushed)."""
+        self.advance(size)
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+        if self._error is not None:
+            raise self._error
+        return self._h.hexdigest()
+
+    def abandon(self):
+        with self._cv:
+            self._closed = True
+            self._limit = 0
+            self._cv.notify()
+        self._thread.join()
+        os.close(self._fd)
+
+
+class _Later:
+    """``fn()`` on another thread; :meth:`result` waits for it (and raises its error)."""
+
+    def __init__(self, fn):
+        import threading
+        self._out = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn):
+        try:
+            self._out.append((True, fn()))
+        except BaseException as e:            # handed to result()
+            self._out.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _then(pieces, last):
@@ -413,7 +648,8 @@ def _ram_pass(saver, sender, last_stage=False):
     """One RAM section's records: the main-channel pass, or with multifd the scan
     whose pages go to the channels and whose wraps are MULTIFD_FLUSH; then EOS."""
     if sender is None:
-        yield from saver.pass_bytes(last_stage=last_stage)
+        # two scratch buffers: _Out writes each list while the next is encoded
+        yield from saver.pass_bytes(last_stage=last_stage, scratch=2)
     else:
         for ev in saver.scan_pass():
             if ev[0] == "wrap":

@@ -32,6 +32,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from .. import xbzrle
 from ..codec.ram_records import RamPage, RamXbzrle, RamZero
@@ -47,6 +48,51 @@ BATCH = 4096
 
 CACHED_PAGE_LIFETIME = 2
 DEFAULT_XBZRLE_CACHE = 64 << 20
+
+
+def _run_size(n: int, n_data: int, page_size: int) -> int:
+    """Bytes of ``n`` CONTINUE records, ``n_data`` of them PAGE, the rest ZERO."""
+    return n * 9 + n_data * (page_size - 1)
+
+
+def _encode_run(buf, blk, idx, nz) -> None:
+    """Fill ``buf`` with the CONTINUE records of pages ``idx`` of ``blk`` (ascending):
+    ``nz`` true: PAGE (header word, the page), false: ZERO (header word, fill 0).
+
+    Each record's place comes from a cumulative sum of the sizes; the words,
+    fill bytes and pages are scattered there through byte-granular sliding
+    views of ``buf`` (rows of 8 and of ``page_size`` bytes starting at every
+    byte), whose rows the records never share; a run of consecutive pages is
+    copied in one go into a view with the records' stride."""
+    ps = blk.page_size
+    sizes = np.where(nz, np.int64(8 + ps), np.int64(9))
+    offs = np.cumsum(sizes) - sizes
+    total = len(buf)
+    words = idx.astype(np.uint64) * np.uint64(ps) | np.where(
+        nz, np.uint64(F_PAGE | F_CONT), np.uint64(F_ZERO | F_CONT))
+    heads = as_strided(buf, shape=(total - 7, 8), strides=(1, 1))
+    heads[offs] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
+    zeros = ~nz
+    if zeros.any():
+        buf[offs[zeros] + 8] = 0
+    dpos = np.flatnonzero(nz)
+    if not len(dpos):
+        return
+    didx = idx[dpos]
+    # runs of data records that are consecutive pages too: their pages go in with
+    # one strided copy each (no gather); many short runs: one scatter of them all
+    cut = np.flatnonzero((np.diff(dpos) != 1) | (np.diff(didx) != 1)) + 1
+    if len(cut) < len(dpos) // 16:
+        starts = np.concatenate(([0], cut)).tolist()
+        ends = np.concatenate((cut, [len(dpos)])).tolist()
+        firsts = (offs[dpos[starts]] + 8).tolist()
+        for a, b, o in zip(starts, ends, firsts):
+            i0 = int(didx[a])
+            dst = as_strided(buf[o:], shape=(b - a, ps), strides=(ps + 8, 1))
+            dst[...] = blk.pages[i0:i0 + b - a]
+    else:
+        rows = as_strided(buf, shape=(total - ps + 1, ps), strides=(1, 1))
+        rows[offs[dpos] + 8] = blk.pages[didx]
 
 
 def pow2floor(n: int) -> int:
@@ -191,70 +237,112 @@ class RamSaver:
         if self.xbzrle_on:
             self.xbzrle_enabled = True          # after the first complete round
 
-    def pass_bytes(self, *, last_stage: bool = False):
-        """The same pass as :meth:`pass_records`, as encoded pieces (bytes / memoryviews).
+    def pass_bytes(self, *, last_stage: bool = False, scratch: bool = False):
+        """The same pass as :meth:`pass_records`, as encoded pieces (bytes-like objects).
 
-        The fast path of the same rules: runs of zero pages become one numpy
-        array of ZERO records, data pages a header and a view of the page;
-        pages that XBZRLE may touch go through :meth:`pass_records`' logic.
+        The fast path of the same rules: without XBZRLE a batch of pages becomes
+        one buffer built by numpy (each record's header word and fill byte or
+        page contents scattered into place); pages that XBZRLE may touch go
+        through :meth:`pass_records`' logic.  ``scratch`` (a number N >= 1, or
+        True for 1): the buffers rotate among N reused ones, so each yielded
+        list must be written out before N more are asked for (``migrate``
+        writes one list while the next is encoded, with N = 2).
         ``b"".join(pass_bytes()) == b"".join(r.encode() for r in pass_records())``
         (tested).
         """
-        ps = self.page_size
-        counts = self.counts
-        pack = _U64.pack
+        nbuf = int(scratch)
+        bufs = [None] * nbuf
+        turn = 0
         for blk, key_base, idx, nz in self._batches():
-            name = blk.name
-            nameb = name.encode("latin-1")
-            named = bytes((len(nameb),)) + nameb
-            view = memoryview(blk.mem)
+            if self.xbzrle_enabled:
+                yield self._pieces_xbzrle(blk, key_base, idx, nz, last_stage)
+                continue
             out = []
+            name = blk.name
             n = len(idx)
-            pos = 0
-            idx_l = idx.tolist()
-            nz_l = nz.tolist()
-            while pos < n:
-                if not nz_l[pos]:
-                    end = pos
-                    while end < n and not nz_l[end]:
-                        end += 1
-                    run = idx[pos:end]
-                    counts["zero"] += end - pos
-                    if self.xbzrle_enabled:
-                        for i in idx_l[pos:end]:
-                            self.cache.insert(key_base + i, bytes(ps), self.sync_count)
-                    first = self._flags(F_ZERO, name)
-                    if not first & F_CONT:
-                        out.append(pack(idx_l[pos] * ps | first) + named + b"\0")
-                        run = run[1:]
-                    if len(run):
-                        recs = np.empty(len(run), dtype=_ZERO_REC)
-                        recs["word"] = run.astype(np.uint64) * np.uint64(ps) | \
-                            np.uint64(F_ZERO | F_CONT)
-                        recs["fill"] = 0
-                        out.append(recs.tobytes())
-                    pos = end
+            nzc = int(np.count_nonzero(nz))
+            self.counts["normal"] += nzc
+            self.counts["zero"] += n - nzc
+            first = self._flags(F_PAGE if nz[0] else F_ZERO, name)
+            if not first & F_CONT:
+                # the first record after another block's: it names its block
+                out.append(self._named_record(blk, int(idx[0]), bool(nz[0]), first))
+                idx, nz = idx[1:], nz[1:]
+                if not len(idx):
+                    yield out
                     continue
-                i = idx_l[pos]
-                addr = i * ps
-                if self.xbzrle_enabled:
-                    page = bytes(view[addr:addr + ps])
-                    rec = self._xbzrle(name, key_base + i, addr, page, last_stage)
-                    if rec is False:
-                        pos += 1
-                        continue
-                    if rec is not None:
-                        out.append(rec.encode())
-                        pos += 1
-                        continue
-                counts["normal"] += 1
-                flags = self._flags(F_PAGE, name)
-                out.append(pack(addr | flags) if flags & F_CONT else pack(addr | flags) + named)
-                out.append(view[addr:addr + ps])
-                pos += 1
+            need = _run_size(len(idx), int(np.count_nonzero(nz)), self.page_size)
+            if nbuf:
+                b = bufs[turn]
+                if b is None or len(b) < need:
+                    b = bufs[turn] = np.empty(max(need, BATCH * (self.page_size + 8)),
+                                              np.uint8)
+                turn = (turn + 1) % nbuf
+                buf = b[:need]
+            else:
+                buf = np.empty(need, np.uint8)
+            _encode_run(buf, blk, idx, nz)
+            out.append(buf)
             yield out
         if self.xbzrle_on:
             self.xbzrle_enabled = True
+
+    def _named_record(self, blk, i, data_page, flags) -> bytes:
+        nameb = blk.name.encode("latin-1")
+        ps = self.page_size
+        head = _U64.pack(i * ps | flags) + bytes((len(nameb),)) + nameb
+        return head + (bytes(blk.page(i)) if data_page else b"\0")
+
+    def _pieces_xbzrle(self, blk, key_base, idx, nz, last_stage) -> list:
+        """One batch's pieces once XBZRLE is enabled (page by page)."""
+        ps = self.page_size
+        counts = self.counts
+        pack = _U64.pack
+        name = blk.name
+        nameb = name.encode("latin-1")
+        named = bytes((len(nameb),)) + nameb
+        view = memoryview(blk.mem)
+        out = []
+        n = len(idx)
+        pos = 0
+        idx_l = idx.tolist()
+        nz_l = nz.tolist()
+        while pos < n:
+            if not nz_l[pos]:
+                end = pos
+                while end < n and not nz_l[end]:
+                    end += 1
+                run = idx[pos:end]
+                counts["zero"] += end - pos
+                for i in idx_l[pos:end]:
+                    self.cache.insert(key_base + i, bytes(ps), self.sync_count)
+                first = self._flags(F_ZERO, name)
+                if not first & F_CONT:
+                    out.append(pack(idx_l[pos] * ps | first) + named + b"\0")
+                    run = run[1:]
+                if len(run):
+                    recs = np.empty(len(run), dtype=_ZERO_REC)
+                    recs["word"] = run.astype(np.uint64) * np.uint64(ps) | \
+                        np.uint64(F_ZERO | F_CONT)
+                    recs["fill"] = 0
+                    out.append(recs.tobytes())
+                pos = end
+                continue
+            i = idx_l[pos]
+            addr = i * ps
+            page = bytes(view[addr:addr + ps])
+            rec = self._xbzrle(name, key_base + i, addr, page, last_stage)
+            pos += 1
+            if rec is False:
+                continue
+            if rec is not None:
+                out.append(rec.encode())
+                continue
+            counts["normal"] += 1
+            flags = self._flags(F_PAGE, name)
+            out.append(pack(addr | flags) if flags & F_CONT else pack(addr | flags) + named)
+            out.append(view[addr:addr + ps])
+        return out
 
     def _xbzrle(self, name, key, addr, page, last_stage):
         """XBZRLE record, None (send as PAGE) or False (unchanged: nothing sent)."""

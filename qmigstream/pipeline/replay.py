@@ -50,7 +50,7 @@ from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..vfio.scan import scan
 from ..wire import vfio as W
-from .guest import GuestRam, RamLoader
+from .guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS, GuestRam, RamLoader, run_parallel
 from .vfiodev import DestV1, DestV2
 
 #: Seeds of destination devices made here: their state before the load differs from any source.
@@ -89,6 +89,7 @@ class ReplayResult:
     ok: bool
     error: dict | None = None
     devices: list = field(default_factory=list)
+    ram_digest: str = DEFAULT_RAM_DIGEST               # how ``ram`` is computed
     ram: dict = field(default_factory=dict)
     pages: int = 0
     verified: bool | None = None
@@ -110,8 +111,8 @@ class Destination:
             self.io = DestV1(self.device, layout=v1_layout or "rfc")
         else:
             self.io = DestV2(self.device, features=features or "p2p,pre_copy")
-        self.report = DeviceReport(idstr, interface, str(profile),
-                                   state_before=self.device.state_digest())
+        self.report = DeviceReport(idstr, interface, str(profile))
+        self._before = self.device.state_digest_later()    # hashed while the load runs
         self.config = None
         self.begun = False
         self.committed = False
@@ -191,14 +192,22 @@ def channel_files(path, expect) -> list:
 
 
 def replay(path, *, expect=None, page_size=None, destinations=None,
-           channels=None) -> ReplayResult:
+           channels=None, ram_digest=None) -> ReplayResult:
     """Load ``path``; returns a :class:`ReplayResult`, never a half-loaded device.
 
     ``expect``: the source manifest (dict) to verify against; ``destinations``:
     ready :class:`Destination` objects by idstr (else they are made here);
-    ``channels``: multifd channel files (default: those ``expect`` lists).
+    ``channels``: multifd channel files (default: those ``expect`` lists);
+    ``ram_digest``: how to digest the loaded RAM (default: as the manifest's
+    digests are made — ``sha256`` for a manifest that does not say — else
+    ``pages-crc32``).
     """
-    result = ReplayResult(ok=False)
+    if ram_digest is None:
+        ram_digest = expect.get("ram_digest", "sha256") if expect is not None \
+            else DEFAULT_RAM_DIGEST
+    if ram_digest not in RAM_DIGESTS:
+        raise QmigstreamError(f"RAM digest {ram_digest!r}: one of {', '.join(RAM_DIGESTS)}")
+    result = ReplayResult(ok=False, ram_digest=ram_digest)
     if channels is None:
         channels = channel_files(path, expect)
     if destinations is None and expect is not None:
@@ -223,13 +232,15 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
         destinations = {idstr: Destination(idstr, *spec[:2], features=spec[2],
                                            v1_layout=spec[3])
                         for idstr, spec in plan.items()}
-    ram = None
+    ram = early = None
     try:
-        ram = _load(path, destinations, page_size, result, chans)
+        ram, early = _load(path, destinations, page_size, result, chans, ram_digest)
         _commit(destinations)
     except (StreamError, DeviceError, ReplayError) as e:
         for d in destinations.values():
             d.abort()
+        if early is not None:
+            early.wait()
         if ram is not None:
             ram.close()
         result.error = _error_json(e)
@@ -238,7 +249,15 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
         return result
     result.ok = True
     result.channels = [c.to_json() for c in chans]
-    result.ram = ram.digests()
+    # the RAM digests (unless made already while the devices' data loaded) and the
+    # devices' image sha256 (cached for the reports) side by side
+    ready = early.result() if early is not None else None
+    result.ram, _ = run_parallel([lambda: ready or ram.digests(ram_digest),
+                                  lambda: [d.device.image_digest()
+                                           for d in destinations.values()]],
+                                 weights=[0 if ready else ram.total // 3,
+                                          sum(d.device.profile.image_size
+                                              for d in destinations.values())])
     result.devices = [_final_report(d) for d in destinations.values()]
     if expect is not None:
         _verify(result, expect, destinations)
@@ -247,11 +266,15 @@ def replay(path, *, expect=None, page_size=None, destinations=None,
 
 
 def _final_report(d):
+    if not d.report.state_before:
+        d.report.state_before = d._before()
     d.report.state_after = d.device.state_digest()
     return asdict(d.report)
 
 
-def _load(path, dests, page_size, result, chans=()) -> GuestRam:
+def _load(path, dests, page_size, result, chans=(), ram_digest=None):
+    """Load the stream: ``(ram, early)``; ``early``: the RAM digests started on
+    another thread once the RAM END section was over (None if not started)."""
     reader = StreamReader(path, page_size=page_size)
     ram = loader = None
     current = None
@@ -259,14 +282,21 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
     eof = False
     mf = _MultifdLoad(chans, dests) if chans else None
     full_markers = {}
+    early = None
+    ram_end = False
     try:
-        feed = None
+        dispatch = {}                  # RamLoader's handlers, once the block list came
         for rec in reader.records():
-            if feed is not None and type(rec) in RamLoader._dispatch:
-                feed(rec)
+            fn = dispatch.get(type(rec))
+            if fn is not None:
+                fn(loader, rec)
                 continue
             if isinstance(rec, SectionHeader):
                 idstr = reader.sections[rec.section_id].idstr
+                if ram_end and early is None and ram_digest and mf is None:
+                    # the RAM END section is over: RAM is final (checked at the end)
+                    early = _EarlyDigest(ram, ram_digest, loader)
+                ram_end = idstr == "ram" and rec.type_name == "END"
                 section = rec.type_name
                 current = dests.get(idstr) if is_vfio_idstr(idstr) else None
                 if is_vfio_idstr(idstr) and current is None:
@@ -294,6 +324,9 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                                       "doing multifd transfer", rec.offset, current.idstr)
                 current.config = rec
             elif isinstance(rec, R.RamMemSize):
+                if early is not None:
+                    early.wait()
+                    early = None
                 if ram is not None:
                     ram.close()
                 ram = None
@@ -304,7 +337,7 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                     raise ReplayError(f"cannot hold the stream's RAM blocks: {e}",
                                       rec.offset) from None
                 loader = RamLoader(ram)
-                feed = loader.feed
+                dispatch = RamLoader._dispatch
 
             elif isinstance(rec, EndOfStream) and rec.depth == 0:
                 eof = True
@@ -325,11 +358,41 @@ def _load(path, dests, page_size, result, chans=()) -> GuestRam:
                                                       "they have no packets for it"),
                                   None, d.idstr)
     except BaseException:
+        if early is not None:
+            early.wait()
         if ram is not None:
             ram.close()
         raise
     result.pages = loader.pages
-    return ram
+    return ram, early
+
+
+class _EarlyDigest:
+    """RAM digests on another thread, from a point where RAM should be final;
+    :meth:`result` gives them only if the loader changed nothing since."""
+
+    def __init__(self, ram, scheme, loader):
+        import threading
+        self.loader = loader
+        self.mark = loader.changes
+        self._out = []
+        self._thread = threading.Thread(target=self._run, args=(ram, scheme), daemon=True)
+        self._thread.start()
+
+    def _run(self, ram, scheme):
+        try:
+            self._out.append(ram.digests(scheme))
+        except BaseException:                 # made again by the caller
+            pass
+
+    def wait(self):
+        self._thread.join()
+
+    def result(self):
+        self.wait()
+        if self._out and self.loader.changes == self.mark:
+            return self._out[0]
+        return None
 
 
 def _commit(dests):
@@ -354,10 +417,14 @@ def _error_json(e) -> dict:
 
 def _verify(result, expect, dests):
     mism = []
+    scheme = result.ram_digest
+    if scheme != expect.get("ram_digest", "sha256"):
+        mism.append(f"RAM digests: {scheme} here, the manifest's are "
+                    f"{expect.get('ram_digest', 'sha256')}")
     for name, digest in expect.get("ram", {}).items():
         got = result.ram.get(name)
         if got != digest:
-            mism.append(f"RAM block {name}: sha256 {got} differs from the source's {digest}")
+            mism.append(f"RAM block {name}: {scheme} {got} differs from the source's {digest}")
     for d in expect.get("devices", []):
         dest = dests.get(d["idstr"])
         if dest is None:
@@ -425,8 +492,11 @@ class _MultifdLoad:
                                   expected=f"<= 0x{blk.used_length - ps:x}", found=off)
         for i, off in enumerate(normal):
             blk.mem[off:off + ps] = pkt.page(i)
+            blk.mark_written(off // ps, 1 + (off % ps > 0))
         for off in zero:                   # multifd_recv_zero_page_process
-            blk.mem[off:off + ps] = bytes(ps)
+            i = off // ps
+            if off % ps or blk.written[i]:  # a page never written is zero already
+                blk.mem[off:off + ps] = bytes(ps)
         loader.pages += len(normal) + len(zero)
         ch.counts["pages"] += len(normal) + len(zero)
 

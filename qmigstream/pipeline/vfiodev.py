@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno as _errno
 
 from ..device import region_v1 as V1
+from ..device.blob import byte_view
 from ..device.device_v2 import VfioDeviceV2
 from ..device.fsm import MigFeature, MigState
 from ..device.pci_device import PAGE, EmulatedPciDevice
@@ -122,7 +123,7 @@ class SourceV2:
         if self.file is None:
             return b""
         try:
-            return self.file.read(self.buffer)
+            return self.file.read_view(self.buffer)
         except DeviceError as e:
             if e.errno == _errno.ENOMSG:
                 return b""
@@ -150,7 +151,7 @@ class SourceV2:
             self.file = f
         chunks = []
         while True:
-            got = self.file.read(self.buffer)
+            got = self.file.read_view(self.buffer)      # views of the blob: no copies
             if not got:
                 break
             chunks.append(got)
@@ -233,7 +234,7 @@ class DestV2:
 
     def write(self, data):
         """``qemu_file_get_to_fd``: write the chunk, going on after short writes."""
-        mv = memoryview(bytes(data))
+        mv = byte_view(data)                 # the device copies what it accepts
         while len(mv):
             n = self.file.write(mv)
             if n <= 0:
