@@ -581,3 +581,35 @@ def test_stream_sha256_read_back_or_as_written(tmp_path):
     res2 = migrate(fifo, small("qemu-8.2", ram_size=32 << 20, xbzrle=False))
     reader.join()
     assert res2.sha256 == res.sha256 == hashlib.sha256(got[0]).hexdigest()
+
+
+def test_ram_loader_applies_page_runs_as_their_page_records():
+    """RamLoader given the reader's RamPageRun records (ascending, descending and
+    repeated addresses) holds the same memory as given the PAGE records one by one."""
+    from qmigstream.codec.build import StreamBuilder
+    from qmigstream.codec.ram_records import RamEos, RamPageRun
+    from qmigstream.pipeline.guest import GuestRam, RamLoader
+    from qmigstream.wire.header import SectionType as T
+    ps = 4096
+    b = StreamBuilder(page_size=ps)
+    b.header()
+    b.section(T.SECTION_START, "ram", b.ram_setup_records([("pc.ram", 64 * ps)]), version_id=4)
+    order = list(range(10, 30)) + list(range(50, 40, -1)) + [3, 3, 4, 3] + list(range(20))
+    recs = [b.ram_page_record("pc.ram", i * ps, bytes([k % 251 + 1]) * ps)
+            for k, i in enumerate(order)]
+    b.section(T.SECTION_PART, "ram", recs + [RamEos()])
+    b.eof()
+    data = b.encode()
+    mems = []
+    for runs in (False, True):
+        ram = GuestRam([("pc.ram", 64 * ps)], ps)
+        loader = RamLoader(ram)
+        got = list(read_records(data, page_runs=runs))
+        assert any(isinstance(r, RamPageRun) for r in got) == runs
+        for r in got:
+            loader.feed(r)
+        assert loader.pages == len(order)
+        mems.append(bytes(ram.block("pc.ram").mem[:64 * ps]))
+    assert mems[0] == mems[1]
+    last = max(k for k, i in enumerate(order) if i == 3)      # the last write wins
+    assert mems[0][3 * ps:4 * ps] == bytes([last % 251 + 1]) * ps

@@ -587,7 +587,24 @@ class RamLoader:
                 first = rec.start // ps
                 blk.mark_written(first, (rec.start + rec.length - 1) // ps + 1 - first)
 
+    def _page_run(self, rec):
+        """A :class:`~qmigstream.codec.ram_records.RamPageRun`: whole pages at
+        ascending page addresses go in with :meth:`pages_run`; any other run
+        (unaligned or out of order addresses) record by record."""
+        blk = self.ram.blocks.get(rec.block) or self.ram.block(rec.block)
+        ps = blk.page_size
+        addrs = np.array(rec.words, dtype=np.uint64) - np.uint64(rec.flags)
+        if rec.page_size == ps and not (addrs % np.uint64(ps)).any() and \
+                (len(addrs) < 2 or bool((addrs[1:] > addrs[:-1]).all())):
+            data = np.ndarray((rec.count, ps), dtype=np.uint8, buffer=rec.buf,
+                              offset=rec.start + 8, strides=(ps + 8, 1))
+            self.pages_run(rec.block, (addrs // np.uint64(ps)).astype(np.intp), data)
+            return
+        for r in rec.expand():
+            self._page(r)
+
     _dispatch = {R.RamZeroRun: _zero_run, R.RamZero: _zero, R.RamPage: _page,
+                 R.RamPageRun: _page_run,
                  R.RamXbzrle: _xbzrle, R.RamCompressed: _compressed, R.MappedRamChunk: _mapped}
 
     @staticmethod

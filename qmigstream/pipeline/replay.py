@@ -275,7 +275,7 @@ def _final_report(d):
 def _load(path, dests, page_size, result, chans=(), ram_digest=None):
     """Load the stream: ``(ram, early)``; ``early``: the RAM digests started on
     another thread once the RAM END section was over (None if not started)."""
-    reader = StreamReader(path, page_size=page_size)
+    reader = StreamReader(path, page_size=page_size, page_runs=True)
     ram = loader = None
     current = None
     section = None
