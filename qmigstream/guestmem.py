@@ -49,11 +49,9 @@ import struct
 import threading
 import zlib
 
-import numpy as np
-
 from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
-                                RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamXbzrle,
-                                RamZero, RamZeroRun)
+                                RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamPageRun,
+                                RamXbzrle, RamZero, RamZeroRun)
 from .codec.reader import StreamReader
 from .codec.records import Command, SectionHeader
 from .errors import QmigstreamError, StreamError
@@ -249,12 +247,19 @@ class _RunningHash:
 
     def send(self):
         if self.batch:
-            self.worker.put(self.h, b"".join(self.batch))
+            # The pieces (pages, often memoryviews of the reader's immutable
+            # buffers) are joined by the hashing thread, without the GIL.
+            self.worker.put(self.h, self.batch)
             self.batch, self.batched = [], 0
 
 
 class _HashWorker:
-    """One thread that feeds queued pieces to sha256 (hashlib drops the GIL while hashing)."""
+    """One thread that feeds queued pieces to sha256.
+
+    An item is a count of zero bytes or a list of pieces; the list is joined
+    here (``bytes.join`` drops the GIL for a join of 1 MiB or more, hashlib
+    while hashing), so both overlap the main thread.
+    """
 
     def __init__(self):
         self.q = queue.Queue(maxsize=4)
@@ -274,8 +279,10 @@ class _HashWorker:
             try:
                 if isinstance(item, int):
                     _hash_zeros(h, item, _BIG_ZEROS)
+                elif len(item) == 1:
+                    h.update(item[0])
                 else:
-                    h.update(item)
+                    h.update(b"".join(item))
             except BaseException as e:  # reported by close()
                 self.error = e
 
@@ -306,10 +313,13 @@ class PageMarks:
     """One mark per page (1: may hold data, 0: a hole), allocated 1 GiB of guest at a time.
 
     A block of any length costs nothing until pages in it are written, so a
-    hostile MEM_SIZE naming a huge block does not allocate anything.
+    hostile MEM_SIZE naming a huge block does not allocate anything.  The
+    pieces are bytearrays (no numpy: importing it costs more than marking).
     """
 
     CHUNK = 1 << 18            # pages per piece (1 GiB of 4 KiB pages)
+    _ONES = memoryview(b"\1" * CHUNK)
+    _NONE = memoryview(bytes(CHUNK))
 
     def __init__(self, pages: int = 0):
         self.pages = pages
@@ -329,28 +339,28 @@ class PageMarks:
         for k, lo, hi in self._pieces(i, n):
             a = self._c.get(k)
             if a is None:
-                a = self._c[k] = np.zeros(self.CHUNK, dtype=np.uint8)
-            a[lo:hi] = 1
+                a = self._c[k] = bytearray(self.CHUNK)
+            a[lo:hi] = self._ONES[:hi - lo]
 
     def clear(self, i, n=1):
         for k, lo, hi in self._pieces(i, n):
             a = self._c.get(k)
             if a is not None:
-                a[lo:hi] = 0
+                a[lo:hi] = self._NONE[:hi - lo]
 
     def any(self, i, n=1) -> bool:
         for k, lo, hi in self._pieces(i, n):
             a = self._c.get(k)
-            if a is not None and a[lo:hi].any():
+            if a is not None and a.find(1, lo, hi) >= 0:
                 return True
         return False
 
     def __getitem__(self, i) -> bool:
         a = self._c.get(i // self.CHUNK)
-        return a is not None and bool(a[i % self.CHUNK])
+        return a is not None and a[i % self.CHUNK] == 1
 
     def count(self) -> int:
-        return int(sum(np.count_nonzero(a) for a in self._c.values()))
+        return sum(a.count(1) for a in self._c.values())
 
     def resize(self, pages: int):
         if pages < self.pages:
@@ -631,6 +641,9 @@ class GuestMemory:
     # -- records --------------------------------------------------------------
     def feed(self, rec) -> bool:
         """Apply one record; False once the wanted iterations are all applied."""
+        if type(rec) is RamPageRun and self.iteration is not None:
+            self._page_run(rec)
+            return True
         if type(rec) is RamPage and self.iteration is not None:
             self._page(rec)
             return True
@@ -645,6 +658,8 @@ class GuestMemory:
             return True
         if isinstance(rec, RamPage):
             self._page(rec)
+        elif isinstance(rec, RamPageRun):
+            self._page_run(rec)
         elif isinstance(rec, RamZeroRun):
             b = self._block(rec.block, rec.offset)
             b.pages["zero"] += rec.count
@@ -744,6 +759,72 @@ class GuestMemory:
         self._pend_next = addr + self.page_size
         self._pend_room = MAX_IOV - 1
 
+    def _page_run(self, run):
+        """A run of PAGE records: its pages join the pending run without a copy.
+
+        The common case (pages at consecutive addresses, none all zero) is
+        handled for the run as a whole; otherwise page by page as :meth:`_page`.
+        """
+        ps = self.page_size
+        words, n = run.words, len(run.words)
+        if run.page_size != ps or not n:
+            for rec in run.expand():
+                self._page(rec)
+            return
+        b = self._block(run.block, run.offset)
+        buf, stride = run.buf, ps + 8
+        q0 = run.start + 8
+        mv = memoryview(buf)
+        pages = [mv[q:q + ps] for q in range(q0, q0 + n * stride, stride)]
+        # A page can only be all zero if its first 8 bytes are: one unpack for the run.
+        maybe_zero = 0 in _first_qwords(ps, n).unpack_from(buf, q0)
+        w0 = words[0]
+        if not maybe_zero and words[-1] - w0 == (n - 1) * ps and \
+                words == tuple(range(w0, w0 + n * ps, ps)):
+            self._pend_pages(b, w0 - run.flags, pages)
+            return
+        zero = self._zero_page
+        f = run.flags
+        for w, p in zip(words, pages):
+            self._page_at(b, w - f, p, maybe_zero and p == zero)
+
+    def _pend_pages(self, b, addr, pages):
+        """Add pages at consecutive addresses from ``addr`` (none all zero) to the pending run."""
+        ps = self.page_size
+        while pages:
+            if self._pend_block is not b or self._pend_next != addr or not self._pend_room:
+                self._flush()
+                self._pend_block, self._pend_name, self._pend_start = b, b.name, addr
+                self._pend_bufs = []
+                self._pend_room = MAX_IOV
+            k = min(self._pend_room, len(pages))
+            if k == len(pages):
+                self._pend_bufs += pages
+            else:
+                self._pend_bufs += pages[:k]
+            pages = pages[k:]
+            addr += k * ps
+            self._pend_next = addr
+            self._pend_room -= k
+
+    def _page_at(self, b, addr, data, zero):
+        """One page of a run (``zero``: its bytes are all zero); as :meth:`_page`."""
+        if not zero and self._pend_block is b and addr == self._pend_next and self._pend_room:
+            self._pend_bufs.append(data)
+            self._pend_next = addr + self.page_size
+            self._pend_room -= 1
+            return
+        self._flush()
+        if zero:
+            b.pages["page"] += 1
+            if b.written[addr // self.page_size]:
+                self._punch(b, addr, 1)
+            return
+        self._pend_block, self._pend_name, self._pend_start = b, b.name, addr
+        self._pend_bufs = [data]
+        self._pend_next = addr + self.page_size
+        self._pend_room = MAX_IOV - 1
+
     def _flush(self):
         """Write the pending run of pages (one ``pwritev``)."""
         b = self._pend_block
@@ -830,6 +911,7 @@ class GuestMemory:
     def _bitmap(self, rec):
         b = self._block(rec.block, rec.offset)
         pages = b.used_length // self.page_size
+        import numpy as np          # mapped-ram only: not imported for the stream path
         # Host unsigned longs, little-endian on x86: bit i is byte i//8, bit i%8.
         bits = np.unpackbits(np.frombuffer(rec.data, dtype=np.uint8), bitorder="little")
         self._mr_bits[rec.block] = bits[:pages].astype(bool)
@@ -846,7 +928,7 @@ class GuestMemory:
                               rec.offset, section="ram")
         first = rec.start // ps
         sel = bits[first:first + rec.length // ps]
-        n = int(np.count_nonzero(sel))
+        n = int(sel.sum())
         if not n:
             return
         b.pages["mapped_ram"] += n
@@ -909,8 +991,20 @@ class GuestMemory:
                 "last_applied": self.last_iteration, "stopped_early": self.stopped}
 
 
+_FIRST_QWORDS = {}
+
+
+def _first_qwords(ps, n):
+    """A struct reading the first 8 bytes of each of ``n`` pages ``ps + 8`` bytes apart."""
+    st = _FIRST_QWORDS.get((ps, n))
+    if st is None:
+        st = _FIRST_QWORDS[(ps, n)] = struct.Struct("=" + ("Q%dx" % ps) * (n - 1) + "Q")
+    return st
+
+
 def _runs(mask):
     """``(start, end)`` of each run of True in a bool array."""
+    import numpy as np
     m = np.concatenate(([False], np.asarray(mask, dtype=bool), [False]))
     d = np.flatnonzero(m[1:] != m[:-1])
     return list(zip(d[0::2].tolist(), d[1::2].tolist()))
@@ -1012,7 +1106,9 @@ def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=
     Returns ``(memory, reader)``; ``memory`` is closed.  ``on_record(rec)`` is
     called for every record read (the diff collects device state through it);
     without it reading stops as soon as the wanted iterations are applied.
+    Runs of PAGE records come as :class:`RamPageRun` unless ``page_runs=False``.
     """
+    reader_options.setdefault("page_runs", True)
     reader = StreamReader(stream, **reader_options)
     mem = None
     try:
