@@ -48,6 +48,8 @@ import re
 import struct
 import threading
 import zlib
+from itertools import repeat
+from operator import getitem
 
 from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
                                 RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamPageRun,
@@ -772,10 +774,10 @@ class GuestMemory:
                 self._page(rec)
             return
         b = self._block(run.block, run.offset)
-        buf, stride = run.buf, ps + 8
+        buf = run.buf
         q0 = run.start + 8
-        mv = memoryview(buf)
-        pages = [mv[q:q + ps] for q in range(q0, q0 + n * stride, stride)]
+        mv = memoryview(buf)[q0:]
+        pages = list(map(getitem, repeat(mv, n), _page_slices(ps, n)))
         # A page can only be all zero if its first 8 bytes are: one unpack for the run.
         maybe_zero = 0 in _first_qwords(ps, n).unpack_from(buf, q0)
         w0 = words[0]
@@ -989,6 +991,18 @@ class GuestMemory:
         """Which RAM sections were applied: setup, how many PARTs, END, the last one."""
         return {"setup": self.setup_seen, "parts": self.parts, "end": self.end_seen,
                 "last_applied": self.last_iteration, "stopped_early": self.stopped}
+
+
+_PAGE_SLICES = {}
+
+
+def _page_slices(ps, n):
+    """Slices of ``n`` pages ``ps + 8`` bytes apart (a run's pages from its first page)."""
+    sl = _PAGE_SLICES.get((ps, n))
+    if sl is None:
+        stride = ps + 8
+        sl = _PAGE_SLICES[(ps, n)] = tuple(slice(q, q + ps) for q in range(0, n * stride, stride))
+    return sl
 
 
 _FIRST_QWORDS = {}
