@@ -295,6 +295,67 @@ class _HashWorker:
             raise self.error
 
 
+def _write_pages(fd, bufs, start, total):
+    """Write ``bufs`` (``total`` bytes) at ``start``: one ``pwritev``, finishing a short one."""
+    if len(bufs) == 1:
+        done = os.pwrite(fd, bufs[0], start)
+    else:
+        done = os.pwritev(fd, bufs, start)
+    if done != total:        # short write: finish the rest plainly
+        rest = memoryview(b"".join(bufs))[done:]
+        while rest:
+            n = os.pwrite(fd, rest, start + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            rest, done = rest[n:], done + n
+
+
+class _Writer:
+    """One thread that does the ``pwritev`` of each run of pages (the call drops the GIL),
+    so writing overlaps reading and parsing the stream.
+
+    Every other use of a block's file (punching holes, reading a page back for
+    XBZRLE, single writes, truncating, closing) calls :meth:`drain` first; a
+    write that failed raises there.
+    """
+
+    def __init__(self):
+        self.q = queue.Queue(maxsize=4)
+        self.error = None
+        self.t = threading.Thread(target=self._run, name="qmigstream-write", daemon=True)
+        self.t.start()
+
+    def put(self, fd, bufs, start, total):
+        if self.error is not None:
+            self.drain()
+        self.q.put((fd, bufs, start, total))
+
+    def _run(self):
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    _write_pages(*job)
+            except BaseException as e:  # reported by drain()
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def drain(self):
+        """Wait until every queued write is done; raise the first that failed."""
+        self.q.join()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def close(self):
+        """Stop the thread once the queued writes are done (or skipped after an error)."""
+        self.q.put(None)
+        self.t.join()
+
+
 def create_file(path: str) -> int:
     """Open a new empty file at ``path`` for writing, replacing a file already there.
 
@@ -586,6 +647,7 @@ class GuestMemory:
         self._mr_bits = {}           # mapped-ram bitmaps: block -> bool array
         self._zero_page = bytes(page_size)
         self._hasher = _HashWorker() if hash else None
+        self._writer = None          # _Writer, from the first run of pages written
         self.channels = []
         self.multifd_flushes = 0     # MULTIFD_FLUSH records seen (8.1+ multifd)
 
@@ -619,6 +681,7 @@ class GuestMemory:
         b = self.blocks.get(info.name)
         if b is not None:
             self._flush()
+            self._drain()
             b.resize(info.used_length)
             return
         if info.used_length % self.page_size:
@@ -841,13 +904,20 @@ class GuestMemory:
         b.written.set(i, n)
         if b.running is not None:
             b.running.wrote(start, bufs, n * self.page_size)
-        if n == 1:
-            os.pwrite(b.fd, bufs[0], start)
-            return
-        total = n * self.page_size
-        done = os.pwritev(b.fd, bufs, start)
-        if done != total:        # short write: finish the rest plainly
-            os.pwrite(b.fd, b"".join(bufs)[done:], start + done)
+        w = self._writer
+        if w is None:
+            w = self._writer = _Writer()
+        w.put(b.fd, bufs, start, n * self.page_size)
+
+    def _drain(self):
+        """Wait for the queued writes (before any other use of the files)."""
+        if self._writer is not None:
+            self._writer.drain()
+
+    def _stop_writer(self):
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.close()
 
     def _zero(self, b, addr, count):
         if self._pend_block is b:
@@ -859,6 +929,7 @@ class GuestMemory:
 
     def _punch(self, b, addr, count):
         i = addr // self.page_size
+        self._drain()
         punch_hole(b.fd, addr, count * self.page_size)
         b.written.clear(i, count)
         if b.running is not None:
@@ -871,6 +942,7 @@ class GuestMemory:
             if b.written[addr // self.page_size]:
                 self._punch(b, addr, 1)
             return
+        self._drain()
         os.pwrite(b.fd, page, addr)
         b.written.set(addr // self.page_size)
         if b.running is not None:
@@ -881,6 +953,7 @@ class GuestMemory:
             self._flush()
         if not b.written[addr // self.page_size]:
             return self._zero_page
+        self._drain()
         return os.pread(b.fd, self.page_size, addr)
 
     def _xbzrle(self, rec):
@@ -939,6 +1012,7 @@ class GuestMemory:
                 self._zero(b, (first + s) * ps, e - s)
             return
         self._flush()
+        self._drain()
         mv = memoryview(rec.data)
         for s, e in _runs(sel):
             piece = mv[s * ps:e * ps]
@@ -958,6 +1032,7 @@ class GuestMemory:
         closes the files.
         """
         if not finish:
+            self._stop_writer()
             if self._hasher is not None:
                 h, self._hasher = self._hasher, None
                 h.close()
@@ -968,6 +1043,7 @@ class GuestMemory:
             if self.channels:
                 self._apply_channels(self.until if self.stopped else None)
             self._flush()
+            self._drain()
             if self._hasher is not None:
                 for b in self.blocks.values():
                     r = b.running
@@ -981,6 +1057,7 @@ class GuestMemory:
                     if r is not None and r.valid and r.cursor == b.used_length:
                         b.sha256 = r.h.hexdigest()
         finally:
+            self._stop_writer()                   # before the files are closed
             if self._hasher is not None:          # an error above: stop the thread
                 h, self._hasher = self._hasher, None
                 h.close()
