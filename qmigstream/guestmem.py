@@ -37,8 +37,6 @@ unique, readable names made of ``[A-Za-z0-9._+@-]`` only.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -123,6 +121,8 @@ _libc = None
 def _fallocate():
     global _libc
     if _libc is None:
+        import ctypes               # only once a hole is punched
+        import ctypes.util
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             fn = lib.fallocate
@@ -320,7 +320,7 @@ class _Writer:
     """
 
     def __init__(self):
-        self.q = queue.Queue(maxsize=4)
+        self.q = queue.Queue(maxsize=2)
         self.error = None
         self.t = threading.Thread(target=self._run, name="qmigstream-write", daemon=True)
         self.t.start()
