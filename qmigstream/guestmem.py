@@ -249,18 +249,16 @@ class _RunningHash:
 
     def send(self):
         if self.batch:
-            # The pieces (pages, often memoryviews of the reader's immutable
-            # buffers) are joined by the hashing thread, without the GIL.
-            self.worker.put(self.h, self.batch)
+            # Joined here, not in the hashing thread: hashing is the longest
+            # job, and bytes.join drops the GIL for a join of 1 MiB or more.
+            self.worker.put(self.h, b"".join(self.batch))
             self.batch, self.batched = [], 0
 
 
 class _HashWorker:
-    """One thread that feeds queued pieces to sha256.
+    """One thread that feeds queued pieces to sha256 (hashlib drops the GIL while hashing).
 
-    An item is a count of zero bytes or a list of pieces; the list is joined
-    here (``bytes.join`` drops the GIL for a join of 1 MiB or more, hashlib
-    while hashing), so both overlap the main thread.
+    An item is bytes or a count of zero bytes.
     """
 
     def __init__(self):
@@ -281,10 +279,8 @@ class _HashWorker:
             try:
                 if isinstance(item, int):
                     _hash_zeros(h, item, _BIG_ZEROS)
-                elif len(item) == 1:
-                    h.update(item[0])
                 else:
-                    h.update(b"".join(item))
+                    h.update(item)
             except BaseException as e:  # reported by close()
                 self.error = e
 
