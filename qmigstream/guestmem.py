@@ -262,7 +262,7 @@ class _HashWorker:
     """
 
     def __init__(self):
-        self.q = queue.Queue(maxsize=4)
+        self.q = queue.Queue(maxsize=2)
         self.error = None
         self.t = threading.Thread(target=self._run, name="qmigstream-hash", daemon=True)
         self.t.start()
