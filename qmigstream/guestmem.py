@@ -661,13 +661,13 @@ class GuestMemory:
                     if b is None:
                         raise StreamError(f"{ch.name}: multifd packet for unknown RAM block "
                                           f"{name!r}", off + 64)
-                    mv = memoryview(data)
                     for i, a in enumerate(offsets):
                         if a % ps or a > b.used_length - ps:
                             raise StreamError(f"{ch.name}: multifd page offset beyond block "
                                               f"{name!r}", off, expected=f"< {b.used_length:#x}",
                                               found=a)
-                        self._page(RamPage(name, a, mv[i * ps:(i + 1) * ps]))
+                        # bytes, not a memoryview: _page compares it with a zero page
+                        self._page(RamPage(name, a, data[i * ps:(i + 1) * ps]))
                     # _page counts each page as "page"; these came from the channel.
                     b.pages["page"] -= len(offsets)
                     b.pages["multifd"] += len(offsets)
@@ -837,17 +837,23 @@ class GuestMemory:
         q0 = run.start + 8
         mv = memoryview(buf)[q0:]
         pages = list(map(getitem, repeat(mv, n), _page_slices(ps, n)))
-        # A page can only be all zero if its first 8 bytes are: one unpack for the run.
-        maybe_zero = 0 in _first_qwords(ps, n).unpack_from(buf, q0)
+        # A page can only be all zero if its first 8 bytes are: one unpack for the
+        # run, then only those pages are compared (as bytes: comparing a
+        # memoryview goes item by item, ~40 times slower).
+        firsts = _first_qwords(ps, n).unpack_from(buf, q0)
+        zeros = ()
+        if 0 in firsts:
+            zero, stride = self._zero_page, ps + 8
+            zeros = {i for i, v in enumerate(firsts)
+                     if not v and buf[q0 + i * stride:q0 + i * stride + ps] == zero}
         w0 = words[0]
-        if not maybe_zero and words[-1] - w0 == (n - 1) * ps and \
+        if not zeros and words[-1] - w0 == (n - 1) * ps and \
                 words == tuple(range(w0, w0 + n * ps, ps)):
             self._pend_pages(b, w0 - run.flags, pages)
             return
-        zero = self._zero_page
         f = run.flags
-        for w, p in zip(words, pages):
-            self._page_at(b, w - f, p, maybe_zero and p == zero)
+        for i, (w, p) in enumerate(zip(words, pages)):
+            self._page_at(b, w - f, p, i in zeros)
 
     def _pend_pages(self, b, addr, pages):
         """Add pages at consecutive addresses from ``addr`` (none all zero) to the pending run."""

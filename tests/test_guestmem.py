@@ -476,12 +476,13 @@ def _files(out):
 
 
 def test_page_runs_give_what_page_records_give(tmp_path):
-    """Long runs (more pages than one pwritev takes), an all-zero page inside a run,
-    a page sent twice in one run, addresses going back, XBZRLE on a page a run wrote,
+    """Long runs (more pages than one pwritev takes), an all-zero page inside a run
+    and one that only starts with zeros, a page sent twice in one run, addresses going back, XBZRLE on a page a run wrote,
     zeroing after a run: the files equal replaying the same stream record by record."""
     n = 2600
     first = [("pc.ram", i, "page", page(i)) for i in range(n)]
     first[700] = ("pc.ram", 700, "page", bytes(PS))            # all zero: stays a hole
+    first[900] = ("pc.ram", 900, "page", bytes(8) + page(900)[8:])   # zero at its start only
     first[1200] = ("pc.ram", 1199, "page", page(99999))        # page 1199 again, at once
     first[1500:1504] = [("pc.ram", k, "page", page(k + 7)) for k in (40, 41, 3000, 2)]
     old = page(5)
@@ -504,6 +505,7 @@ def test_page_runs_give_what_page_records_give(tmp_path):
     assert ram[5 * PS:6 * PS] == new and ram[10 * PS:11 * PS] == bytes(PS)
     assert ram[700 * PS:701 * PS] == bytes(PS) and ram[1199 * PS:1200 * PS] == page(99999)
     assert ram[3000 * PS:3001 * PS] == page(3007) and ram[2050 * PS:2051 * PS] == bytes(PS)
+    assert ram[900 * PS:901 * PS] == bytes(8) + page(900)[8:]
     runs = [r for r in read_records(path, page_runs=True) if isinstance(r, RamPageRun)]
     assert max(r.count for r in runs) > 1       # the stream really has runs
 
