@@ -43,6 +43,7 @@ import json
 import os
 import queue
 import re
+import stat
 import struct
 import threading
 import zlib
@@ -357,15 +358,54 @@ def create_file(path: str) -> int:
 
     An existing file is unlinked rather than truncated (truncating a big file and
     rewriting it makes ext4 flush it on close), and a symlink there is replaced,
-    never followed.
+    never followed.  An existing regular file holding 64 MiB or more is renamed
+    to a hidden name and unlinked by a thread (freeing its blocks can take a
+    good part of a second); :func:`wait_removed` waits for those threads.
     """
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    _remove_old(path)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | \
         getattr(os, "O_CLOEXEC", 0)
     return os.open(path, flags, 0o644)
+
+
+#: Old files holding this many bytes are unlinked by a thread.
+_REMOVE_LATER = 64 << 20
+_removing = []
+
+
+def _remove_old(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 >= _REMOVE_LATER:
+        d, base = os.path.split(path)
+        # Block file names never start with ".", so this takes no block's name.
+        old = os.path.join(d, f".{base}.old-{os.getpid()}-{len(_removing)}")
+        try:
+            os.rename(path, old)
+        except OSError:
+            pass
+        else:
+            t = threading.Thread(target=_unlink_quietly, args=(old,),
+                                 name="qmigstream-unlink", daemon=True)
+            t.start()
+            _removing.append(t)
+            return
+    os.unlink(path)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def wait_removed() -> None:
+    """Wait until the old files :func:`create_file` replaced are unlinked."""
+    while _removing:
+        _removing.pop().join()
 
 
 class PageMarks:
@@ -1040,6 +1080,7 @@ class GuestMemory:
                 h.close()
             for x in (*self.blocks.values(), *self.channels):
                 x.close()
+            wait_removed()
             return
         try:
             if self.channels:
@@ -1065,6 +1106,7 @@ class GuestMemory:
                 h.close()
             for x in (*self.blocks.values(), *self.channels):
                 x.close()
+            wait_removed()
 
     def iterations(self) -> dict:
         """Which RAM sections were applied: setup, how many PARTs, END, the last one."""
@@ -1175,6 +1217,7 @@ def write_physical(block_path: str, out_path: str, pieces: list) -> int:
     finally:
         os.close(src)
         os.close(dst)
+        wait_removed()
     return size
 
 

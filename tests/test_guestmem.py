@@ -523,6 +523,23 @@ def test_page_runs_and_until_iteration(tmp_path):
         assert m["blocks"][0]["sha256"] == hashlib.sha256(want).hexdigest()
 
 
+
+def test_a_big_old_file_is_replaced_and_removed(tmp_path):
+    """An old block file of 64 MiB or more is unlinked by a thread: gone once extract returns."""
+    b = stream([("pc.ram", 64 * PS)], [[("pc.ram", 1, "page", page(1))]])
+    path = write(tmp_path, b)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "pc.ram.img", "wb") as f:
+        for _ in range(64):
+            f.write(b"\xee" * (1 << 20))
+    os.link(out / "pc.ram.img", tmp_path / "other-name")        # another name keeps it
+    m = guestmem.extract(path, str(out))
+    assert sorted(os.listdir(out)) == ["manifest.json", "pc.ram.img"]
+    assert (out / "pc.ram.img").read_bytes() == bytes(PS) + page(1) + bytes(62 * PS)
+    assert m["blocks"][0]["data_pages"] == 1
+    assert os.stat(tmp_path / "other-name").st_nlink == 1
+
 def test_a_failed_write_is_raised_and_the_threads_stop(tmp_path, monkeypatch):
     b = stream([("pc.ram", 64 * PS)], [[("pc.ram", i, "page", page(i)) for i in range(64)]])
     path = write(tmp_path, b)
