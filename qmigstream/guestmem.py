@@ -40,23 +40,22 @@ unique, readable names made of ``[A-Za-z0-9._+@-]`` only.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
 import os
 import queue
 import re
+import stat
 import struct
 import threading
 import zlib
-
-import numpy as np
+from itertools import repeat
+from operator import getitem
 
 from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
-                                RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamXbzrle,
-                                RamZero, RamZeroRun)
+                                RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamPageRun,
+                                RamXbzrle, RamZero, RamZeroRun)
 from .codec.reader import StreamReader
 from .codec.records import Command, SectionHeader
 from .errors import QmigstreamError, StreamError
@@ -122,6 +121,8 @@ _libc = None
 def _fallocate():
     global _libc
     if _libc is None:
+        import ctypes               # only once a hole is punched
+        import ctypes.util
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             fn = lib.fallocate
@@ -248,15 +249,20 @@ class _RunningHash:
 
     def send(self):
         if self.batch:
+            # Joined here, not in the hashing thread: hashing is the longest
+            # job, and bytes.join drops the GIL for a join of 1 MiB or more.
             self.worker.put(self.h, b"".join(self.batch))
             self.batch, self.batched = [], 0
 
 
 class _HashWorker:
-    """One thread that feeds queued pieces to sha256 (hashlib drops the GIL while hashing)."""
+    """One thread that feeds queued pieces to sha256 (hashlib drops the GIL while hashing).
+
+    An item is bytes or a count of zero bytes.
+    """
 
     def __init__(self):
-        self.q = queue.Queue(maxsize=4)
+        self.q = queue.Queue(maxsize=2)
         self.error = None
         self.t = threading.Thread(target=self._run, name="qmigstream-hash", daemon=True)
         self.t.start()
@@ -285,30 +291,133 @@ class _HashWorker:
             raise self.error
 
 
+def _write_pages(fd, bufs, start, total):
+    """Write ``bufs`` (``total`` bytes) at ``start``: one ``pwritev``, finishing a short one."""
+    if len(bufs) == 1:
+        done = os.pwrite(fd, bufs[0], start)
+    else:
+        done = os.pwritev(fd, bufs, start)
+    if done != total:        # short write: finish the rest plainly
+        rest = memoryview(b"".join(bufs))[done:]
+        while rest:
+            n = os.pwrite(fd, rest, start + done)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            rest, done = rest[n:], done + n
+
+
+class _Writer:
+    """One thread that does the ``pwritev`` of each run of pages (the call drops the GIL),
+    so writing overlaps reading and parsing the stream.
+
+    Every other use of a block's file (punching holes, reading a page back for
+    XBZRLE, single writes, truncating, closing) calls :meth:`drain` first; a
+    write that failed raises there.
+    """
+
+    def __init__(self):
+        self.q = queue.Queue(maxsize=2)
+        self.error = None
+        self.t = threading.Thread(target=self._run, name="qmigstream-write", daemon=True)
+        self.t.start()
+
+    def put(self, fd, bufs, start, total):
+        if self.error is not None:
+            self.drain()
+        self.q.put((fd, bufs, start, total))
+
+    def _run(self):
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    _write_pages(*job)
+            except BaseException as e:  # reported by drain()
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def drain(self):
+        """Wait until every queued write is done; raise the first that failed."""
+        self.q.join()
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def close(self):
+        """Stop the thread once the queued writes are done (or skipped after an error)."""
+        self.q.put(None)
+        self.t.join()
+
+
 def create_file(path: str) -> int:
     """Open a new empty file at ``path`` for writing, replacing a file already there.
 
     An existing file is unlinked rather than truncated (truncating a big file and
     rewriting it makes ext4 flush it on close), and a symlink there is replaced,
-    never followed.
+    never followed.  An existing regular file holding 64 MiB or more is renamed
+    to a hidden name and unlinked by a thread (freeing its blocks can take a
+    good part of a second); :func:`wait_removed` waits for those threads.
     """
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    _remove_old(path)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | \
         getattr(os, "O_CLOEXEC", 0)
     return os.open(path, flags, 0o644)
+
+
+#: Old files holding this many bytes are unlinked by a thread.
+_REMOVE_LATER = 64 << 20
+_removing = []
+
+
+def _remove_old(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 >= _REMOVE_LATER:
+        d, base = os.path.split(path)
+        # Block file names never start with ".", so this takes no block's name.
+        old = os.path.join(d, f".{base}.old-{os.getpid()}-{len(_removing)}")
+        try:
+            os.rename(path, old)
+        except OSError:
+            pass
+        else:
+            t = threading.Thread(target=_unlink_quietly, args=(old,),
+                                 name="qmigstream-unlink", daemon=True)
+            t.start()
+            _removing.append(t)
+            return
+    os.unlink(path)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def wait_removed() -> None:
+    """Wait until the old files :func:`create_file` replaced are unlinked."""
+    while _removing:
+        _removing.pop().join()
 
 
 class PageMarks:
     """One mark per page (1: may hold data, 0: a hole), allocated 1 GiB of guest at a time.
 
     A block of any length costs nothing until pages in it are written, so a
-    hostile MEM_SIZE naming a huge block does not allocate anything.
+    hostile MEM_SIZE naming a huge block does not allocate anything.  The
+    pieces are bytearrays (no numpy: importing it costs more than marking).
     """
 
     CHUNK = 1 << 18            # pages per piece (1 GiB of 4 KiB pages)
+    _ONES = memoryview(b"\1" * CHUNK)
+    _NONE = memoryview(bytes(CHUNK))
 
     def __init__(self, pages: int = 0):
         self.pages = pages
@@ -328,28 +437,28 @@ class PageMarks:
         for k, lo, hi in self._pieces(i, n):
             a = self._c.get(k)
             if a is None:
-                a = self._c[k] = np.zeros(self.CHUNK, dtype=np.uint8)
-            a[lo:hi] = 1
+                a = self._c[k] = bytearray(self.CHUNK)
+            a[lo:hi] = self._ONES[:hi - lo]
 
     def clear(self, i, n=1):
         for k, lo, hi in self._pieces(i, n):
             a = self._c.get(k)
             if a is not None:
-                a[lo:hi] = 0
+                a[lo:hi] = self._NONE[:hi - lo]
 
     def any(self, i, n=1) -> bool:
         for k, lo, hi in self._pieces(i, n):
             a = self._c.get(k)
-            if a is not None and a[lo:hi].any():
+            if a is not None and a.find(1, lo, hi) >= 0:
                 return True
         return False
 
     def __getitem__(self, i) -> bool:
         a = self._c.get(i // self.CHUNK)
-        return a is not None and bool(a[i % self.CHUNK])
+        return a is not None and a[i % self.CHUNK] == 1
 
     def count(self) -> int:
-        return int(sum(np.count_nonzero(a) for a in self._c.values()))
+        return sum(a.count(1) for a in self._c.values())
 
     def resize(self, pages: int):
         if pages < self.pages:
@@ -642,6 +751,7 @@ class GuestMemory:
         self._mr_bits = {}           # mapped-ram bitmaps: block -> bool array
         self._zero_page = bytes(page_size)
         self._hasher = _HashWorker() if hash else None
+        self._writer = None          # _Writer, from the first run of pages written
         self.channels = []
         self.multifd_flushes = 0     # MULTIFD_FLUSH records seen (8.1+ multifd)
 
@@ -659,13 +769,13 @@ class GuestMemory:
                     if b is None:
                         raise StreamError(f"{ch.name}: multifd packet for unknown RAM block "
                                           f"{name!r}", off + 64)
-                    mv = memoryview(data)
                     for i, a in enumerate(offsets):
                         if a % ps or a > b.used_length - ps:
                             raise StreamError(f"{ch.name}: multifd page offset beyond block "
                                               f"{name!r}", off, expected=f"< {b.used_length:#x}",
                                               found=a)
-                        self._page(RamPage(name, a, mv[i * ps:(i + 1) * ps]))
+                        # bytes, not a memoryview: _page compares it with a zero page
+                        self._page(RamPage(name, a, data[i * ps:(i + 1) * ps]))
                     # _page counts each page as "page"; these came from the channel.
                     b.pages["page"] -= len(offsets)
                     b.pages["multifd"] += len(offsets)
@@ -675,6 +785,7 @@ class GuestMemory:
         b = self.blocks.get(info.name)
         if b is not None:
             self._flush()
+            self._drain()
             b.resize(info.used_length)
             return
         if info.used_length % self.page_size:
@@ -699,6 +810,9 @@ class GuestMemory:
     # -- records --------------------------------------------------------------
     def feed(self, rec) -> bool:
         """Apply one record; False once the wanted iterations are all applied."""
+        if type(rec) is RamPageRun and self.iteration is not None:
+            self._page_run(rec)
+            return True
         if type(rec) is RamPage and self.iteration is not None:
             self._page(rec)
             return True
@@ -713,6 +827,8 @@ class GuestMemory:
             return True
         if isinstance(rec, RamPage):
             self._page(rec)
+        elif isinstance(rec, RamPageRun):
+            self._page_run(rec)
         elif isinstance(rec, RamZeroRun):
             b = self._block(rec.block, rec.offset)
             b.pages["zero"] += rec.count
@@ -812,6 +928,78 @@ class GuestMemory:
         self._pend_next = addr + self.page_size
         self._pend_room = MAX_IOV - 1
 
+    def _page_run(self, run):
+        """A run of PAGE records: its pages join the pending run without a copy.
+
+        The common case (pages at consecutive addresses, none all zero) is
+        handled for the run as a whole; otherwise page by page as :meth:`_page`.
+        """
+        ps = self.page_size
+        words, n = run.words, len(run.words)
+        if run.page_size != ps or not n:
+            for rec in run.expand():
+                self._page(rec)
+            return
+        b = self._block(run.block, run.offset)
+        buf = run.buf
+        q0 = run.start + 8
+        mv = memoryview(buf)[q0:]
+        pages = list(map(getitem, repeat(mv, n), _page_slices(ps, n)))
+        # A page can only be all zero if its first 8 bytes are: one unpack for the
+        # run, then only those pages are compared (as bytes: comparing a
+        # memoryview goes item by item, ~40 times slower).
+        firsts = _first_qwords(ps, n).unpack_from(buf, q0)
+        zeros = ()
+        if 0 in firsts:
+            zero, stride = self._zero_page, ps + 8
+            zeros = {i for i, v in enumerate(firsts)
+                     if not v and buf[q0 + i * stride:q0 + i * stride + ps] == zero}
+        w0 = words[0]
+        if not zeros and words[-1] - w0 == (n - 1) * ps and \
+                words == tuple(range(w0, w0 + n * ps, ps)):
+            self._pend_pages(b, w0 - run.flags, pages)
+            return
+        f = run.flags
+        for i, (w, p) in enumerate(zip(words, pages)):
+            self._page_at(b, w - f, p, i in zeros)
+
+    def _pend_pages(self, b, addr, pages):
+        """Add pages at consecutive addresses from ``addr`` (none all zero) to the pending run."""
+        ps = self.page_size
+        while pages:
+            if self._pend_block is not b or self._pend_next != addr or not self._pend_room:
+                self._flush()
+                self._pend_block, self._pend_name, self._pend_start = b, b.name, addr
+                self._pend_bufs = []
+                self._pend_room = MAX_IOV
+            k = min(self._pend_room, len(pages))
+            if k == len(pages):
+                self._pend_bufs += pages
+            else:
+                self._pend_bufs += pages[:k]
+            pages = pages[k:]
+            addr += k * ps
+            self._pend_next = addr
+            self._pend_room -= k
+
+    def _page_at(self, b, addr, data, zero):
+        """One page of a run (``zero``: its bytes are all zero); as :meth:`_page`."""
+        if not zero and self._pend_block is b and addr == self._pend_next and self._pend_room:
+            self._pend_bufs.append(data)
+            self._pend_next = addr + self.page_size
+            self._pend_room -= 1
+            return
+        self._flush()
+        if zero:
+            b.pages["page"] += 1
+            if b.written[addr // self.page_size]:
+                self._punch(b, addr, 1)
+            return
+        self._pend_block, self._pend_name, self._pend_start = b, b.name, addr
+        self._pend_bufs = [data]
+        self._pend_next = addr + self.page_size
+        self._pend_room = MAX_IOV - 1
+
     def _flush(self):
         """Write the pending run of pages (one ``pwritev``)."""
         b = self._pend_block
@@ -826,13 +1014,20 @@ class GuestMemory:
         b.written.set(i, n)
         if b.running is not None:
             b.running.wrote(start, bufs, n * self.page_size)
-        if n == 1:
-            os.pwrite(b.fd, bufs[0], start)
-            return
-        total = n * self.page_size
-        done = os.pwritev(b.fd, bufs, start)
-        if done != total:        # short write: finish the rest plainly
-            os.pwrite(b.fd, b"".join(bufs)[done:], start + done)
+        w = self._writer
+        if w is None:
+            w = self._writer = _Writer()
+        w.put(b.fd, bufs, start, n * self.page_size)
+
+    def _drain(self):
+        """Wait for the queued writes (before any other use of the files)."""
+        if self._writer is not None:
+            self._writer.drain()
+
+    def _stop_writer(self):
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.close()
 
     def _zero(self, b, addr, count):
         if self._pend_block is b:
@@ -844,6 +1039,7 @@ class GuestMemory:
 
     def _punch(self, b, addr, count):
         i = addr // self.page_size
+        self._drain()
         punch_hole(b.fd, addr, count * self.page_size)
         b.written.clear(i, count)
         if b.running is not None:
@@ -856,6 +1052,7 @@ class GuestMemory:
             if b.written[addr // self.page_size]:
                 self._punch(b, addr, 1)
             return
+        self._drain()
         os.pwrite(b.fd, page, addr)
         b.written.set(addr // self.page_size)
         if b.running is not None:
@@ -866,6 +1063,7 @@ class GuestMemory:
             self._flush()
         if not b.written[addr // self.page_size]:
             return self._zero_page
+        self._drain()
         return os.pread(b.fd, self.page_size, addr)
 
     def _xbzrle(self, rec):
@@ -888,6 +1086,7 @@ class GuestMemory:
     def _bitmap(self, rec):
         b = self._block(rec.block, rec.offset)
         pages = b.used_length // self.page_size
+        import numpy as np          # mapped-ram only: not imported for the stream path
         # Host unsigned longs, little-endian on x86: bit i is byte i//8, bit i%8.
         bits = np.unpackbits(np.frombuffer(rec.data, dtype=np.uint8), bitorder="little")
         self._mr_bits[rec.block] = bits[:pages].astype(bool)
@@ -904,7 +1103,7 @@ class GuestMemory:
                               rec.offset, section="ram")
         first = rec.start // ps
         sel = bits[first:first + rec.length // ps]
-        n = int(np.count_nonzero(sel))
+        n = int(sel.sum())
         if not n:
             return
         b.pages["mapped_ram"] += n
@@ -913,6 +1112,7 @@ class GuestMemory:
                 self._zero(b, (first + s) * ps, e - s)
             return
         self._flush()
+        self._drain()
         mv = memoryview(rec.data)
         for s, e in _runs(sel):
             piece = mv[s * ps:e * ps]
@@ -932,16 +1132,19 @@ class GuestMemory:
         closes the files.
         """
         if not finish:
+            self._stop_writer()
             if self._hasher is not None:
                 h, self._hasher = self._hasher, None
                 h.close()
             for x in (*self.blocks.values(), *self.channels):
                 x.close()
+            wait_removed()
             return
         try:
             if self.channels:
                 self._apply_channels(self.until if self.stopped else None)
             self._flush()
+            self._drain()
             if self._hasher is not None:
                 for b in self.blocks.values():
                     r = b.running
@@ -955,11 +1158,13 @@ class GuestMemory:
                     if r is not None and r.valid and r.cursor == b.used_length:
                         b.sha256 = r.h.hexdigest()
         finally:
+            self._stop_writer()                   # before the files are closed
             if self._hasher is not None:          # an error above: stop the thread
                 h, self._hasher = self._hasher, None
                 h.close()
             for x in (*self.blocks.values(), *self.channels):
                 x.close()
+            wait_removed()
 
     def iterations(self) -> dict:
         """Which RAM sections were applied: setup, how many PARTs, END, the last one."""
@@ -967,8 +1172,32 @@ class GuestMemory:
                 "last_applied": self.last_iteration, "stopped_early": self.stopped}
 
 
+_PAGE_SLICES = {}
+
+
+def _page_slices(ps, n):
+    """Slices of ``n`` pages ``ps + 8`` bytes apart (a run's pages from its first page)."""
+    sl = _PAGE_SLICES.get((ps, n))
+    if sl is None:
+        stride = ps + 8
+        sl = _PAGE_SLICES[(ps, n)] = tuple(slice(q, q + ps) for q in range(0, n * stride, stride))
+    return sl
+
+
+_FIRST_QWORDS = {}
+
+
+def _first_qwords(ps, n):
+    """A struct reading the first 8 bytes of each of ``n`` pages ``ps + 8`` bytes apart."""
+    st = _FIRST_QWORDS.get((ps, n))
+    if st is None:
+        st = _FIRST_QWORDS[(ps, n)] = struct.Struct("=" + ("Q%dx" % ps) * (n - 1) + "Q")
+    return st
+
+
 def _runs(mask):
     """``(start, end)`` of each run of True in a bool array."""
+    import numpy as np
     m = np.concatenate(([False], np.asarray(mask, dtype=bool), [False]))
     d = np.flatnonzero(m[1:] != m[:-1])
     return list(zip(d[0::2].tolist(), d[1::2].tolist()))
@@ -1046,6 +1275,7 @@ def write_physical(block_path: str, out_path: str, pieces: list) -> int:
     finally:
         os.close(src)
         os.close(dst)
+        wait_removed()
     return size
 
 
@@ -1070,7 +1300,9 @@ def replay(stream, outdir: str, *, until_iteration: int | None = None, reserved=
     Returns ``(memory, reader)``; ``memory`` is closed.  ``on_record(rec)`` is
     called for every record read (the diff collects device state through it);
     without it reading stops as soon as the wanted iterations are applied.
+    Runs of PAGE records come as :class:`RamPageRun` unless ``page_runs=False``.
     """
+    reader_options.setdefault("page_runs", True)
     reader = StreamReader(stream, **reader_options)
     mem = None
     try:

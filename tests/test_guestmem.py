@@ -15,7 +15,8 @@ import pytest
 from qmigstream import analyze, guestmem, xbzrle
 from qmigstream.check import check
 from qmigstream.codec.build import StreamBuilder, mapped_ram_fill
-from qmigstream.codec.ram_records import RamCompressed, RamEos, RamMultifdFlush
+from qmigstream.codec.ram_records import RamCompressed, RamEos, RamMultifdFlush, RamPageRun
+from qmigstream.codec.reader import read_records
 from qmigstream.errors import CompressedPageError, StreamError
 from qmigstream.guestmem import GiB
 from qmigstream.pipeline.guest import GuestRam, RamLoader
@@ -544,6 +545,105 @@ def test_huge_sparse_block_costs_only_what_is_written(tmp_path):
         assert fh.read(PS) == page(2)
     assert m["blocks"][0]["data_pages"] == 2 and "sha256" not in m["blocks"][0]
 
+
+
+# -- runs of PAGE records (the reader's page_runs) ---------------------------------------------
+
+def _files(out):
+    return {f: (out / f).read_bytes() for f in sorted(os.listdir(out)) if f.endswith(".img")}
+
+
+def test_page_runs_give_what_page_records_give(tmp_path):
+    """Long runs (more pages than one pwritev takes), an all-zero page inside a run
+    and one that only starts with zeros, a page sent twice in one run, addresses going back, XBZRLE on a page a run wrote,
+    zeroing after a run: the files equal replaying the same stream record by record."""
+    n = 2600
+    first = [("pc.ram", i, "page", page(i)) for i in range(n)]
+    first[700] = ("pc.ram", 700, "page", bytes(PS))            # all zero: stays a hole
+    first[900] = ("pc.ram", 900, "page", bytes(8) + page(900)[8:])   # zero at its start only
+    first[1200] = ("pc.ram", 1199, "page", page(99999))        # page 1199 again, at once
+    first[1500:1504] = [("pc.ram", k, "page", page(k + 7)) for k in (40, 41, 3000, 2)]
+    old = page(5)
+    new = _variant(old, 3)
+    second = [("pc.ram", 5, "xbzrle", xbzrle.encode(old, new)),
+              ("pc.ram", 10, "zero", None)] + \
+             [("pc.ram", i, "page", page(i + 5000)) for i in range(2000, 2100)] + \
+             [("pc.ram", 2050, "zero", None)]
+    b = stream([("pc.ram", 4096 * PS), ("pc.bios", 8 * PS)],
+               [first + [("pc.bios", i, "page", page(i + 77)) for i in range(8)], second])
+    path = write(tmp_path, b)
+    got = {}
+    for runs in (True, False):
+        out = tmp_path / f"out-{runs}"
+        os.makedirs(out)
+        mem, _ = guestmem.replay(path, str(out), page_runs=runs)
+        got[runs] = ([blk.to_json() for blk in mem.blocks.values()], _files(out))
+    assert got[True] == got[False]
+    ram = got[True][1]["pc.ram.img"]
+    assert ram[5 * PS:6 * PS] == new and ram[10 * PS:11 * PS] == bytes(PS)
+    assert ram[700 * PS:701 * PS] == bytes(PS) and ram[1199 * PS:1200 * PS] == page(99999)
+    assert ram[3000 * PS:3001 * PS] == page(3007) and ram[2050 * PS:2051 * PS] == bytes(PS)
+    assert ram[900 * PS:901 * PS] == bytes(8) + page(900)[8:]
+    runs = [r for r in read_records(path, page_runs=True) if isinstance(r, RamPageRun)]
+    assert max(r.count for r in runs) > 1       # the stream really has runs
+
+
+def test_page_runs_and_until_iteration(tmp_path):
+    its = [[("pc.ram", i, "page", page(i + 100 * k)) for i in range(300)] for k in range(3)]
+    b = stream([("pc.ram", 512 * PS)], its)
+    path = write(tmp_path, b)
+    for until in (0, 1, 2, 3):
+        out = tmp_path / f"o{until}"
+        m = guestmem.extract(path, str(out), until_iteration=until)
+        want = bytes(512 * PS) if until == 0 else \
+            b"".join(page(i + 100 * (until - 1)) for i in range(300)) + bytes(212 * PS)
+        assert (out / "pc.ram.img").read_bytes() == want
+        assert m["blocks"][0]["sha256"] == hashlib.sha256(want).hexdigest()
+
+
+
+def test_a_big_old_file_is_replaced_and_removed(tmp_path):
+    """An old block file of 64 MiB or more is unlinked by a thread: gone once extract returns."""
+    b = stream([("pc.ram", 64 * PS)], [[("pc.ram", 1, "page", page(1))]])
+    path = write(tmp_path, b)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "pc.ram.img", "wb") as f:
+        for _ in range(64):
+            f.write(b"\xee" * (1 << 20))
+    os.link(out / "pc.ram.img", tmp_path / "other-name")        # another name keeps it
+    m = guestmem.extract(path, str(out))
+    assert sorted(os.listdir(out)) == ["manifest.json", "pc.ram.img"]
+    assert (out / "pc.ram.img").read_bytes() == bytes(PS) + page(1) + bytes(62 * PS)
+    assert m["blocks"][0]["data_pages"] == 1
+    assert os.stat(tmp_path / "other-name").st_nlink == 1
+
+def test_a_failed_write_is_raised_and_the_threads_stop(tmp_path, monkeypatch):
+    b = stream([("pc.ram", 64 * PS)], [[("pc.ram", i, "page", page(i)) for i in range(64)]])
+    path = write(tmp_path, b)
+
+    def full(fd, bufs, offset):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(guestmem.os, "pwritev", full)
+    import threading
+    before = threading.active_count()
+    with pytest.raises(OSError, match="No space left"):
+        guestmem.extract(path, str(tmp_path / "out"))
+    assert threading.active_count() == before
+
+
+def test_short_writes_are_finished(tmp_path, monkeypatch):
+    b = stream([("pc.ram", 64 * PS)], [[("pc.ram", i, "page", page(i)) for i in range(64)]])
+    path = write(tmp_path, b)
+    real = os.pwritev
+
+    def short(fd, bufs, offset):                  # writes one page and a half at most
+        return real(fd, [b"".join(bufs)[:PS + PS // 2]], offset)
+    monkeypatch.setattr(guestmem.os, "pwritev", short)
+    m = guestmem.extract(path, str(tmp_path / "out"))
+    want = b"".join(page(i) for i in range(64))
+    assert (tmp_path / "out" / "pc.ram.img").read_bytes() == want
+    assert m["blocks"][0]["sha256"] == hashlib.sha256(want).hexdigest()
 
 # -- multifd channels --------------------------------------------------------------------------
 
