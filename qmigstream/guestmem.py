@@ -760,10 +760,19 @@ class GuestMemory:
         self.channels.append(channel)
 
     def _apply_channels(self, upto):
-        """Apply every channel epoch up to iteration ``upto`` (all when None)."""
+        """Apply every channel epoch up to iteration ``upto`` (all when None).
+
+        Round by round across the channels (every channel's epoch *k* before any
+        epoch *k + 1*), as the destination's sync orders them: a page sent again
+        in a later round may come on another channel."""
         ps = self.page_size
-        for ch in self.channels:
-            while not ch.done and (upto is None or ch.epoch <= upto):
+        while True:
+            live = [c for c in self.channels
+                    if not c.done and (upto is None or c.epoch <= upto)]
+            if not live:
+                break
+            low = min(c.epoch for c in live)
+            for ch in (c for c in live if c.epoch == low):
                 for name, offsets, data, off in ch.epoch_packets():
                     b = self.blocks.get(name)
                     if b is None:
