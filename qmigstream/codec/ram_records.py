@@ -378,10 +378,10 @@ class RamPageRun(Record):
         ``words`` over them."""
         n = self.size
         out[at:at + n] = memoryview(self.buf)[self.start:self.start + n]
-        pack = _U64.pack_into
+        words = struct.pack(">%dQ" % len(self.words), *self.words)
         stride = 8 + self.page_size
-        for i, w in enumerate(self.words):
-            pack(out, at + i * stride, w)
+        for j in range(8):          # byte j of every word, as one strided assignment
+            out[at + j:at + n:stride] = words[j::8]
         return n
 
     def expand(self):
