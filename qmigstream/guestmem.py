@@ -21,9 +21,10 @@ does with each record, done to a file instead of guest memory:
 * recorded multifd channels (:class:`MultifdChannel`): the normal pages of
   each packet and, from 9.0, its zero pages (written as zeros); epoch *k* of
   every channel (up to its SYNC packet) is applied before any epoch *k + 1*,
-  one epoch per RAM iteration (exact for per-section sync, 7.2–8.0 machine
-  types; 10.x syncs once per round, so ``until_iteration`` with 10.x channels
-  gives memory at a round boundary, not a section's).
+  taken as one epoch per RAM iteration: right for per-section sync (7.2–8.0
+  machine types); 10.x syncs once per round beside MULTIFD_FLUSH records, so
+  ``until_iteration`` with 10.x channels is not exact yet (the final memory
+  is).
 
 Iterations are counted on the RAM section: the START section (setup) is
 iteration 0, the k-th PART section iteration k, the END section (completion)
