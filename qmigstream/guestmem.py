@@ -19,12 +19,10 @@ does with each record, done to a file instead of guest memory:
   the file and holds data when bit *i* of the block's bitmap is set
   (``parse_ramblock_mapped_ram``); clear bits leave the page as it was (zero);
 * recorded multifd channels (:class:`MultifdChannel`): the normal pages of
-  each packet and, from 9.0, its zero pages (written as zeros); epoch *k* of
-  every channel (up to its SYNC packet) is applied before any epoch *k + 1*,
-  taken as one epoch per RAM iteration: right for per-section sync (7.2–8.0
-  machine types); 10.x syncs once per round beside MULTIFD_FLUSH records, so
-  ``until_iteration`` with 10.x channels is not exact yet (the final memory
-  is).
+  each packet and, from 9.0, its zero pages (written as zeros); at each point
+  where the destination syncs with the channels (each RAM section's EOS, or
+  each MULTIFD_FLUSH record when the source syncs per round, 8.1+) every
+  channel's next epoch (its packets up to its next SYNC packet) is applied.
 
 Iterations are counted on the RAM section: the START section (setup) is
 iteration 0, the k-th PART section iteration k, the END section (completion)
@@ -59,7 +57,8 @@ from itertools import repeat
 from operator import getitem
 
 from .codec.ram_records import (MappedRamBitmap, MappedRamChunk, RamBlockEntry,
-                                RamCompressed, RamMemSize, RamMultifdFlush, RamPage, RamPageRun,
+                                RamCompressed, RamEos, RamMemSize, RamMultifdFlush, RamPage,
+                                RamPageRun,
                                 RamXbzrle, RamZero, RamZeroRun)
 from .codec.reader import StreamReader
 from .codec.records import Command, SectionHeader
@@ -759,40 +758,59 @@ class GuestMemory:
         self._writer = None          # _Writer, from the first run of pages written
         self.channels = []
         self.multifd_flushes = 0     # MULTIFD_FLUSH records seen (8.1+ multifd)
+        self._sync_on = None         # "eos" or "flush": where channels sync (_sync_point)
 
     def add_channel(self, channel: MultifdChannel):
         """Apply this multifd channel's pages along with the stream's RAM sections."""
         self.channels.append(channel)
 
-    def _apply_channels(self, upto):
-        """Apply every channel epoch up to iteration ``upto`` (all when None).
+    def _sync_point(self, kind: str) -> None:
+        """A point where the destination waits for every channel's SYNC packet
+        (``multifd_recv_sync_main``): each RAM section's EOS when the source syncs
+        per section (7.2-8.0, and later machine types that keep it), each
+        MULTIFD_FLUSH record when it syncs per round (8.1+ otherwise).  The
+        first of the two in the stream says which (ram_save_setup syncs too, so
+        a per-round stream has a MULTIFD_FLUSH before its first EOS)."""
+        if not self.channels:
+            return
+        if self._sync_on is None:
+            self._sync_on = kind
+        if kind != self._sync_on:
+            return
+        for ch in self.channels:             # each channel's next epoch, in order
+            if not ch.done:
+                self._apply_epoch(ch)
 
-        Round by round across the channels (every channel's epoch *k* before any
-        epoch *k + 1*), as the destination's sync orders them: a page sent again
-        in a later round may come on another channel."""
-        ps = self.page_size
+    def _apply_channels(self):
+        """Apply what is left on the channels, round by round across them (every
+        channel's epoch *k* before any epoch *k + 1*): a page sent again in a later
+        round may come on another channel."""
         while True:
-            live = [c for c in self.channels
-                    if not c.done and (upto is None or c.epoch <= upto)]
+            live = [c for c in self.channels if not c.done]
             if not live:
                 break
             low = min(c.epoch for c in live)
             for ch in (c for c in live if c.epoch == low):
-                for name, offsets, data, off in ch.epoch_packets():
-                    b = self.blocks.get(name)
-                    if b is None:
-                        raise StreamError(f"{ch.name}: multifd packet for unknown RAM block "
-                                          f"{name!r}", off + 64)
-                    for i, a in enumerate(offsets):
-                        if a % ps or a > b.used_length - ps:
-                            raise StreamError(f"{ch.name}: multifd page offset beyond block "
-                                              f"{name!r}", off, expected=f"< {b.used_length:#x}",
-                                              found=a)
-                        # bytes, not a memoryview: _page compares it with a zero page
-                        self._page(RamPage(name, a, data[i * ps:(i + 1) * ps]))
-                    # _page counts each page as "page"; these came from the channel.
-                    b.pages["page"] -= len(offsets)
-                    b.pages["multifd"] += len(offsets)
+                self._apply_epoch(ch)
+
+    def _apply_epoch(self, ch) -> None:
+        """The packets of ``ch`` up to and including its next SYNC packet."""
+        ps = self.page_size
+        for name, offsets, data, off in ch.epoch_packets():
+            b = self.blocks.get(name)
+            if b is None:
+                raise StreamError(f"{ch.name}: multifd packet for unknown RAM block "
+                                  f"{name!r}", off + 64)
+            for i, a in enumerate(offsets):
+                if a % ps or a > b.used_length - ps:
+                    raise StreamError(f"{ch.name}: multifd page offset beyond block "
+                                      f"{name!r}", off, expected=f"< {b.used_length:#x}",
+                                      found=a)
+                # bytes, not a memoryview: _page compares it with a zero page
+                self._page(RamPage(name, a, data[i * ps:(i + 1) * ps]))
+            # _page counts each page as "page"; these came from the channel.
+            b.pages["page"] -= len(offsets)
+            b.pages["multifd"] += len(offsets)
 
     # -- bookkeeping ------------------------------------------------------
     def _declare(self, info, offset):
@@ -870,6 +888,9 @@ class GuestMemory:
                 self._mapped_pages(rec)
         elif isinstance(rec, RamMultifdFlush):
             self.multifd_flushes += 1
+            self._sync_point("flush")
+        elif isinstance(rec, RamEos):
+            self._sync_point("eos")
         return True
 
     def _section(self, h) -> bool:
@@ -889,8 +910,6 @@ class GuestMemory:
             self.iteration = None
             self.stopped = True
             return False
-        if self.channels and nxt:
-            self._apply_channels(nxt - 1)
         self.iteration = self.last_iteration = nxt
         if h.type == T.SECTION_PART:
             self.parts += 1
@@ -1155,8 +1174,8 @@ class GuestMemory:
             wait_removed()
             return
         try:
-            if self.channels:
-                self._apply_channels(self.until if self.stopped else None)
+            if self.channels and not self.stopped:
+                self._apply_channels()
             self._flush()
             self._drain()
             if self._hasher is not None:

@@ -285,3 +285,36 @@ def test_channel_errors(tmp_path):
     path = channel_file(tmp_path, ram_packet(0, zero=[1], block="nope"), sync(1), name="n.ch")
     with pytest.raises(StreamError, match="unknown RAM block 'nope'"):
         guestmem.extract(main_path, str(tmp_path / "o"), channels=[path])
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_until_iteration_applies_the_epochs_synced_by_then(profile, one_channel, tmp_path):
+    """10.x syncs the channels at each MULTIFD_FLUSH record (per round), not at
+    each section's EOS: memory as of iteration N holds exactly the channel epochs
+    of the MULTIFD_FLUSH records in RAM sections 0..N."""
+    from qmigstream.codec.reader import StreamReader
+    from qmigstream.codec.ram_records import RamMultifdFlush
+    from qmigstream.codec.records import SectionHeader
+    path, res = one_channel[profile]
+    (entry,) = res.channels
+    # MULTIFD_FLUSH records seen by the end of each RAM section (iteration)
+    flushes, per_iter, it = 0, [], -1
+    rd = StreamReader(str(path))
+    for r in rd.records():
+        if isinstance(r, SectionHeader) and rd.sections[r.section_id].idstr == "ram":
+            if it >= 0:
+                per_iter.append(flushes)
+            it += 1
+        elif isinstance(r, RamMultifdFlush):
+            flushes += 1
+    per_iter.append(flushes)
+    assert flushes > 1 and len(per_iter) >= 3
+    epochs, _ = read_all(entry["file"])
+    pages_by_epoch = [sum(len(o) for _b, o, _d in e) for e in epochs]
+    for n in range(len(per_iter)):
+        m = guestmem.extract(str(path), str(tmp_path / f"o{n}"), channels=[entry["file"]],
+                             until_iteration=n, hash=False)
+        (blk,) = m["blocks"]
+        assert blk["pages"]["multifd"] == sum(pages_by_epoch[:per_iter[n]]), n
+    full = guestmem.extract(str(path), str(tmp_path / "all"), channels=[entry["file"]])
+    assert {b["name"]: b["sha256"] for b in full["blocks"]} == res.ram
