@@ -950,16 +950,7 @@ class GuestMemory:
             self._pend_room -= 1
             return
         self._flush()
-        b = self._block(rec.block, rec.offset)
-        if data == self._zero_page:
-            b.pages["page"] += 1
-            if b.written[addr // self.page_size]:
-                self._punch(b, addr, 1)
-            return
-        self._pend_block, self._pend_name, self._pend_start = b, b.name, addr
-        self._pend_bufs = [data]
-        self._pend_next = addr + self.page_size
-        self._pend_room = MAX_IOV - 1
+        self._page_at(self._block(rec.block, rec.offset), addr, data, data == self._zero_page)
 
     def _page_run(self, run):
         """A run of PAGE records: its pages join the pending run without a copy.
