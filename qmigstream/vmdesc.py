@@ -439,7 +439,7 @@ def locate_trailer(tail, tail_base: int, *, checked: bool = False):
         if tail[p - 1] != QEMU_VM_EOF or tail[p] != QEMU_VM_VMDESCRIPTION:
             continue
         (n,) = _BE32.unpack_from(tail, p + 1)
-        if p + 5 + n != end or tail[p + 5] != 0x7B:
+        if n == 0 or p + 5 + n != end or tail[p + 5] != 0x7B:
             continue
         raw = bytes(tail[p + 5:])
         try:
