@@ -23,6 +23,19 @@ How the script shapes its output (and so how this module does):
   as a nested object; every other type as the element's bytes in hex pairs
   separated by spaces.  Fields with ``array_len`` or ``index`` become lists.
 * the JSON text is ``json.dumps(obj, indent=4, separators=(',', ': '))``.
+
+The script changed in QEMU 10.0, and so does this output (``script``: ``"7.2"``
+or ``"10.0"``; by default the generation of the QEMU that wrote the stream, see
+:func:`script_for`):
+
+* up to 9.2 a field becomes a list when its JSON entry has ``array_len`` or
+  ``index``, and a name seen again without them replaces the earlier value;
+* from 10.0 ``array_len`` entries are unfolded into one entry per element and
+  every name seen more than once becomes a list of its values in order (one
+  occurrence stays a plain value).  QEMU 11 describes arrays of structs as
+  repeated entries without ``index``, which only this rule reads as arrays;
+* from 10.0 a ``nullptr`` field (the ``0x30`` marker of a NULL pointer) shows as
+  ``"nullptr"`` instead of ``"30"``.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 
 from . import xbzrle
 from .codec import ram_records as R
@@ -71,26 +85,44 @@ def _int_text(raw: bytes, signed: bool) -> str:
     return text
 
 
-def _element(ftype: str, raw: bytes, value):
+def _element(ftype: str, raw: bytes, value, script: str = "7.2"):
     signed = _INT_TYPES.get(ftype)
     if signed is not None and raw:
         return _int_text(raw, signed)
     if ftype == "bool" and raw:
         return raw[0] != 0
     if ftype == "struct" and isinstance(value, Vmsd):
-        return vmsd_dict(value)
+        return vmsd_dict(value, script)
     return _hex_pairs(raw)
 
 
-def vmsd_dict(node: Vmsd) -> OrderedDict:
-    """A decoded vmsd as the script shows it."""
+#: the script generations whose output differs (see the module docstring)
+SCRIPTS = ("7.2", "10.0")
+
+
+def vmsd_dict(node: Vmsd, script: str = "7.2") -> OrderedDict:
+    """A decoded vmsd as the script of generation ``script`` shows it."""
     out = OrderedDict()
+    new = script != "7.2"
     for f in node.fields:
         raw = f.raw
         es = f.elem_size
         values = f.elements
-        items = [_element(f.type, raw[k * es:(k + 1) * es], v) for k, v in enumerate(values)]
-        if f.array_len is not None or f.index is not None:
+        if new and f.type == "nullptr":
+            items = ["nullptr" if raw[k * es:(k + 1) * es] == b"0" else
+                     _hex_pairs(raw[k * es:(k + 1) * es]) for k in range(len(values))]
+        else:
+            items = [_element(f.type, raw[k * es:(k + 1) * es], v, script)
+                     for k, v in enumerate(values)]
+        if new:
+            for item in items:
+                if f.name not in out:
+                    out[f.name] = item
+                elif isinstance(out[f.name], list):      # items are never lists
+                    out[f.name].append(item)
+                else:
+                    out[f.name] = [out[f.name], item]
+        elif f.array_len is not None or f.index is not None:
             out.setdefault(f.name, [])
             if isinstance(out[f.name], list):
                 out[f.name].extend(items)
@@ -99,7 +131,7 @@ def vmsd_dict(node: Vmsd) -> OrderedDict:
         else:
             out[f.name] = items[0] if items else ""
     for s in node.subsections:
-        out[s.vmsd_name] = vmsd_dict(s)
+        out[s.vmsd_name] = vmsd_dict(s, script)
     return out
 
 
@@ -213,15 +245,41 @@ class _Other:
         return out
 
 
-def analyze_state(source, *, dump_memory=False, memory_writer=None, page_size=None):
-    """``-d state``: the script's dict for the stream (sections in first-seen order)."""
+_MACHINE_RELEASE = re.compile(rb"-(\d+)\.(\d+)$")
+
+
+def script_for(machine: bytes | None, switchover_start: bool) -> str:
+    """The script generation of the QEMU that wrote a stream, from what it shows:
+    ``"10.0"`` when the machine type is 10.0 or later or a SWITCHOVER_START command
+    was sent (10.0+), else ``"7.2"``.  (A 10.x QEMU running an older machine type
+    without the command looks older; ``--script`` says otherwise.)"""
+    if switchover_start:
+        return "10.0"
+    m = _MACHINE_RELEASE.search(machine or b"")
+    if m and (int(m.group(1)), int(m.group(2))) >= (10, 0):
+        return "10.0"
+    return "7.2"
+
+
+def analyze_state(source, *, dump_memory=False, memory_writer=None, page_size=None,
+                  script=None):
+    """``-d state``: the script's dict for the stream (sections in first-seen order),
+    as the script generation ``script`` (:data:`SCRIPTS`; default
+    :func:`script_for` the stream) prints it."""
+    if script is not None and script not in SCRIPTS:
+        raise ValueError(f"script generation {script!r} is not one of {SCRIPTS}")
     # Without -m / -x only the RAM block list shows: pages may come in runs.
     reader = StreamReader(source, page_size=page_size, compact=True,
                           page_runs=not dump_memory and memory_writer is None)
     sections = OrderedDict()        # section_id -> [key, object]
     ram = None
     current = sid = None
+    machine, switchover_start = None, False
     for rec in reader.records():
+        if rec.kind == "configuration":
+            machine = rec.machine
+        elif rec.kind == "command" and rec.name == "SWITCHOVER_START":
+            switchover_start = True
         if isinstance(rec, SectionHeader):
             sid = rec.section_id
             info = reader.sections[sid]
@@ -241,12 +299,14 @@ def analyze_state(source, *, dump_memory=False, memory_writer=None, page_size=No
                 entry[1] = obj          # the script replaces the object, keeps the position
             current = obj
         elif isinstance(rec, DeviceState) and current is not None:
-            sections[sid][1] = vmsd_dict(rec.tree)
+            sections[sid][1] = rec.tree         # shown once the generation is known
             current = None
         elif rec.kind == "footer" or isinstance(rec, VmDescription):
             current = None
         elif current is not None:
             current.record(rec)
+    if script is None:
+        script = script_for(machine, switchover_start)
     out = OrderedDict()
     for key, obj in sections.values():
         if isinstance(obj, _Ram):
@@ -254,7 +314,7 @@ def analyze_state(source, *, dump_memory=False, memory_writer=None, page_size=No
         elif isinstance(obj, _Other):
             out[key] = obj.result()
         else:
-            out[key] = obj
+            out[key] = vmsd_dict(obj, script)
     return out
 
 

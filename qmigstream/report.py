@@ -1088,6 +1088,12 @@ def render_html(rep: Report) -> str:
         w(f'<p class="what">mapped-ram: pages are stored in place in each block\'s area of '
           f'the file, not as records; the blocks\' bitmaps mark {n:,} pages as written '
           f'({esc(", ".join(f"{b}: {c:,}" for b, c in s.mapped_ram_bitmaps.items()))}).</p>')
+        ps = s.page_size or 4096
+        rows = [(b, c * ps, SECTION_COLORS["ram"],
+                 f"{b}: {c:,} pages written, {c * ps:,} bytes of page data in the file")
+                for b, c in s.mapped_ram_bitmaps.items()]
+        w(f'<div class="scroll">{svg_hbars(rows, "mapped-ram page data per block", "bytes")}'
+          '</div>')
     w("</section>")
 
     blocks = {b["name"]: b for b in s.ram_blocks}

@@ -1,4 +1,5 @@
-"""The committed real QEMU 7.2 captures (fixtures/captures, made by tools/capture.py).
+"""The committed real QEMU captures (fixtures/captures, made by tools/capture.py):
+Debian's 7.2, and 5.2, 10.0 and 11.1 through tools/debian-qemu.
 
 Each capture must round-trip byte for byte; the RAM fast path must agree with
 the schema path record by record; the page counts the decoder finds must
@@ -36,6 +37,20 @@ EXPECTED = {
     "pc-i440fx-2.2-devices", "pc-i440fx-2.2-devices-vmdesc", "pc-7.2-block",
     "pc-7.2-dirty-bitmaps",
 }
+#: captures of the other releases (a subset of their scenarios: what differs)
+OTHER_RELEASES = {
+    "5.2": {"pc-5.2-paused", "q35-5.2-paused", "pc-5.2-devices", "pc-5.2-running-xbzrle",
+            "pc-5.2-compress", "pc-5.2-ignore-shared-uuid", "pc-5.2-postcopy-advised",
+            "pc-5.2-multifd", "pc-5.2-savevm", "pc-5.2-block", "pc-5.2-dirty-bitmaps"},
+    "10.0": {"pc-10.0-paused", "pc-10.0-devices", "pc-10.0-running-xbzrle",
+             "pc-10.0-ignore-shared-uuid", "pc-10.0-multifd", "pc-10.0-mapped-ram",
+             "pc-10.0-dirty-bitmaps"},
+    "11.1": {"pc-11.1-paused", "q35-11.1-paused", "pc-11.1-devices", "pc-11.1-running-xbzrle",
+             "pc-11.1-ignore-shared-uuid", "pc-11.1-postcopy-advised", "pc-11.1-multifd",
+             "pc-11.1-mapped-ram", "pc-11.1-savevm", "pc-11.1-dirty-bitmaps"},
+}
+#: query-version of each release's QEMU (Debian packages)
+QEMU_VERSIONS = {"5.2": (5, 2, 0), "7.2": (7, 2, 22), "10.0": (10, 0, 13), "11.1": (11, 1, 3)}
 NAMES = capture_names()
 
 
@@ -59,13 +74,23 @@ def xz_bytes(fname):
 
 # -- inventory ---------------------------------------------------------------------
 def test_every_scenario_is_committed():
-    assert set(NAMES) == EXPECTED
-    assert set(capture_tool.SCENARIOS) == EXPECTED
+    assert set(NAMES) == EXPECTED.union(*OTHER_RELEASES.values())
+    assert set(capture_tool.scenarios_for("7.2")) == EXPECTED
+    for release, names in OTHER_RELEASES.items():
+        assert names <= set(capture_tool.scenarios_for(release)), release
+
+
+def test_scenarios_follow_the_release():
+    assert "pc-11.1-mapped-ram" in capture_tool.scenarios_for("11.1")
+    assert "pc-7.2-mapped-ram" not in capture_tool.scenarios_for("7.2")
+    assert "pc-11.1-compress" not in capture_tool.scenarios_for("11.1")
+    assert "pc-11.1-noconfig" not in capture_tool.scenarios_for("11.1")
+    assert "pc-i440fx-2.2-paused" not in capture_tool.scenarios_for("10.0")
 
 
 def test_fixtures_stay_small():
     total = sum(p.stat().st_size for p in CAPTURES.iterdir())
-    assert total < 4_000_000
+    assert total < 8_000_000
     # no committed file is an uncompressed stream or image
     assert all(p.suffix in (".xz", ".json") for p in CAPTURES.iterdir())
 
@@ -77,16 +102,22 @@ def test_metadata_describes_the_stream(name, capture):
     assert meta["name"] == name
     assert meta["stream"]["size"] == len(data)
     assert meta["stream"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert meta["qemu_version"]["qemu"] == {"major": 7, "minor": 2, "micro": 22}
+    release = meta.get("release", "7.2")
+    assert release in name or name.startswith("pc-i440fx-2.2")
+    major, minor, micro = QEMU_VERSIONS[release]
+    assert meta["qemu_version"]["qemu"] == {"major": major, "minor": minor, "micro": micro}
     assert meta["qemu_argv"][0].endswith("qemu-system-x86_64")
     assert meta["qemu_argv"][1:9] == BASE_ARGS
     assert "-qmp" in meta["qemu_argv"]
-    assert meta["made_by"] == f"python3 tools/capture.py {name} --out fixtures/captures"
+    made_by = f"python3 tools/capture.py {name} --out fixtures/captures"
+    if release != "7.2":
+        made_by = f'eval "$(tools/debian-qemu {release})" && ' + made_by
+    assert meta["made_by"] == made_by
     if meta["reproducible"]:
         assert meta["reproducible_checked"] is True
     else:
         assert meta["not_reproducible_because"]
-    if name != "pc-7.2-savevm":
+    if not name.endswith("-savevm"):
         assert meta["query_migrate"]["status"] == "completed"
 
 

@@ -429,12 +429,17 @@ def test_physical_needs_pc_ram(tmp_path):
 
 # -- real captures ----------------------------------------------------------------------------
 
-#: Captures whose pc.ram is not all in the main stream, and why.
+#: Captures whose pc.ram is not all in the main stream, and why (by scenario).
 NOT_IN_MAIN_STREAM = {
-    "pc-7.2-multifd": "normal pages travel on the multifd channels "
-                      "(test_multifd_channels_complete_the_memory)",
-    "pc-7.2-ignore-shared-uuid": "shared RAM (block 'mem') is not sent with x-ignore-shared",
+    "multifd": "normal pages travel on the multifd channels "
+               "(test_multifd_channels_complete_the_memory)",
+    "ignore-shared-uuid": "shared RAM (block 'mem') is not sent with x-ignore-shared",
 }
+
+
+def _scenario(name):
+    """The scenario part of a capture name: ``pc-11.1-multifd`` -> ``multifd``."""
+    return name.split("-", 2)[2] if name[:3] in ("pc-", "q35") else name
 
 
 @pytest.mark.parametrize("name", capture_names())
@@ -447,12 +452,17 @@ def test_committed_captures_match_pmemsave(capture, tmp_path, name):
         data = (out / b["file"]).read_bytes()
         assert len(data) == b["used_length"]
         assert hashlib.sha256(data).hexdigest() == b["sha256"]
-    if name == "pc-7.2-ignore-shared-uuid":
+    if _scenario(name) == "ignore-shared-uuid":
         assert m["notes"][0].startswith("x-ignore-shared: blocks backed by shared memory")
+    elif _scenario(name) == "multifd":
+        # 8.1+ streams say so (MULTIFD_FLUSH records); older ones cannot tell
+        release = tuple(int(x) for x in meta.get("release", "7.2").split("."))
+        if release >= (8, 1):
+            assert "--multifd" in m["notes"][0]
     else:
         assert "notes" not in m
-    if name in NOT_IN_MAIN_STREAM:
-        pytest.skip(NOT_IN_MAIN_STREAM[name])
+    if _scenario(name) in NOT_IN_MAIN_STREAM:
+        pytest.skip(NOT_IN_MAIN_STREAM[_scenario(name)])
     assert meta["memory"], "capture metadata lists pmemsave hashes"
     with open(out / blocks["pc.ram"]["file"], "rb") as f:
         for mem in meta["memory"]:
@@ -647,10 +657,13 @@ def test_short_writes_are_finished(tmp_path, monkeypatch):
 
 # -- multifd channels --------------------------------------------------------------------------
 
-@pytest.fixture
-def multifd_capture(capture, tmp_path):
+MULTIFD_CAPTURES = [n for n in capture_names() if n.endswith("-multifd")]
+
+
+@pytest.fixture(params=MULTIFD_CAPTURES)
+def multifd_capture(request, capture, tmp_path):
     from conftest import unpack_channels
-    path, meta = capture("pc-7.2-multifd")
+    path, meta = capture(request.param)
     return path, meta, unpack_channels(meta, tmp_path)
 
 
@@ -663,9 +676,15 @@ def test_multifd_channels_complete_the_memory(multifd_capture, tmp_path):
         assert hashlib.sha256(ram[mem["addr"]:mem["addr"] + mem["size"]]).hexdigest() == \
             mem["sha256"]
     blk = {b["name"]: b for b in m["blocks"]}
-    assert blk["pc.ram"]["pages"]["multifd"] == meta["loader"]["pages"] - \
-        sum(1 for k in range(meta["loader"]["pages"])
-            if not any(ram[meta["loader"]["addr"] + k * PS:meta["loader"]["addr"] + (k + 1) * PS]))
+    if meta.get("release", "7.2") in ("5.2", "7.2"):
+        # the channels carry the normal pages; zero pages stay in the main stream
+        assert blk["pc.ram"]["pages"]["multifd"] == meta["loader"]["pages"] - \
+            sum(1 for k in range(meta["loader"]["pages"])
+                if not any(ram[meta["loader"]["addr"] + k * PS:
+                               meta["loader"]["addr"] + (k + 1) * PS]))
+    else:
+        # 9.0+ (zero-page-detection=multifd): zero pages travel on the channels too
+        assert blk["pc.ram"]["pages"]["multifd"] == blk["pc.ram"]["used_length"] // PS
     assert blk["pc.ram"]["pages"]["page"] == 0
     # Epoch 0 (setup) carries no pages; the pages come with the first PART.
     m0 = guestmem.extract(str(path), str(tmp_path / "o0"), channels=chans, until_iteration=0)
@@ -675,8 +694,10 @@ def test_multifd_channels_complete_the_memory(multifd_capture, tmp_path):
         {b["name"]: b["sha256"] for b in m["blocks"]}
 
 
-def test_multifd_channel_errors(multifd_capture, tmp_path):
-    path, meta, chans = multifd_capture
+def test_multifd_channel_errors(capture, tmp_path):
+    from conftest import unpack_channels
+    path, meta = capture("pc-7.2-multifd")       # offsets below: 7.2's packet layout
+    chans = unpack_channels(meta, tmp_path)
     data = bytearray(open(chans[0], "rb").read())
     bad = tmp_path / "bad.ch"
     bad.write_bytes(b"\x00" * 4 + bytes(data[4:]))

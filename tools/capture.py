@@ -18,7 +18,11 @@ records whether both runs gave the same bytes.  Running guests, compression
 threads, multifd, block migration (asynchronous disk reads) and dirty bitmaps
 (host-timed iterations) are not reproducible; their metadata says why.
 
-Needs Debian's qemu-system-x86 7.2 (qemu-system-x86_64, qemu-img, qemu-io).
+Needs Debian's qemu-system-x86 7.2 (qemu-system-x86_64, qemu-img, qemu-io), or
+another release through ``$QEMU``, ``$QEMU_IMG`` and ``$QEMU_IO``: ``eval
+"$(tools/debian-qemu 11.1)"`` sets them to Debian's QEMU of that release in a
+chroot.  Scenario names carry the release (``pc-11.1-paused``); ``--list`` shows
+those that apply to the QEMU found.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import lzma
 import os
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -38,7 +43,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qmigstream.qemu.runner import (Qemu, QemuError, UnixSink, exec_file_uri,  # noqa: E402
-                                    sha256_file, wait_file)
+                                    qemu_binary, sha256_file, wait_file)
+
+#: qemu-img and qemu-io of the same release as $QEMU (tools/debian-qemu sets all three)
+QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
+QEMU_IO = os.environ.get("QEMU_IO", "qemu-io")
 
 MiB = 1 << 20
 PAGE = 4096
@@ -53,12 +62,39 @@ XZ_PRESET = 9 | lzma.PRESET_EXTREME
 SCENARIOS = {}
 
 
-def scenario(name, *, reproducible, exercises):
+def scenario(name, *, reproducible, exercises, since=None, until=None, only=None):
+    """Register a scenario.  ``name`` may hold ``{v}``, the QEMU release (``7.2``);
+    ``since``/``until`` bound the releases it applies to (inclusive, ``(major, minor)``),
+    ``only`` lists the releases of a scenario whose name is fixed."""
     def deco(fn):
         SCENARIOS[name] = {"fn": fn, "reproducible": reproducible, "exercises": exercises,
-                           "doc": (fn.__doc__ or "").strip()}
+                           "doc": (fn.__doc__ or "").strip(), "since": since,
+                           "until": until, "only": only}
         return fn
     return deco
+
+
+def release_of(binary: str) -> str:
+    """``major.minor`` of the QEMU that ``binary`` is (``qemu-system-x86_64 --version``)."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    if not m:
+        raise SystemExit(f"cannot tell the QEMU release from {out!r}")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def scenarios_for(release: str) -> dict:
+    """Scenario name (for this release) -> template name, for those that apply."""
+    key = tuple(int(x) for x in release.split("."))
+    out = {}
+    for template, sc in SCENARIOS.items():
+        if sc["only"] is not None and release not in sc["only"]:
+            continue
+        if sc["since"] and key < sc["since"] or sc["until"] and key > sc["until"]:
+            continue
+        out[template.format(v=release)] = template
+    return out
 
 
 # -- guest data ---------------------------------------------------------------------
@@ -117,9 +153,10 @@ def mbr_dirty_loop(pages: int = 32, base_segment: int = 0x1000) -> bytes:
 class Capture:
     """Work directory, files produced and metadata of one scenario run."""
 
-    def __init__(self, name, work):
+    def __init__(self, name, work, release=(7, 2)):
         self.name = name
         self.work = work
+        self.release = release       # (major, minor) of the QEMU in use
         self.meta = {}
         self.stream = os.path.join(work, f"{name}.mig")
         self.channels = []           # paths of multifd channel recordings
@@ -172,7 +209,7 @@ def pc(machine="pc", mem=32, *extra):
 
 
 # -- scenarios -------------------------------------------------------------------------
-@scenario("pc-7.2-paused", reproducible=True,
+@scenario("pc-{v}-paused", reproducible=True,
           exercises="pc-i440fx-7.2 paused: configuration, footers, RAM START/END with zero "
                     "and normal pages (BIOS/option ROMs), every default pc device section, "
                     "VMDESCRIPTION trailer")
@@ -181,7 +218,7 @@ def s_pc_paused(c):
     run_exec_migration(c, pc(), ram_bytes=32 * MiB)
 
 
-@scenario("q35-7.2-paused", reproducible=True,
+@scenario("q35-{v}-paused", reproducible=True,
           exercises="pc-q35-7.2 paused: ICH9/LPC/AHCI device sections, more RAM blocks")
 def s_q35_paused(c):
     """q35 machine, 32 MiB, never started."""
@@ -191,7 +228,7 @@ def s_q35_paused(c):
 LOADER_ADDR, LOADER_PAGES, LOADER_SEED = 0x200000, 64, 7202
 
 
-@scenario("pc-7.2-loader", reproducible=True,
+@scenario("pc-{v}-loader", reproducible=True,
           exercises="known guest data: normal pages with random bytes, pages of one repeated "
                     "non-zero byte (sent as normal pages), zero pages between them")
 def s_pc_loader(c):
@@ -207,7 +244,7 @@ def s_pc_loader(c):
                        ram_bytes=32 * MiB)
 
 
-@scenario("pc-i440fx-2.2-paused", reproducible=True,
+@scenario("pc-i440fx-2.2-paused", reproducible=True, only=("7.2",),
           exercises="old machine type: no configuration record, no section footers, "
                     "no VMDESCRIPTION trailer (suppress-vmdesc), stream ends at QEMU_VM_EOF")
 def s_pc22(c):
@@ -215,22 +252,26 @@ def s_pc22(c):
     run_exec_migration(c, pc("pc-i440fx-2.2"), ram_bytes=32 * MiB)
 
 
-@scenario("pc-7.2-noconfig", reproducible=True,
+@scenario("pc-{v}-noconfig", reproducible=True, until=(8, 1),
           exercises="footers and trailer but no configuration record")
 def s_noconfig(c):
-    """pc with -global migration.send-configuration=off."""
+    """pc with -global migration.send-configuration=off.  Not from 8.2: the
+    configuration is then part of the JSON description and leaving it out trips an
+    assertion in QEMU's JSON writer (``leave_container: Assertion `depth' failed``,
+    seen with 10.0.13 and 11.1.3), so QEMU aborts the migration."""
     run_exec_migration(c, pc("pc", 32, "-global", "migration.send-configuration=off"),
                        ram_bytes=32 * MiB)
 
 
-@scenario("pc-7.2-devices", reproducible=True,
+@scenario("pc-{v}-devices", reproducible=True,
           exercises="many vmstate shapes: PCI devices (e1000, rtl8139, virtio-net, virtio-blk, "
                     "virtio-serial, virtio-balloon, virtio-rng, virtio-iommu, whose GTREEs "
                     "travel inside the opaque virtio field), USB (UHCI, xHCI, tablet, kbd), "
                     "isa-serial, VGA; subsections, arrays of structs, timers, msix and pci "
                     "config, virtio")
 def s_devices(c):
-    """pc, 64 MiB, a zoo of devices that 7.2 migrates, with a tiny raw drive."""
+    """pc, 64 MiB, a zoo of devices that 7.2 migrates, with a tiny raw drive
+    (virtio-iommu-pci from 6.0: 5.2's pc cannot place it)."""
     disk = c.path("disk.raw")
     with open(disk, "wb") as f:
         f.truncate(MiB)
@@ -246,7 +287,7 @@ def s_devices(c):
               "-device", "virtserialport,chardev=c0,name=org.qmigstream.0",
               "-device", "virtio-balloon-pci",
               "-device", "virtio-rng-pci",
-              "-device", "virtio-iommu-pci",
+              *(["-device", "virtio-iommu-pci"] if c.release >= (6, 0) else []),
               "-chardev", "null,id=s0",
               "-device", "isa-serial,chardev=s0",
               "-device", "piix3-usb-uhci",
@@ -281,7 +322,7 @@ def old_machine_zoo(c, machine):
               "-chardev", "null,id=c0", "-chardev", "null,id=s0", *OLD_MACHINE_ZOO)
 
 
-@scenario("pc-i440fx-2.2-devices", reproducible=True,
+@scenario("pc-i440fx-2.2-devices", reproducible=True, only=("7.2",),
           exercises="no configuration, footers or trailer, with ~60 device sections (audio, "
                     "SCSI, NICs, USB, AHCI, bridge, watchdogs): every device section must be "
                     "bounded without a description")
@@ -290,7 +331,7 @@ def s_pc22_devices(c):
     run_exec_migration(c, old_machine_zoo(c, "pc-i440fx-2.2"), ram_bytes=32 * MiB)
 
 
-@scenario("pc-i440fx-2.2-devices-vmdesc", reproducible=True,
+@scenario("pc-i440fx-2.2-devices-vmdesc", reproducible=True, only=("7.2",),
           exercises="the same machine with suppress-vmdesc=off: byte for byte the stream of "
                     "pc-i440fx-2.2-devices followed by a VMDESCRIPTION trailer, which tells "
                     "where each device section really ends")
@@ -306,7 +347,7 @@ def disk_pattern(size: int = MiB) -> bytes:
                     for i in range(size // PAGE))
 
 
-@scenario("pc-7.2-block", reproducible=False,
+@scenario("pc-{v}-block", reproducible=False, until=(9, 0),
           exercises="block migration (the block capability, removed in 9.1): the 'block' "
                     "section with DEVICE_BLOCK records, zero blocks and progress records")
 def s_block(c):
@@ -321,7 +362,7 @@ def s_block(c):
                        ram_bytes=32 * MiB, capabilities={"block": True})
 
 
-@scenario("pc-7.2-dirty-bitmaps", reproducible=False,
+@scenario("pc-{v}-dirty-bitmaps", reproducible=False,
           exercises="the dirty-bitmaps capability: a 'dirty-bitmap' section carrying two "
                     "block dirty bitmaps (one with set bits), alongside RAM")
 def s_dirty_bitmaps(c):
@@ -351,7 +392,7 @@ def s_dirty_bitmaps(c):
 XBZRLE_PAGES = 32
 
 
-@scenario("pc-7.2-running-xbzrle", reproducible=False,
+@scenario("pc-{v}-running-xbzrle", reproducible=False,
           exercises="a running guest dirtying 32 pages: RAM PART iterations, XBZRLE records, "
                     "CONTINUE across sections, bandwidth-limited iteration")
 def s_xbzrle(c):
@@ -398,7 +439,7 @@ def wait_guest_word(q, addr, timeout=30):
 COMPRESS_ADDR, COMPRESS_PAGES = 0x200000, 128
 
 
-@scenario("pc-7.2-compress", reproducible=False,
+@scenario("pc-{v}-compress", reproducible=False, until=(9, 0),
           exercises="the compress capability: COMPRESS_PAGE records (zlib) for non-zero pages")
 def s_compress(c):
     """pc, 32 MiB, 128 text-like pages at 2 MiB via -device loader, compress on
@@ -418,19 +459,24 @@ def s_compress(c):
 UUID = "5d1a1b8e-6a3c-4c43-9d6e-2a0e7c1f0a55"
 
 
-@scenario("pc-7.2-ignore-shared-uuid", reproducible=True,
+@scenario("pc-{v}-ignore-shared-uuid", reproducible=True,
           exercises="configuration/capabilities (x-ignore-shared) and configuration/uuid "
                     "subsections; MEM_SIZE with per-block mr_addr; shared RAM not sent")
 def s_ignore_shared(c):
-    """pc, 32 MiB RAM from a shared memfd backend, -uuid fixed,
+    """pc, 32 MiB RAM from a shared memfd backend (from 8.0 a shared file backend:
+    10.0 and 11.1 send memfd RAM despite x-ignore-shared), -uuid fixed,
     x-ignore-shared and validate-uuid on."""
-    args = ["-object", "memory-backend-memfd,id=mem,size=32M,share=on",
-            "-machine", "pc,memory-backend=mem", "-m", "32", "-uuid", UUID]
+    if c.release >= (8, 0):
+        # newer QEMUs ignore only shared RAM backed by a named file (a memfd is sent)
+        backend = f"memory-backend-file,id=mem,size=32M,share=on,mem-path={c.path('ram')}"
+    else:
+        backend = "memory-backend-memfd,id=mem,size=32M,share=on"
+    args = ["-object", backend, "-machine", "pc,memory-backend=mem", "-m", "32", "-uuid", UUID]
     run_exec_migration(c, args, ram_bytes=32 * MiB,
                        capabilities={"x-ignore-shared": True, "validate-uuid": True})
 
 
-@scenario("pc-7.2-postcopy-advised", reproducible=True,
+@scenario("pc-{v}-postcopy-advised", reproducible=True,
           exercises="commands: OPEN_RETURN_PATH, PING, POSTCOPY_ADVISE (postcopy-ram on, "
                     "never switched to postcopy)")
 def s_postcopy(c):
@@ -460,7 +506,7 @@ def s_postcopy(c):
 MULTIFD_CHANNELS = 2
 
 
-@scenario("pc-7.2-multifd", reproducible=False,
+@scenario("pc-{v}-multifd", reproducible=False,
           exercises="multifd: the main stream (zero pages, MULTIFD_FLUSH-free 7.2 RAM "
                     "sections) and each channel (MultiFDInit_t, packets, normal pages)")
 def s_multifd(c):
@@ -500,10 +546,39 @@ def s_multifd(c):
             c.channels.append(p)
 
 
+@scenario("pc-{v}-mapped-ram", reproducible=True, since=(9, 0),
+          exercises="a mapped-ram file (file: migration, mapped-ram capability): "
+                    "configuration/capabilities, MEM_SIZE with each block's MappedRamHeader, "
+                    "dirty bitmaps and page areas at fixed file offsets")
+def s_mapped_ram(c):
+    """pc, 32 MiB, paused, 64 loader_pattern pages at 2 MiB, mapped-ram on,
+    migrate to file:."""
+    _mapped_ram(c, {"mapped-ram": True}, {})
+
+
+def _mapped_ram(c, capabilities, parameters):
+    blob = c.path("loader.bin")
+    with open(blob, "wb") as f:
+        f.write(loader_pattern(LOADER_SEED, LOADER_PAGES))
+    c.meta["loader"] = {"addr": LOADER_ADDR, "pages": LOADER_PAGES, "seed": LOADER_SEED,
+                        "sha256": sha256_file(blob)}
+    args = pc("pc", 32, "-device", f"loader,file={blob},addr=0x{LOADER_ADDR:x},force-raw=on")
+    with Qemu(args, workdir=c.path("qemu")) as q:
+        version = q.version()
+        q.set_capabilities(capabilities)
+        q.set_parameters(parameters)
+        q.execute("migrate", uri=f"file:{c.stream}")
+        final = q.wait_migration(60)
+        check_completed(q, final)
+        q.wait_status("postmigrate")
+        c.ram_dumps(q, 32 * MiB)
+        c.record(q, version, final)
+
+
 SNAPSHOT = "snap1"
 
 
-@scenario("pc-7.2-savevm", reproducible=False,
+@scenario("pc-{v}-savevm", reproducible=False,
           exercises="savevm vmstate cut out of a qcow2 image by qmigstream.qcow2 "
                     "(snapshot table, snapshot L1/L2), same records as a migration stream")
 def s_savevm(c):
@@ -513,7 +588,7 @@ def s_savevm(c):
     img = c.path("disk.qcow2")
     if os.path.exists(img):
         os.unlink(img)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img, "1M"], check=True)
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", img, "1M"], check=True)
     args = pc("pc", 32, "-drive", f"file={img},format=qcow2,if=ide")
     with Qemu(args, workdir=c.path("qemu")) as q:
         version = q.version()
@@ -538,7 +613,7 @@ def s_savevm(c):
     # independent check: revert a copy and read the vmstate area back with qemu-io
     copy = c.path("copy.qcow2")
     shutil.copyfile(img, copy)
-    subprocess.run(["qemu-img", "snapshot", "-a", SNAPSHOT, copy], check=True)
+    subprocess.run([QEMU_IMG, "snapshot", "-a", SNAPSHOT, copy], check=True)
     back = qemu_io_read_vmstate(copy, c.meta["qcow2"]["vm_state_size"])
     if sha256_file(c.stream) != hashlib.sha256(back).hexdigest():
         raise QemuError("vmstate cut differs from what qemu-io reads back")
@@ -554,7 +629,7 @@ def qemu_io_read_vmstate(image, size, chunk=64 * 1024):
     while off < size:
         n = min(chunk, size - off)
         padded = n + (-n % 512)          # qemu-io wants whole sectors
-        r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"read -b -v {off} {padded}", image],
+        r = subprocess.run([QEMU_IO, "-f", "qcow2", "-c", f"read -b -v {off} {padded}", image],
                            check=True, capture_output=True, text=True)
         out += parse_qemu_io_dump(r.stdout, off, padded)[:n]
         off += n
@@ -592,25 +667,29 @@ def file_entry(path):
     return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
-def run_scenario(name, out_dir, work_root, verify):
-    sc = SCENARIOS[name]
+def run_scenario(name, template, out_dir, work_root, verify, release):
+    sc = SCENARIOS[template]
     work = os.path.join(work_root, name)
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    c = Capture(name, work)
+    key = tuple(int(x) for x in release.split("."))
+    c = Capture(name, work, key)
     t0 = time.monotonic()
     sc["fn"](c)
     seconds = time.monotonic() - t0
-    meta = {"name": name, "what": sc["doc"], "exercises": sc["exercises"],
-            "made_by": f"python3 tools/capture.py {name} --out fixtures/captures",
-            "reproducible": sc["reproducible"]}
+    made_by = f"python3 tools/capture.py {name} --out fixtures/captures"
+    if release != "7.2":
+        made_by = (f"eval \"$(tools/debian-qemu {release})\" && " + made_by)
+    meta = {"name": name, "release": release, "what": sc["doc"].replace("{v}", release),
+            "exercises": sc["exercises"].replace("{v}", release),
+            "made_by": made_by, "reproducible": sc["reproducible"]}
     if not sc["reproducible"]:
-        meta["not_reproducible_because"] = NOT_REPRODUCIBLE.get(name, "")
+        meta["not_reproducible_because"] = NOT_REPRODUCIBLE.get(template, "")
     stream = {"file": f"{name}.mig.xz", **file_entry(c.stream)}
     meta["stream"] = stream
     if sc["reproducible"] and verify:
         first = stream["sha256"]
-        c2 = Capture(name, work)
+        c2 = Capture(name, work, key)
         os.unlink(c.stream)
         sc["fn"](c2)
         meta["reproducible_checked"] = sha256_file(c2.stream) == first
@@ -655,15 +734,15 @@ def run_scenario(name, out_dir, work_root, verify):
 
 
 NOT_REPRODUCIBLE = {
-    "pc-7.2-running-xbzrle": "the guest runs: how many iterations and which pages are dirty "
+    "pc-{v}-running-xbzrle": "the guest runs: how many iterations and which pages are dirty "
                              "in each depend on host timing",
-    "pc-7.2-compress": "compression threads finish in host-dependent order",
-    "pc-7.2-multifd": "pages are spread over channels in host-dependent order",
-    "pc-7.2-block": "disk reads complete asynchronously: whether the data block goes out in "
+    "pc-{v}-compress": "compression threads finish in host-dependent order",
+    "pc-{v}-multifd": "pages are spread over channels in host-dependent order",
+    "pc-{v}-block": "disk reads complete asynchronously: whether the data block goes out in "
                     "the first or a later iteration depends on host I/O timing",
-    "pc-7.2-dirty-bitmaps": "the number of iterations follows the 100 ms bandwidth windows "
+    "pc-{v}-dirty-bitmaps": "the number of iterations follows the 100 ms bandwidth windows "
                             "(host timing); repeated runs here gave the same bytes",
-    "pc-7.2-savevm": "the qcow2 snapshot table records the host date of the savevm; the "
+    "pc-{v}-savevm": "the qcow2 snapshot table records the host date of the savevm; the "
                      "vmstate itself follows the same path as a paused migration",
 }
 
@@ -679,17 +758,21 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true")
     a = ap.parse_args(argv)
     if a.list:
-        for n, sc in SCENARIOS.items():
+        release = release_of(qemu_binary() or "qemu-system-x86_64")
+        for n, template in scenarios_for(release).items():
+            sc = SCENARIOS[template]
             print(f"{n:28} {'reproducible' if sc['reproducible'] else 'not reproducible':17}"
                   f" {sc['exercises']}")
         return 0
-    names = a.scenarios or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    release = release_of(qemu_binary() or "qemu-system-x86_64")
+    known = scenarios_for(release)
+    names = a.scenarios or list(known)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        ap.error(f"unknown scenario(s): {', '.join(unknown)}")
+        ap.error(f"unknown scenario(s) for QEMU {release}: {', '.join(unknown)}")
     os.makedirs(a.out, exist_ok=True)
     for n in names:
-        run_scenario(n, a.out, a.work, not a.no_verify)
+        run_scenario(n, known[n], a.out, a.work, not a.no_verify, release)
     return 0
 
 

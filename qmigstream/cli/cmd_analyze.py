@@ -24,6 +24,10 @@ def register(sub):
     p.add_argument("--output-dir", default=".", help="where -x writes (default: .)")
     p.add_argument("--page-size", type=int, default=None,
                    help="target page size when the stream has no trailer (default 4096)")
+    p.add_argument("--script", choices=A.SCRIPTS, default=None,
+                   help="print as analyze-migration.py of this generation does (7.2: up to "
+                        "9.2, 10.0: 10.0 and later; default: that of the QEMU that wrote "
+                        "the stream)")
     p.set_defaults(func=run)
 
 
@@ -37,14 +41,16 @@ def run(args) -> int:
             _write(os.path.join(args.output_dir, "desc.json"), A.dumps(desc))
         files = A.MemoryFiles(args.output_dir)
         try:
-            state = A.analyze_state(args.file, memory_writer=files, page_size=args.page_size)
+            state = A.analyze_state(args.file, memory_writer=files, page_size=args.page_size,
+                                    script=args.script)
         finally:
             files.close()
         print("state.json")
         _write(os.path.join(args.output_dir, "state.json"), A.dumps(state))
         return 0
     if args.dump == "state":
-        state = A.analyze_state(args.file, dump_memory=args.memory, page_size=args.page_size)
+        state = A.analyze_state(args.file, dump_memory=args.memory, page_size=args.page_size,
+                                script=args.script)
         out.write(A.dumps(state) + "\n")
         return 0
     if args.dump == "desc":

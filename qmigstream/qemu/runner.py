@@ -463,6 +463,7 @@ def sha256_file(path: str) -> str:
 
 # -- a unix-socket sink for socket migrations ------------------------------------
 MIG_RP_MSG_SHUT = 1
+MIG_RP_MSG_PONG = 2
 
 
 class UnixSink:
@@ -516,6 +517,7 @@ class UnixSink:
 
     def _recv_loop(self, conn, buf):
         conn.settimeout(0.2)
+        pongs = []
         while True:
             try:
                 chunk = conn.recv(1 << 20)
@@ -528,6 +530,12 @@ class UnixSink:
             if not chunk:
                 return
             buf += chunk
+            if self.return_path and buf[:4] == b"QEVM":
+                # a destination answers each PING with a PONG of the same value
+                # (10.x waits for them before it completes)
+                for value in leading_pings(buf)[len(pongs):]:
+                    conn.sendall(struct.pack(">HHI", MIG_RP_MSG_PONG, 4, value))
+                    pongs.append(value)
             if self.return_path and not self.shut_sent and buf[:4] == b"QEVM" and \
                     trailer_complete(buf):
                 conn.sendall(struct.pack(">HHI", MIG_RP_MSG_SHUT, 4, 0))
@@ -568,14 +576,27 @@ class UnixSink:
         self.close()
 
 
+def leading_pings(buf) -> list:
+    """Values of the PING commands before the first section of a (partial) stream."""
+    from ..codec.reader import read_records
+    from ..errors import QmigstreamError
+    values = []
+    try:
+        for rec in read_records(bytes(buf)):
+            if rec.kind == "section":
+                break
+            if rec.kind == "command" and rec.name == "PING":
+                values.append(rec.args["value"])
+    except QmigstreamError:
+        pass
+    return values
+
+
 def trailer_complete(buf) -> bool:
-    """Does ``buf`` end with a whole VMDESCRIPTION record (``0x06``, be32 length, JSON)?"""
+    """Does ``buf`` end with a whole VMDESCRIPTION record (EOF, ``0x06``, be32 length,
+    a JSON object)?  (The JSON starts with ``page_size`` up to 8.1 and with
+    ``configuration`` from 8.2.)"""
+    from ..vmdesc import locate_trailer
     if not buf.endswith(b"}"):
         return False
-    pos = bytes(buf[-(1 << 20):]).rfind(b'{"page_size"')
-    if pos < 0:
-        return False
-    pos += max(0, len(buf) - (1 << 20))
-    if pos < 5 or buf[pos - 5] != 0x06:
-        return False
-    return struct.unpack(">I", bytes(buf[pos - 4:pos]))[0] == len(buf) - pos
+    return locate_trailer(bytes(buf[-(4 << 20):]), 0) is not None
