@@ -30,6 +30,8 @@ contributes, so one snapshot can be compared with many (:func:`compare`).
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 import fnmatch
 import hashlib
@@ -616,10 +618,14 @@ def _add_run(runs, s, e):
 def flatten(node: Vmsd, prefix: str) -> dict:
     """Leaves of a decoded device state: ``path -> (value, offset, type)``.
 
-    Paths: ``section/field``, ``field[i]`` for array elements (and for fields
-    described one entry per element, with their ``index``), ``field.member``
-    inside structs, ``section/subsection-name/field`` inside subsections,
-    ``field#2`` for the second field of the same name in one vmsd.
+    Paths: ``section/field``, ``field[i]`` for array elements, ``field.member``
+    inside structs, ``section/subsection-name/field`` inside subsections.  The
+    entries of one name in a vmsd are one array, numbered in order, whichever
+    way the description writes it: one entry with ``array_len`` (up to 10.x),
+    one entry per element with ``index``, repeated entries without either
+    (QEMU 11's arrays of structs), or segments split around NULL pointers — so a
+    stream compares with another release's by element.  A name with one plain
+    entry is a plain field.
     """
     out = {}
     _flatten_vmsd(node, prefix + "/", out)
@@ -627,17 +633,18 @@ def flatten(node: Vmsd, prefix: str) -> dict:
 
 
 def _flatten_vmsd(node, prefix, out):
-    seen = {}
+    entries = collections.Counter(f.name for f in node.fields)
+    position = collections.Counter()        # next element number per name
     for f in node.fields:
-        base = f.name if f.index is None else f"{f.name}[{f.index}]"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        if k:
-            base = f"{base}#{k + 1}"
-        path = prefix + base
+        path = prefix + f.name
         if f.array_len is not None:
             for i, v in enumerate(f.value):
-                _flatten_value(v, f"{path}[{i}]", f.element_offset(i), f.type, out)
+                _flatten_value(v, f"{path}[{position[f.name] + i}]", f.element_offset(i),
+                               f.type, out)
+            position[f.name] += len(f.value)
+        elif f.index is not None or entries[f.name] > 1:
+            _flatten_value(f.value, f"{path}[{position[f.name]}]", f.offset, f.type, out)
+            position[f.name] += 1
         else:
             _flatten_value(f.value, path, f.offset, f.type, out)
     for s in node.subsections:

@@ -129,6 +129,8 @@ class StreamSummary:
             self.pages_per_block.setdefault(rec.block, Counter())[kind] += 1
         elif isinstance(rec, R.RamMemSize):
             self.ram_blocks = [b.to_json() for b in rec.blocks]
+        elif isinstance(rec, R.RamBlockEntry):          # mapped-ram: entries on their own
+            self.ram_blocks.append(rec.info.to_json())
         elif isinstance(rec, R.RamMultifdFlush):
             self.multifd_flushes += 1
         elif isinstance(rec, R.MappedRamBitmap):

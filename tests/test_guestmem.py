@@ -433,6 +433,8 @@ def test_physical_needs_pc_ram(tmp_path):
 NOT_IN_MAIN_STREAM = {
     "multifd": "normal pages travel on the multifd channels "
                "(test_multifd_channels_complete_the_memory)",
+    "multifd-zlib": "normal pages travel on the multifd channels "
+                    "(test_multifd_channels_complete_the_memory)",
     "ignore-shared-uuid": "shared RAM (block 'mem') is not sent with x-ignore-shared",
 }
 
@@ -454,7 +456,7 @@ def test_committed_captures_match_pmemsave(capture, tmp_path, name):
         assert hashlib.sha256(data).hexdigest() == b["sha256"]
     if _scenario(name) == "ignore-shared-uuid":
         assert m["notes"][0].startswith("x-ignore-shared: blocks backed by shared memory")
-    elif _scenario(name) == "multifd":
+    elif _scenario(name) in ("multifd", "multifd-zlib"):
         # 8.1+ streams say so (MULTIFD_FLUSH records); older ones cannot tell
         release = tuple(int(x) for x in meta.get("release", "7.2").split("."))
         if release >= (8, 1):
@@ -657,7 +659,7 @@ def test_short_writes_are_finished(tmp_path, monkeypatch):
 
 # -- multifd channels --------------------------------------------------------------------------
 
-MULTIFD_CAPTURES = [n for n in capture_names() if n.endswith("-multifd")]
+MULTIFD_CAPTURES = [n for n in capture_names() if n.endswith(("-multifd", "-multifd-zlib"))]
 
 
 @pytest.fixture(params=MULTIFD_CAPTURES)

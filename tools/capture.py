@@ -512,6 +512,18 @@ MULTIFD_CHANNELS = 2
 def s_multifd(c):
     """pc, 32 MiB, 64 loader_pattern pages at 2 MiB, multifd with 2 channels over a unix
     socket served by UnixSink: every connection recorded."""
+    _multifd(c, {})
+
+
+@scenario("pc-{v}-multifd-zlib", reproducible=False,
+          exercises="multifd-compression=zlib: each channel's pages as one zlib stream "
+                    "running across its packets")
+def s_multifd_zlib(c):
+    """As pc-{v}-multifd, with multifd-compression zlib (level 1)."""
+    _multifd(c, {"multifd-compression": "zlib", "multifd-zlib-level": 1})
+
+
+def _multifd(c, parameters):
     blob = c.path("loader.bin")
     with open(blob, "wb") as f:
         f.write(loader_pattern(LOADER_SEED, LOADER_PAGES))
@@ -522,7 +534,7 @@ def s_multifd(c):
     with UnixSink(sock) as sink, Qemu(args, workdir=c.path("qemu")) as q:
         version = q.version()
         q.set_capabilities({"multifd": True})
-        q.set_parameters({"multifd-channels": MULTIFD_CHANNELS})
+        q.set_parameters({"multifd-channels": MULTIFD_CHANNELS, **parameters})
         q.execute("migrate", uri=sink.uri)
         final = q.wait_migration(60)
         check_completed(q, final)
@@ -738,6 +750,7 @@ NOT_REPRODUCIBLE = {
                              "in each depend on host timing",
     "pc-{v}-compress": "compression threads finish in host-dependent order",
     "pc-{v}-multifd": "pages are spread over channels in host-dependent order",
+    "pc-{v}-multifd-zlib": "pages are spread over channels in host-dependent order",
     "pc-{v}-block": "disk reads complete asynchronously: whether the data block goes out in "
                     "the first or a later iteration depends on host I/O timing",
     "pc-{v}-dirty-bitmaps": "the number of iterations follows the 100 ms bandwidth windows "

@@ -71,6 +71,10 @@ def render(d) -> str:
     p = r["pages"]
     w(f"RAM pages:     zero {_n(p['zero'])}, normal {_n(p['normal'])}, "
       f"xbzrle {_n(p['xbzrle'])}, compressed {_n(p['compressed'])}")
+    if r.get("mapped_ram_pages"):
+        mp = r["mapped_ram_pages"]
+        w(f"mapped-ram:    {_n(sum(mp.values()))} pages in place ("
+          + ", ".join(f"{b} {_n(c)}" for b, c in mp.items()) + ")")
     rs = r["sections"]
     if rs:
         w("RAM sections:  " + ", ".join(f"{k} {v}" for k, v in rs.items())
