@@ -211,16 +211,19 @@ class _Ram:
         return got if got is not None else bytes(self.page_size)
 
     def _mapped_chunk(self, rec):
-        if rec.data is None:
-            return
+        """Every page of a mapped-ram page area, as the script (11.x) lists them: the
+        page's bytes when its bitmap bit is set, else ``Filled with 0x00``."""
         bitmap = self.bitmaps.get(rec.block, b"")
         ps = self.page_size
         data = rec.data
-        for k in range(0, rec.length, ps):
+        for k in range(0, rec.length - ps + 1, ps):
             page = (rec.start + k) // ps
             byte = page // 8
             if byte < len(bitmap) and bitmap[byte] >> (page % 8) & 1:
-                self._page(rec.block, rec.start + k, bytes(data[k:k + ps]))
+                self._page(rec.block, rec.start + k,
+                           bytes(ps) if data is None else bytes(data[k:k + ps]))
+            elif self.memory is not None:
+                self._zero(rec.block, rec.start + k, 0)
 
 
 class _Other:
