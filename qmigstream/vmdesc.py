@@ -407,6 +407,27 @@ def dump(obj, style: str) -> bytes:
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
+def without_array_index(obj):
+    """``obj`` (a description, or part of one) with the ``"index"`` member left
+    out of every field entry (the objects in a ``"fields"`` list), as QEMU 11.1
+    writes the per-element entries of an array; everything else, repeated keys
+    and member order included, as it was."""
+    def walk(value, is_field=False):
+        if isinstance(value, dict):
+            return JsonObject([(k, member(k, v)) for k, v in members(value)
+                               if not (is_field and k == "index")])
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    def member(key, value):
+        if key == "fields" and isinstance(value, (list, tuple)):
+            return [walk(v, True) for v in value]
+        return walk(value)
+
+    return walk(obj)
+
+
 # --------------------------------------------------------------------------
 # Finding the trailer
 

@@ -742,6 +742,9 @@ def _trailer(prof, tpl, conf, page_size, entries) -> bytes:
     if prof.vmdesc_configuration and conf is not None:
         members.append(("configuration", _config_description(conf)))
     members.append(("page_size", page_size))
+    if not prof.vmdesc_array_index:
+        # a template from an older release describes its arrays with "index"
+        entries = [vmdesc.without_array_index(e) for e in entries]
     members.append(("devices", entries))
     return vmdesc.dump(vmdesc.JsonObject(members), prof.json_style)
 

@@ -29,7 +29,13 @@ follows:
   device (5.2-7.2) does whenever it sent data (v2 in 8.1/8.2 always returns 1);
 * ``load_config_after_iter`` — 10.1+ has ``x-migration-load-config-after-iter``
   (FULL carries ``DEV_CONFIG_LOAD_READY``; auto is on for ARM only, so off for
-  the x86 machine types here; ``hw_compat_10_0`` turns it off).
+  the x86 machine types here; ``hw_compat_10_0`` turns it off);
+* ``vmdesc_array_index`` — the trailer gives ``"index": i`` in the entry of
+  each element of an array it cannot describe once with ``array_len`` (arrays
+  of structs, say: one entry per element, ``vmsd_desc_field_start`` in
+  ``migration/vmstate.c`` up to 10.x).  QEMU 11.1 writes those entries without
+  it (its committed captures have no ``"index"`` anywhere); 11.0 has not been
+  checked against a real capture, so ``qemu-11.0`` keeps the 10.x form.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Profile:
     multifd_device_state: bool = False
     load_config_after_iter: bool = False
     iterate_walks_all: bool = False
+    vmdesc_array_index: bool = True
 
     def machine_version(self, machine: str):
         m = re.search(r"-(\d+)\.(\d+)$", machine)
@@ -110,6 +117,10 @@ PROFILES = {p.name: p for p in (
     _p("qemu-11.0", "11.0", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
        "pc-i440fx-11.0", notes="as 10.1", multifd_device_state=True, iterate_walks_all=True,
        load_config_after_iter=True),
+    _p("qemu-11.1", "11.1", "8.1-9.x", "v2", JSONWRITER, True, True, True, False, True,
+       "pc-i440fx-11.1", notes="as 11.0; no \"index\" in the trailer's per-element "
+       "array entries", multifd_device_state=True, iterate_walks_all=True,
+       load_config_after_iter=True, vmdesc_array_index=False),
 )}
 
 DEFAULT_PROFILE = "qemu-7.2"
