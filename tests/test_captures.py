@@ -35,7 +35,7 @@ EXPECTED = {
     "pc-7.2-noconfig", "pc-7.2-devices", "pc-7.2-running-xbzrle", "pc-7.2-compress",
     "pc-7.2-ignore-shared-uuid", "pc-7.2-postcopy-advised", "pc-7.2-multifd", "pc-7.2-savevm",
     "pc-i440fx-2.2-devices", "pc-i440fx-2.2-devices-vmdesc", "pc-7.2-block",
-    "pc-7.2-dirty-bitmaps",
+    "pc-7.2-dirty-bitmaps", "q35-7.2-devices",
 }
 #: captures of the other releases (a subset of their scenarios: what differs)
 OTHER_RELEASES = {

@@ -297,6 +297,35 @@ def s_devices(c):
     run_exec_migration(c, args, ram_bytes=64 * MiB)
 
 
+@scenario("q35-{v}-devices", reproducible=True,
+          exercises="q35 with devices the pc zoo lacks: slirp (user networking, two "
+                    "netdevs), e1000e, virtio-gpu, ich9-intel-hda with hda-output, "
+                    "usb-storage/usb-mouse/usb-hub on xHCI, virtio-scsi with scsi-hd, "
+                    "virtio-keyboard/-mouse, ramfb, pvpanic, i82559er, vmcoreinfo")
+def s_q35_devices(c):
+    """q35, 64 MiB, paused, a second device zoo on three 1 MiB raw drives."""
+    drives = []
+    for d in ("d2", "d3"):
+        path = c.path(f"{d}.raw")
+        with open(path, "wb") as f:
+            f.truncate(MiB)
+        drives += ["-drive", f"file={path},if=none,id={d},format=raw"]
+    args = pc("q35", 64,
+              "-netdev", "user,id=n0", "-device", "e1000e,netdev=n0,romfile=",
+              "-device", "virtio-gpu-pci",
+              "-device", "qemu-xhci,id=x", "-device", "usb-storage,bus=x.0,drive=d2",
+              "-device", "ich9-intel-hda", "-device", "hda-output,audiodev=a0",
+              "-audiodev", "none,id=a0",
+              "-device", "virtio-keyboard-pci",
+              "-device", "virtio-scsi-pci,id=s", "-device", "scsi-hd,drive=d3,bus=s.0",
+              "-device", "ramfb", "-device", "pvpanic", "-device", "virtio-mouse-pci",
+              "-device", "i82559er,romfile=", "-device", "usb-mouse,bus=x.0",
+              "-device", "usb-hub,bus=x.0", "-device", "vmcoreinfo",
+              "-device", "virtio-net-pci,netdev=n1,romfile=", "-netdev", "user,id=n1",
+              *drives)
+    run_exec_migration(c, args, ram_bytes=64 * MiB)
+
+
 OLD_MACHINE_ZOO = [
     "-device", "VGA", "-device", "e1000,romfile=", "-device", "rtl8139,romfile=",
     "-device", "virtio-net-pci,romfile=", "-device", "virtio-blk-pci,drive=d0",
