@@ -1128,12 +1128,12 @@ def render_html(rep: Report) -> str:
         tag = ('<span class="tag ok">fields</span> ' if x.decoded_bytes and not x.opaque_bytes
                else '<span class="tag op">opaque</span> ' if x.opaque_bytes
                else '<span class="tag">records</span> ' if x.kinds else "")
-        rows.append([esc(x.idstr), f"{x.instance_id}", f"{x.version_id}",
+        rows.append([f"{x.section_id}", esc(x.idstr), f"{x.instance_id}", f"{x.version_id}",
                      esc(", ".join(f"{k} ×{v}" if v > 1 else k for k, v in x.types.items())),
                      f"{x.bytes:,}",
                      f"{x.fields:,}" if x.decoded_bytes else "–", tag + esc(how)])
     if rows:
-        w(_table([("idstr", 0), ("instance", 1), ("version", 1), ("sections", 0),
+        w(_table([("section", 1), ("idstr", 0), ("instance", 1), ("version", 1), ("sections", 0),
                   ("bytes", 1), ("fields", 1), ("decoded", 0)], rows, "devices"))
     else:
         w('<p class="muted">No device sections.</p>')
