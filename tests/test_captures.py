@@ -35,7 +35,7 @@ EXPECTED = {
     "pc-7.2-noconfig", "pc-7.2-devices", "pc-7.2-running-xbzrle", "pc-7.2-compress",
     "pc-7.2-ignore-shared-uuid", "pc-7.2-postcopy-advised", "pc-7.2-multifd", "pc-7.2-savevm",
     "pc-i440fx-2.2-devices", "pc-i440fx-2.2-devices-vmdesc", "pc-7.2-block",
-    "pc-7.2-dirty-bitmaps", "q35-7.2-devices",
+    "pc-7.2-dirty-bitmaps", "q35-7.2-devices", "pc-7.2-postcopy",
 }
 #: captures of the other releases (a subset of their scenarios: what differs)
 OTHER_RELEASES = {
@@ -46,7 +46,8 @@ OTHER_RELEASES = {
              "pc-10.0-ignore-shared-uuid", "pc-10.0-multifd", "pc-10.0-mapped-ram",
              "pc-10.0-dirty-bitmaps"},
     "11.1": {"pc-11.1-paused", "q35-11.1-paused", "pc-11.1-devices", "pc-11.1-running-xbzrle",
-             "pc-11.1-ignore-shared-uuid", "pc-11.1-postcopy-advised", "pc-11.1-multifd", "pc-11.1-multifd-zlib",
+             "pc-11.1-ignore-shared-uuid", "pc-11.1-postcopy-advised", "pc-11.1-postcopy", "pc-11.1-multifd",
+             "pc-11.1-multifd-zlib",
              "pc-11.1-mapped-ram", "pc-11.1-savevm", "pc-11.1-dirty-bitmaps"},
 }
 #: query-version of each release's QEMU (Debian packages)
@@ -582,3 +583,20 @@ def test_mapped_ram_counts(name, capture):
     assert sum(b["used_length"] for b in blocks) // PAGE - sum(marked.values()) == \
         ram["duplicate"]
     assert s["ram"]["pages"] == {"zero": 0, "normal": 0, "xbzrle": 0, "compressed": 0}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.endswith("-postcopy")])
+def test_postcopy_capture_layout(name, capture):
+    """A migration switched to postcopy: the RAM discards, then PACKAGED holding
+    LISTEN, the device sections and RUN, then postcopy RAM and EOF; no trailer."""
+    path, meta = capture(name)
+    recs = _records(path)
+    top = [(r.name if isinstance(r, Command) else r.kind) for r in recs
+           if r.depth == 0 and r.kind in ("command", "eof", "vmdescription")]
+    assert top[-1] == "eof" and "vmdescription" not in top
+    assert top.index("POSTCOPY_RAM_DISCARD") < top.index("PACKAGED")
+    nested = [r for r in recs if r.depth == 1]
+    names = [r.name for r in nested if isinstance(r, Command)]
+    assert names[0] == "POSTCOPY_LISTEN" and names[-1] == "POSTCOPY_RUN"
+    assert sum(1 for r in nested if isinstance(r, SectionHeader) and r.full) >= 25
+    assert meta["query_migrate"]["status"] == "completed"

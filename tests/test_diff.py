@@ -425,3 +425,20 @@ def test_releases_compare_by_element(capture):
     assert all("cpuhp" in p for p in paths)          # 11.1's new piix4_pm subsection
     conf = [d for d in r.differences if d.area == "configuration"]
     assert [(d.a, d.b) for d in conf] == [("pc-i440fx-10.0", "pc-i440fx-11.1")]
+
+
+@pytest.mark.parametrize("release", ["7.2", "11.1"])
+def test_postcopy_stream_equals_the_paused_one(release, capture):
+    """The postcopy capture has no trailer: its device sections (inside PACKAGED) are
+    decoded through the paused capture's description, and device state and final RAM
+    are those of the paused capture of the same machine; only the commands differ."""
+    from conftest import capture_names
+    a_name, b_name = f"pc-{release}-paused", f"pc-{release}-postcopy"
+    if not {a_name, b_name} <= set(capture_names()):
+        pytest.skip("captures not committed")
+    a, _ = capture(a_name)
+    b, _ = capture(b_name)
+    r = D.diff(str(a), str(b))
+    assert [(d.area, d.path) for d in r.differences] == [("sections", "commands")]
+    assert r.compared["devices_decoded"] >= 25 and r.compared["devices_opaque"] == 0
+    assert any("decoded through the other stream's description" in n for n in r.notes)

@@ -532,6 +532,39 @@ def s_postcopy(c):
     c.meta["sink"] = "qmigstream.qemu.runner.UnixSink(return_path=True)"
 
 
+@scenario("pc-{v}-postcopy", reproducible=False,
+          exercises="a migration switched to postcopy: POSTCOPY_RAM_DISCARD per block, "
+                    "PACKAGED with the nested device stream (POSTCOPY_LISTEN, device "
+                    "sections, PING, POSTCOPY_RUN), then the postcopy RAM pages; no trailer")
+def s_postcopy_run(c):
+    """pc, 32 MiB, paused, postcopy-ram on, max-bandwidth 64 KiB/s so pre-copy is still
+    running 0.5 s later, when migrate-start-postcopy switches; UnixSink(return_path=True)
+    answers PINGs and sends MIG_RP_MSG_SHUT once the stream has reached its EOF."""
+    sock = c.path("mig.sock")
+    with UnixSink(sock, return_path=True) as sink, \
+            Qemu(pc(), workdir=c.path("qemu")) as q:
+        version = q.version()
+        q.set_capabilities({"postcopy-ram": True})
+        q.set_parameters({"max-bandwidth": 64 << 10})
+        q.execute("migrate", uri=sink.uri)
+        # 7.2 is still in its first pass after 0.5 s; 10.0+ completes sooner
+        time.sleep(0.5 if c.release < (8, 0) else 0.05)
+        q.execute("migrate-start-postcopy")
+        final = q.wait_migration(60)
+        check_completed(q, final)
+        q.wait_status("postmigrate")
+        c.ram_dumps(q, 32 * MiB)
+        c.record(q, version, final)
+        q.quit()
+        sink.wait_idle(10)
+        main = [s for s in sink.streams if s[:4] == b"QEVM"]
+        if len(main) != 1 or not sink.shut_sent:
+            raise QemuError("return-path sink did not see exactly one complete stream")
+        with open(c.stream, "wb") as f:
+            f.write(main[0])
+    c.meta["sink"] = "qmigstream.qemu.runner.UnixSink(return_path=True)"
+
+
 MULTIFD_CHANNELS = 2
 
 
@@ -779,6 +812,7 @@ NOT_REPRODUCIBLE = {
                              "in each depend on host timing",
     "pc-{v}-compress": "compression threads finish in host-dependent order",
     "pc-{v}-multifd": "pages are spread over channels in host-dependent order",
+    "pc-{v}-postcopy": "where pre-copy stands when postcopy starts depends on host timing",
     "pc-{v}-multifd-zlib": "pages are spread over channels in host-dependent order",
     "pc-{v}-block": "disk reads complete asynchronously: whether the data block goes out in "
                     "the first or a later iteration depends on host I/O timing",

@@ -532,12 +532,13 @@ class UnixSink:
             buf += chunk
             if self.return_path and buf[:4] == b"QEVM":
                 # a destination answers each PING with a PONG of the same value
-                # (10.x waits for them before it completes)
-                for value in leading_pings(buf)[len(pongs):]:
+                # (10.x waits for the first before it completes, 11.x for those of
+                # the postcopy package before it runs)
+                for value in stream_pings(buf)[len(pongs):]:
                     conn.sendall(struct.pack(">HHI", MIG_RP_MSG_PONG, 4, value))
                     pongs.append(value)
             if self.return_path and not self.shut_sent and buf[:4] == b"QEVM" and \
-                    trailer_complete(buf):
+                    (trailer_complete(buf) or ends_at_eof(buf)):
                 conn.sendall(struct.pack(">HHI", MIG_RP_MSG_SHUT, 4, 0))
                 self.shut_sent = True
 
@@ -576,15 +577,14 @@ class UnixSink:
         self.close()
 
 
-def leading_pings(buf) -> list:
-    """Values of the PING commands before the first section of a (partial) stream."""
+def stream_pings(buf) -> list:
+    """Values of the PING commands in a (partial) stream, nested ones (PACKAGED)
+    included, in stream order."""
     from ..codec.reader import read_records
     from ..errors import QmigstreamError
     values = []
     try:
         for rec in read_records(bytes(buf)):
-            if rec.kind == "section":
-                break
             if rec.kind == "command" and rec.name == "PING":
                 values.append(rec.args["value"])
     except QmigstreamError:
@@ -600,3 +600,19 @@ def trailer_complete(buf) -> bool:
     if not buf.endswith(b"}"):
         return False
     return locate_trailer(bytes(buf[-(4 << 20):]), 0) is not None
+
+
+def ends_at_eof(buf) -> bool:
+    """Is ``buf`` a whole stream that ends at its QEMU_VM_EOF (no trailer follows: a
+    stream that switched to postcopy has none)?"""
+    if not buf.endswith(b"\x00"):
+        return False
+    from ..codec.reader import read_records
+    from ..errors import QmigstreamError
+    last = None
+    try:
+        for rec in read_records(bytes(buf)):
+            last = rec
+    except QmigstreamError:
+        return False
+    return last is not None and last.kind == "eof" and last.depth == 0
