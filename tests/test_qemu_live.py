@@ -101,6 +101,7 @@ def machine_args_from(meta, work, name):
              "text.bin": lambda: capture_tool.compressible_pattern(meta["loader"]["pages"]),
              "mbr.img": lambda: capture_tool.mbr_dirty_loop(meta["guest_program"]["pages"]),
              "disk.raw": lambda: bytes(1 << 20),
+             "d2.raw": lambda: bytes(1 << 20), "d3.raw": lambda: bytes(1 << 20),
              "disk.qcow2": lambda: _empty_qcow2(work)}
     out = []
     for a in argv:
@@ -118,7 +119,8 @@ LOADABLE = {
     "pc-7.2-postcopy-advised": {"postcopy-ram": True},
     "pc-i440fx-2.2-devices": {}, "pc-i440fx-2.2-devices-vmdesc": {},
     "pc-7.2-block": {}, "pc-7.2-dirty-bitmaps": {"dirty-bitmaps": True},
-    "pc-7.2-savevm": {},
+    "pc-7.2-savevm": {}, "q35-7.2-devices": {},
+    "pc-7.2-postcopy": {"postcopy-ram": True},
     "pc-7.2-ignore-shared-uuid": {"x-ignore-shared": True, "validate-uuid": True},
 }
 
