@@ -490,8 +490,10 @@ class Checker:
                 self.own_entries.setdefault(key, []).append(e)
         d = self.dest
         if d.sections is None and found:
-            d.sections = {k: v[0].get("version") for k, v in self.own_entries.items()
-                          if isinstance(v[0].get("version"), int)}
+            # an old-style section (no vmsd: slirp, ...) is described by name and size
+            # only; it exists on the destination, its version is not known
+            d.sections = {k: v[0].get("version") if isinstance(v[0].get("version"), int)
+                          else None for k, v in self.own_entries.items()}
             self.note(None, "assumed-sections", "the destination's sections and versions are "
                       "taken from the stream's own VMDESCRIPTION (no --reference)",
                       level="unchecked")
