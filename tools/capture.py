@@ -511,25 +511,7 @@ def s_ignore_shared(c):
 def s_postcopy(c):
     """pc, 32 MiB, paused, postcopy-ram on, migrated to a unix socket served by
     UnixSink(return_path=True), which answers MIG_RP_MSG_SHUT(0) after the trailer."""
-    sock = c.path("mig.sock")
-    with UnixSink(sock, return_path=True) as sink, \
-            Qemu(pc(), workdir=c.path("qemu")) as q:
-        version = q.version()
-        q.set_capabilities({"postcopy-ram": True})
-        q.execute("migrate", uri=sink.uri)
-        final = q.wait_migration(60)
-        check_completed(q, final)
-        q.wait_status("postmigrate")
-        c.ram_dumps(q, 32 * MiB)
-        c.record(q, version, final)
-        q.quit()
-        sink.wait_idle(10)
-        main = [s for s in sink.streams if s[:4] == b"QEVM"]
-        if len(main) != 1 or not sink.shut_sent:
-            raise QemuError("return-path sink did not see exactly one complete stream")
-        with open(c.stream, "wb") as f:
-            f.write(main[0])
-    c.meta["sink"] = "qmigstream.qemu.runner.UnixSink(return_path=True)"
+    _return_path_migration(c, {})
 
 
 @scenario("pc-{v}-postcopy", reproducible=False,
@@ -540,16 +522,25 @@ def s_postcopy_run(c):
     """pc, 32 MiB, paused, postcopy-ram on, max-bandwidth 64 KiB/s so pre-copy is still
     running 0.5 s later, when migrate-start-postcopy switches; UnixSink(return_path=True)
     answers PINGs and sends MIG_RP_MSG_SHUT once the stream has reached its EOF."""
+    def switch(q):
+        # 7.2 is still in its first pass after 0.5 s; 10.0+ completes sooner
+        time.sleep(0.5 if c.release < (8, 0) else 0.05)
+        q.execute("migrate-start-postcopy")
+    _return_path_migration(c, {"max-bandwidth": 64 << 10}, after_start=switch)
+
+
+def _return_path_migration(c, parameters, after_start=None):
+    """postcopy-ram on, to UnixSink(return_path=True); the main stream is the capture."""
     sock = c.path("mig.sock")
     with UnixSink(sock, return_path=True) as sink, \
             Qemu(pc(), workdir=c.path("qemu")) as q:
         version = q.version()
         q.set_capabilities({"postcopy-ram": True})
-        q.set_parameters({"max-bandwidth": 64 << 10})
+        if parameters:
+            q.set_parameters(parameters)
         q.execute("migrate", uri=sink.uri)
-        # 7.2 is still in its first pass after 0.5 s; 10.0+ completes sooner
-        time.sleep(0.5 if c.release < (8, 0) else 0.05)
-        q.execute("migrate-start-postcopy")
+        if after_start:
+            after_start(q)
         final = q.wait_migration(60)
         check_completed(q, final)
         q.wait_status("postmigrate")
