@@ -139,7 +139,7 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
     def add(mname, what, new):
         out.append(Mutation(mname, name, what, new))
 
-    if name.startswith("pc-7.2-running-xbzrle"):
+    if name.startswith("pc-") and "-running-xbzrle" in name:
         x = ix.xbzrle[0]
         hl = 8 if x.flags & 0x20 else 9 + len(x.block)
         lo = x.offset + hl + 1
@@ -232,6 +232,24 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         _put(data, z.offset, _U64.pack(addr | 0x01)))
     add("ram-hook", f"RAM record at {z.offset}: flags 0x22 -> 0x80 (HOOK)",
         _put(data, z.offset, _U64.pack(addr | 0x80)))
+    sw = next((c for c in ix.commands if int(c.cmd) == 11), None)
+    if sw is not None:
+        # streams of 10.0 and later: the cases of what changed since 7.2
+        add("ram-compress-page", f"RAM record at {z.offset}: flags 0x22 -> 0x120 "
+            f"(CONTINUE|COMPRESS_PAGE; compress was removed in 9.1)",
+            _put(data, z.offset, _U64.pack(addr | 0x120)))
+        add("ram-multifd-flush", f"a bare MULTIFD_FLUSH word (0x200, 8.1+) inserted before "
+            f"the RAM record at {z.offset}",
+            data[:z.offset] + _U64.pack(0x200) + data[z.offset:])
+        # QEMU_VM_COMMAND at sw.offset: be16 command, be16 length
+        add("switchover-start-length", f"SWITCHOVER_START at {sw.offset}: be16 length at "
+            f"{sw.offset + 3} 0 -> 4, 4 bytes inserted after it",
+            data[:sw.offset + 3] + struct.pack(">H", 4) + b"\0" * 4 + data[sw.offset + 5:])
+        add("switchover-start-unknown", f"SWITCHOVER_START at {sw.offset}: be16 command "
+            f"at {sw.offset + 1} 11 -> 12 (no such command)",
+            _put(data, sw.offset + 1, struct.pack(">H", 12)))
+        add("switchover-start-removed", f"SWITCHOVER_START at {sw.offset} removed "
+            f"(5 bytes)", data[:sw.offset] + data[sw.offset + 5:])
     blen = next(b.used_length for b in ms.blocks if b.name == z.block)
     add("ram-offset-beyond", f"RAM record at {z.offset}: page offset 0x{addr:x} -> "
         f"0x{blen:x} (the length of {z.block})", _put(data, z.offset, _U64.pack(blen | 0x22)))
