@@ -48,6 +48,7 @@ class Index:
         self.compressed = []
         self.blocks = []
         self.bitmaps = []
+        self.block_entries = []       # RamBlockEntry records (mapped-ram)
         section = None
         for rec in read_records(data, compact=False):
             k = rec.kind
@@ -79,6 +80,8 @@ class Index:
                 self.blocks.append(rec)
             elif k == "dirty_bitmap":
                 self.bitmaps.append(rec)
+            elif k == "ram_block_entry":
+                self.block_entries.append(rec)
             elif k == "eof" and rec.depth == 0:
                 self.eof = rec
             elif k == "vmdescription":
@@ -465,6 +468,20 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         add("bitmap-buffer-size", f"dirty-bitmap BITS at {bits.offset}: buffer size at {so} "
             f"{len(bits.buf)} -> 20480 (above 10 * CHUNK_SIZE)",
             _put(data, so, _U64.pack(20480)))
+    if ix.block_entries:
+        # mapped-ram: u8 length, name, be64 length, then the 28-byte header (be32
+        # version, be64 page size, be64 bitmap offset, be64 pages offset)
+        e = next(b for b in ix.block_entries if b.info.name == "pc.ram")
+        h = e.offset + 1 + len(e.info.name) + 8
+        pages_end = e.info.mapped_ram["pages_offset"] + e.info.used_length
+        add("mapped-ram-version", f"mapped-ram header of pc.ram at {h}: version 1 -> 2",
+            _put(data, h, _U32.pack(2)))
+        add("mapped-ram-page-size", f"mapped-ram header of pc.ram at {h}: page size "
+            f"4096 -> 8192", _put(data, h + 4, _U64.pack(8192)))
+        add("mapped-ram-block-name", f"mapped-ram entry at {e.offset}: 'pc.ram' -> 'pc.rax'",
+            _put(data, e.offset + 6, b"x"))
+        add("mapped-ram-cut-pages", f"cut at {pages_end - 4096} (inside the page area of "
+            f"pc.ram)", data[:pages_end - 4096])
     if name == "pc-7.2-block":
         dev = next(b for b in ix.blocks if b.device is not None)
         eos = next(b for b in ix.blocks if b.flags == 0x02)

@@ -151,6 +151,25 @@ def test_ram_flags_of_11_1(tmp_path, cases, streams):
     assert _fatal(rep) == "Unknown combination of migration flags: 0x20"
 
 
+def test_mapped_ram_headers(tmp_path, streams):
+    """mapped-ram: each block-list entry's header, and the page area the stream skips."""
+    from qmigstream.mutate import capture_mutations
+    path = streams["pc-11.1-mapped-ram"]
+    data = path.read_bytes()
+    got = {m.name: m.data for m in capture_mutations("pc-11.1-mapped-ram", data, Index(data))}
+    ref = str(path)
+    rep = _check(tmp_path, got["mapped-ram-version"], ref=ref)
+    assert _fatal(rep) == ("Migration mapped-ram capability version not supported "
+                           "(expected <= 1, got 2)")
+    rep = _check(tmp_path, got["mapped-ram-page-size"], ref=ref)
+    assert _fatal(rep) == ("Migration mapped-ram header has invalid page_size 8192 "
+                           "(expected 4096)")
+    rep = _check(tmp_path, got["mapped-ram-cut-pages"], ref=ref)
+    assert _fatal(rep).startswith('Unknown ramblock "", cannot accept migration')
+    rep = _check(tmp_path, got["mapped-ram-block-name"], ref=ref)
+    assert _fatal(rep) == 'Unknown ramblock "pc.rax", cannot accept migration'
+
+
 # -- against the real QEMU 11.1 -------------------------------------------------------
 
 def _differential():
@@ -172,7 +191,8 @@ def _need_chroot():
 
 @pytest.mark.qemu
 def test_check_agrees_with_qemu_11_1(monkeypatch):
-    """The mutation cases of pc-11.1-paused loaded into QEMU 11.1 (about 10 s)."""
+    """The mutation cases of pc-11.1-paused and pc-11.1-mapped-ram loaded into QEMU 11.1
+    (about 10 s)."""
     _need_chroot()
     d = _differential()
     monkeypatch.delenv("QEMU", raising=False)
@@ -181,11 +201,20 @@ def test_check_agrees_with_qemu_11_1(monkeypatch):
     except Exception as e:          # noqa: BLE001 - the chroot could not be used
         pytest.skip(f"tools/debian-qemu 11.1: {e}")
     t0 = time.monotonic()
-    rows = d.run_all(jobs=4, names=["pc-11.1-paused"])
+    rows = d.run_all(jobs=4, names=["pc-11.1-paused", "pc-11.1-mapped-ram"])
     assert time.monotonic() - t0 < 120
     bad = [(r["case"], r["qemu"], r["check"]) for r in rows if not r["agree"]]
     assert not bad
-    got = {r["case"]: r["qemu_loads"] for r in rows}
+    got = {r["case"]: r["qemu_loads"] for r in rows if r["capture"] == "pc-11.1-paused"}
+    assert len(got) > 50
     assert got["original"] and got["switchover-start-removed"] and got["ram-multifd-flush"]
     assert not got["switchover-start-length"] and not got["ram-compress-page"]
     assert not got["ram-zero-fill"]
+    mr = {r["case"]: r["qemu_loads"] for r in rows if r["capture"] == "pc-11.1-mapped-ram"}
+    assert mr["original"] and not mr["mapped-ram-version"] and not mr["mapped-ram-cut-pages"]
+    # where QEMU fails, check names the cause QEMU gives for mapped-ram
+    for r in rows:
+        if r["case"] in ("mapped-ram-version", "mapped-ram-page-size",
+                         "switchover-start-length", "ram-compress-page", "ram-zero-fill"):
+            lines = [l.replace("qemu-system-x86_64: ", "") for l in r["qemu_lines"]]
+            assert any(l.split(": ")[-1] in r["check"] for l in lines), (r["case"], lines)
