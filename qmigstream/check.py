@@ -437,8 +437,12 @@ class Checker:
             raise BadMagic("not a QEMU migration stream (QEMU: Not a migration stream)", 0,
                            expected=b"QEVM", found=raw[:4])
         if len(raw) < 8:
-            self.fatal(4, "truncated", "stream ends inside the file header; QEMU: "
-                       "Unsupported migration stream version")
+            if self.prof.release == "7.2":
+                self.fatal(4, "truncated", "stream ends inside the file header; QEMU: "
+                           "Unsupported migration stream version")
+            got = int.from_bytes(raw[4:8].ljust(4, b"\0"), "big")   # zeros past the end
+            self.fatal(4, "truncated", f"stream ends inside the file header; QEMU: "
+                       f"Unsupported migration stream version, file version {got} != 3")
         src.read(8)
         v = struct.unpack(">I", raw[4:8])[0]
         if v == 2:
