@@ -12,6 +12,11 @@ and ``dirty_bitmap_load``; ``vfio_load_state`` of hw/vfio/migration.c) and
 reports every problem with its byte offset and the text QEMU itself prints for
 it.  docs/check.md lists each step with its source and the limits.
 
+``profile("qemu-11.1")`` models QEMU 11.1 where it differs on the streams it
+writes (SWITCHOVER_START, its capabilities, MULTIFD_FLUSH, no compress or block
+migration, mapped-ram, ZERO fill bytes); the table in docs/check.md says what
+differs and how each point was confirmed against the real 11.1.
+
 QEMU stops at its first error, and so does the verdict: the first *fatal*
 problem is where QEMU would give up; *notes* are things QEMU accepts but a
 reader should know (a non-zero ZERO fill byte, a damaged trailer), and
@@ -50,6 +55,7 @@ PAGE = 4096
 # RAM_SAVE_FLAG_* of QEMU 7.2 (migration/ram.c); 0x200 (MULTIFD_FLUSH) came in 8.1.
 F_FULL, F_ZERO, F_MEM, F_PAGE, F_EOS, F_CONT, F_XBZRLE, F_HOOK, F_COMP = (
     0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x100)
+F_FLUSH = 0x200
 PAGE_KINDS = F_ZERO | F_PAGE | F_COMP | F_XBZRLE
 #: RunState names of 7.2 (qapi/run-state.json), for global_state_post_load.
 RUN_STATES_72 = ("debug inmigrate internal-error io-error paused postmigrate prelaunch "
@@ -63,8 +69,17 @@ class Profile:
     """What one QEMU release's loader knows, independent of the machine."""
 
     def __init__(self, name, machines, iterative, resizeable, commands, vmsd_versions,
-                 target_page_bits, capabilities, validated_caps):
+                 target_page_bits, capabilities, validated_caps, release="7.2",
+                 multifd_flush=False, compress=True, run_states=None, zero_fill_fatal=False,
+                 hook_ignored=False, wording=None):
         self.name = name
+        self.release = release            # "7.2", "11.1": what messages say
+        self.multifd_flush = multifd_flush    # RAM_SAVE_FLAG_MULTIFD_FLUSH (0x200) known
+        self.compress = compress          # COMPRESS_PAGE records can be loaded at all
+        self.run_states = run_states or RUN_STATES_72
+        self.zero_fill_fatal = zero_fill_fatal  # a ZERO record's fill byte must be 0
+        self.hook_ignored = hook_ignored        # RAM_SAVE_FLAG_HOOK accepted outside RDMA
+        self.wording = wording or ()            # (7.2's words, this release's) pairs
         self.machines = machines          # alias -> full machine name
         self.iterative = iterative        # idstr -> version_id (ram, block, ...)
         self.resizeable = resizeable      # RAM block -> max_length
@@ -73,6 +88,12 @@ class Profile:
         self.target_page_bits = target_page_bits
         self.capabilities = capabilities  # MigrationCapability names
         self.validated_caps = validated_caps
+
+    def reword(self, message: str) -> str:
+        """A message in this release's words (the checker writes 7.2's)."""
+        for old, new in self.wording:
+            message = message.replace(old, new)
+        return message
 
     def field_versions(self, vmsd_name, version):
         """{field: version_id} of the vmsd's top-level fields declared with a version
@@ -102,9 +123,23 @@ _CAPS_72 = ("xbzrle rdma-pin-all auto-converge zero-blocks compress events postc
             "validate-uuid background-snapshot zero-copy-send postcopy-preempt").split()
 
 
+#: MigrationCapability names of 11.1, as its ``query-migrate-capabilities`` lists them
+#: (zero-blocks went in 9.0, block and compress in 9.1; switchover-ack came in 8.1,
+#: dirty-limit in 8.1, mapped-ram in 9.0).
+_CAPS_111 = ("xbzrle rdma-pin-all auto-converge events postcopy-ram x-colo release-ram "
+             "return-path pause-before-switchover multifd dirty-bitmaps postcopy-blocktime "
+             "late-block-activate x-ignore-shared validate-uuid background-snapshot "
+             "zero-copy-send postcopy-preempt switchover-ack dirty-limit mapped-ram").split()
+
+#: the check profiles, newest last
+PROFILES = ("qemu-7.2", "qemu-11.1")
+
+
 def profile(name="qemu-7.2") -> Profile:
+    if name == "qemu-11.1":
+        return _profile_111()
     if name != "qemu-7.2":
-        raise QmigstreamError(f"unknown profile {name!r} (known: qemu-7.2)")
+        raise QmigstreamError(f"unknown profile {name!r} (known: {', '.join(PROFILES)})")
     return Profile(
         "qemu-7.2",
         machines={"pc": "pc-i440fx-7.2", "q35": "pc-q35-7.2"},
@@ -124,6 +159,54 @@ def profile(name="qemu-7.2") -> Profile:
         target_page_bits=12,
         capabilities=_CAPS_72,
         validated_caps=("x-ignore-shared",),
+    )
+
+
+def _vmsd_versions_111(v72):
+    """11.1's table (from ``-dump-vmstate``), and for the vmsds the dump does not list
+    (those registered with vmstate_register() rather than as a device's vmsd: "cpu",
+    "timer", "ram"...) 7.2's rows.  A 7.2 row is used only where the stream's version
+    is that row's version (Profile.minimum_version), so a vmsd whose version changed
+    since 7.2 gets no minimum rather than a wrong one."""
+    t = dict(_load_vmsd_versions("11.1"))
+    for name, rows in v72.items():
+        if name not in t:
+            t[name] = [dict(r, file=r["file"] + " (7.2; not in the 11.1 dump)")
+                       for r in rows]
+    return t
+
+
+def _profile_111() -> Profile:
+    """QEMU 11.1: what its loader does differently from 7.2 on the streams it writes.
+
+    The facts come from the 11.1.3 binary (``query-migrate-capabilities``,
+    ``query-machines``, ``-dump-vmstate``) and from loading mutated 11.1 captures
+    into it (tools/differential --release 11.1)."""
+    p = profile("qemu-7.2")
+    return Profile(
+        "qemu-11.1",
+        machines={"pc": "pc-i440fx-11.1", "q35": "pc-q35-11.1"},
+        # block migration (the "block" section) was removed in 9.1
+        iterative={"ram": 4, "dirty-bitmap": 1, "vfio": 1},
+        resizeable=p.resizeable,
+        # MIG_CMD_SWITCHOVER_START (10.0) has a row of length 0
+        commands={**p.commands, 11: ("SWITCHOVER_START", 0)},
+        vmsd_versions=_vmsd_versions_111(p.vmsd_versions),
+        target_page_bits=12,
+        capabilities=_CAPS_111,
+        validated_caps=("x-ignore-shared",),
+        release="11.1",
+        multifd_flush=True,
+        compress=False,
+        zero_fill_fatal=True,
+        hook_ignored=True,
+        # the same errors in 11.1's words (seen in its output)
+        wording=(("SaveVM v2 format is obsolete and don't work anymore",
+                  "SaveVM v2 format is obsolete and no longer supported"),
+                 ("Unknown savevm section or instance", "Unknown section or instance"),
+                 ("Unknown savevm section type", "Unknown section type"),
+                 ("savevm: unsupported version", "unsupported version"),
+                 ("minimum version_id  ", "minimum version_id ")),
     )
 
 
@@ -203,9 +286,13 @@ def destination_from_reference(path, prof: Profile) -> Destination:
     d.sections = {}
     rd = StreamReader(path)
     cur = None
+    mem_size = None
+    mem_size_done = False
     paged = set()
     for rec in rd.records():
         k = rec.kind
+        if k.startswith("ram_") and k != "ram_block_entry" and mem_size is not None:
+            mem_size_done = True
         if k == "configuration":
             d.config_expected = True
             d.machine = _c_str(rec.machine)
@@ -221,9 +308,10 @@ def destination_from_reference(path, prof: Profile) -> Destination:
             d.lengths[cur] = len(rec.data)
         elif k == "payload" and cur is not None and rec.depth == 0:
             d.lengths.setdefault(cur, len(rec.data))
-        elif k == "ram_mem_size" and d.blocks is None:
-            d.blocks = {b.name: b.used_length for b in rec.blocks}
-            d.block_addrs = {b.name: b.mr_addr for b in rec.blocks if b.mr_addr is not None}
+        elif k == "ram_mem_size" and mem_size is None:
+            mem_size = list(rec.blocks)
+        elif k == "ram_block_entry" and mem_size is not None and not mem_size_done:
+            mem_size.append(rec.info)      # mapped-ram: one entry at a time
         elif k in ("ram_zero", "ram_zero_run", "ram_page", "ram_xbzrle", "ram_compressed"):
             paged.add(rec.block)
         elif k == "footer":
@@ -232,6 +320,9 @@ def destination_from_reference(path, prof: Profile) -> Destination:
             d.bitmap_nodes = (d.bitmap_nodes or set()) | {rec.node}
         elif k == "block" and rec.device is not None:
             d.block_devices = (d.block_devices or set()) | {rec.device}
+    if mem_size is not None:
+        d.blocks = {b.name: b.used_length for b in mem_size}
+        d.block_addrs = {b.name: b.mr_addr for b in mem_size if b.mr_addr is not None}
     if d.footers is None:
         d.footers = False
     if "x-ignore-shared" in rd.capabilities and d.blocks is not None:
@@ -290,6 +381,7 @@ class Checker:
 
     # -- reporting -------------------------------------------------------------
     def fatal(self, offset, kind, message, section=None):
+        message = self.prof.reword(message)
         self.problems.append(Problem(offset, kind, message, "fatal", section))
         raise _Stop()
 
@@ -345,14 +437,20 @@ class Checker:
             raise BadMagic("not a QEMU migration stream (QEMU: Not a migration stream)", 0,
                            expected=b"QEVM", found=raw[:4])
         if len(raw) < 8:
-            self.fatal(4, "truncated", "stream ends inside the file header; QEMU: "
-                       "Unsupported migration stream version")
+            if self.prof.release == "7.2":
+                self.fatal(4, "truncated", "stream ends inside the file header; QEMU: "
+                           "Unsupported migration stream version")
+            got = int.from_bytes(raw[4:8].ljust(4, b"\0"), "big")   # zeros past the end
+            self.fatal(4, "truncated", f"stream ends inside the file header; QEMU: "
+                       f"Unsupported migration stream version, file version {got} != 3")
         src.read(8)
         v = struct.unpack(">I", raw[4:8])[0]
         if v == 2:
             self.fatal(4, "version", "SaveVM v2 format is obsolete and don't work anymore")
         if v != 3:
-            self.fatal(4, "version", f"Unsupported migration stream version (found {v})")
+            self.fatal(4, "version", f"Unsupported migration stream version (found {v})"
+                       if self.prof.release == "7.2" else
+                       f"Unsupported migration stream version, file version {v} != 3")
         has_config = src.peek(1) == b"\x07"
         expected = self.dest.config_expected
         if expected is None:
@@ -725,7 +823,7 @@ class Checker:
         if f is None or not isinstance(f.value, bytes):
             return
         state = _c_str(f.value[:len(f.value) - 1] if b"\0" not in f.value else f.value)
-        if state not in RUN_STATES_72:
+        if state not in self.prof.run_states:
             self.fatal(f.offset, "globalstate", f"invalid parameter value: {state}", name)
 
     def _subsection_versions(self, layout, data, poff, name):
@@ -1080,11 +1178,17 @@ class Checker:
     def _ram_records(self, name):
         src = self.src
         invalid = 0 if self.caps is None or "compress" in self.caps else F_COMP
+        if not self.prof.compress:
+            invalid = F_COMP
         while True:
             off = src.offset
             word = self.be(8, "RAM record word", name)
             flags = word & (PAGE - 1)
             addr = word & ~(PAGE - 1)
+            if not self.prof.compress and flags & F_COMP:
+                # 9.1 removed compress: 0x100 is no page kind any more, no case takes it
+                self.fatal(off, "ram-flags", f"Unknown combination of migration flags: "
+                           f"0x{flags:x} (COMPRESS_PAGE: compress was removed in 9.1)", name)
             if flags & F_COMP and self.caps is None:
                 self.cap("compress", off, "COMPRESS_PAGE records")
             if flags & invalid:
@@ -1103,9 +1207,11 @@ class Checker:
             elif kind == F_ZERO:
                 foff = src.offset
                 ch = self.be(1, "zero page fill byte", name)
+                if ch and self.prof.zero_fill_fatal:
+                    self.fatal(foff, "zero-fill", f"Found a zero page with value {ch}", name)
                 if ch:
                     self.note(foff, "zero-fill", f"ZERO page with fill byte 0x{ch:02x}: QEMU "
-                              f"7.2 fills the page with it (ram_handle_compressed)", name)
+                              f"{self.prof.release} fills the page with it (ram_handle_compressed)", name)
             elif kind == F_PAGE:
                 self.read(PAGE, "RAM page", name)
             elif kind == F_COMP:
@@ -1121,6 +1227,10 @@ class Checker:
                 self._xbzrle(addr, name)
             elif kind == F_EOS:
                 return
+            elif kind == F_FLUSH and self.prof.multifd_flush:
+                pass        # multifd_recv_sync_main(): nothing in this stream to check
+            elif kind == F_HOOK and self.prof.hook_ignored:
+                pass        # rdma_registration_handle(): nothing to do outside RDMA
             elif flags & F_HOOK:
                 self.fatal(off, "ram-hook", f"{self.load_error()} (RAM_SAVE_FLAG_HOOK, flags "
                            f"0x{flags:x}, outside RDMA: ram_control_load_hook fails)", name)
@@ -1152,8 +1262,51 @@ class Checker:
         self.last_block = bname
         return bname
 
+    def _mapped_ram(self) -> bool:
+        """mapped-ram on at the destination (the source's setting unless --capability)."""
+        return "mapped-ram" in (self.caps if self.caps is not None else self.stream_caps)
+
+    def _mapped_area(self, bname, length, name):
+        """The mapped-ram header after a block-list entry (parse_ramblock_mapped_ram):
+        version 1, the target page size; the bitmap and pages are read at their file
+        offsets and the stream goes on after the block's page area."""
+        hoff = self.src.offset
+        ver = self.be(4, "mapped-ram header version", name)
+        ps = self.be(8, "mapped-ram page size", name)
+        boff = self.be(8, "mapped-ram bitmap offset", name)
+        poff = self.be(8, "mapped-ram pages offset", name)
+        if ver > 1:
+            self.fatal(hoff, "mapped-ram", f"Migration mapped-ram capability version not "
+                       f"supported (expected <= 1, got {ver})", name)
+        if ps != PAGE:
+            self.fatal(hoff + 4, "mapped-ram", f"Migration mapped-ram header has invalid "
+                       f"page_size {ps} (expected {PAGE})", name)
+        if boff == 0 and poff == 0:
+            return None     # a block left out (x-ignore-shared) has no area
+        end = poff + length
+        left = self.src.remaining_known()
+        here = self.src.offset
+        if end < here:
+            self.fatal(hoff + 12, "mapped-ram", f"mapped-ram area of block {bname} lies "
+                       f"before its header (pages at 0x{poff:x})", name)
+        if left is not None and end > here + left:
+            # QEMU reads the pages with pread and seeks past them; what it reads next
+            # from beyond the end is zeros
+            self.src.skip(left, f"mapped-ram area of block {bname}")
+            return end
+        self.src.skip(end - here, f"mapped-ram area of block {bname}")
+        return None
+
     def _mem_size(self, total, name):
         dest = self.dest.blocks
+        mapped = self._mapped_ram()
+        if dest is None and mapped:
+            # the entries are spread over the file: learn each as it comes
+            self.note(self.src.offset - 8, "assumed-blocks", "the destination's RAM blocks "
+                      "are assumed to be the ones this MEM_SIZE lists (no --reference)",
+                      name, level="unchecked")
+            dest = self.dest.blocks = {}
+            self._learn_blocks = True
         if dest is None:
             # no reference: the stream's first block list stands for the destination's
             dest = self._peek_block_list(total)
@@ -1169,6 +1322,9 @@ class Checker:
             ln = self.be(1, "RAM block name length", name)
             bname = _c_str(self.read(ln, "RAM block name", name))
             length = self.be(8, "RAM block length", name)
+            if getattr(self, "_learn_blocks", False):
+                self.blocks.setdefault(bname, length)
+                self.dest.blocks.setdefault(bname, length)
             if bname not in self.blocks:
                 self.fatal(boff, "ram-block", f'Unknown ramblock "{bname}", cannot accept '
                            f'migration', name)
@@ -1196,7 +1352,17 @@ class Checker:
                 if ign is not None and bname in ign and want is not None and gpa != want:
                     self.fatal(aoff, "ram-block", f"Mismatched GPAs for block {bname} "
                                f"{_signed64(gpa)}!= {_signed64(want)}", name)
+            past = self._mapped_area(bname, length, name) if mapped else None
             total = (total - length) & mask
+            if past is not None:
+                if total:
+                    self.fatal(self.src.offset, "truncated", 'Unknown ramblock "", cannot '
+                               f'accept migration (the stream ends inside the mapped-ram '
+                               f'area of block {bname}, which ends at 0x{past:x}; the next '
+                               f'entry is read as zeros)', name)
+                self.fatal(self.src.offset, "truncated", f"{self.load_error()} (the stream "
+                           f"ends inside the mapped-ram area of block {bname}, which ends "
+                           f"at 0x{past:x})", name)
 
     def _peek_block_list(self, total):
         src = self.src
@@ -1476,6 +1642,31 @@ def _inflates(data: bytes) -> bool:
     except CompressedPageError:
         return False
     return True
+
+
+#: machine types a profile is picked for when the user names none (cmd_check)
+_MACHINE_PROFILES = {"pc-i440fx-11.1": "qemu-11.1", "pc-q35-11.1": "qemu-11.1"}
+
+
+def profile_for_stream(path) -> tuple:
+    """(profile name, machine type) for a stream file whose configuration record names
+    a machine of a release that has a profile (pc-i440fx-11.1 -> qemu-11.1);
+    (None, machine or None) otherwise.  Reads only the first bytes of the file."""
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "-":
+        return None, None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9 + 4 + 256)
+    except OSError:
+        return None, None
+    if head[:8] != b"QEVM\0\0\0\x03" or head[8:9] != b"\x07" or len(head) < 13:
+        return None, None
+    n = struct.unpack(">I", head[9:13])[0]
+    name = head[13:13 + n]
+    if n > 256 or len(name) != n:
+        return None, None
+    machine = _c_str(name)
+    return _MACHINE_PROFILES.get(machine), machine
 
 
 def check(source, *, profile_name="qemu-7.2", expect_machine=None, reference=None,

@@ -48,6 +48,7 @@ class Index:
         self.compressed = []
         self.blocks = []
         self.bitmaps = []
+        self.block_entries = []       # RamBlockEntry records (mapped-ram)
         section = None
         for rec in read_records(data, compact=False):
             k = rec.kind
@@ -79,6 +80,8 @@ class Index:
                 self.blocks.append(rec)
             elif k == "dirty_bitmap":
                 self.bitmaps.append(rec)
+            elif k == "ram_block_entry":
+                self.block_entries.append(rec)
             elif k == "eof" and rec.depth == 0:
                 self.eof = rec
             elif k == "vmdescription":
@@ -139,7 +142,7 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
     def add(mname, what, new):
         out.append(Mutation(mname, name, what, new))
 
-    if name.startswith("pc-7.2-running-xbzrle"):
+    if name.startswith("pc-") and "-running-xbzrle" in name:
         x = ix.xbzrle[0]
         hl = 8 if x.flags & 0x20 else 9 + len(x.block)
         lo = x.offset + hl + 1
@@ -232,6 +235,24 @@ def mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         _put(data, z.offset, _U64.pack(addr | 0x01)))
     add("ram-hook", f"RAM record at {z.offset}: flags 0x22 -> 0x80 (HOOK)",
         _put(data, z.offset, _U64.pack(addr | 0x80)))
+    sw = next((c for c in ix.commands if int(c.cmd) == 11), None)
+    if sw is not None:
+        # streams of 10.0 and later: the cases of what changed since 7.2
+        add("ram-compress-page", f"RAM record at {z.offset}: flags 0x22 -> 0x120 "
+            f"(CONTINUE|COMPRESS_PAGE; compress was removed in 9.1)",
+            _put(data, z.offset, _U64.pack(addr | 0x120)))
+        add("ram-multifd-flush", f"a bare MULTIFD_FLUSH word (0x200, 8.1+) inserted before "
+            f"the RAM record at {z.offset}",
+            data[:z.offset] + _U64.pack(0x200) + data[z.offset:])
+        # QEMU_VM_COMMAND at sw.offset: be16 command, be16 length
+        add("switchover-start-length", f"SWITCHOVER_START at {sw.offset}: be16 length at "
+            f"{sw.offset + 3} 0 -> 4, 4 bytes inserted after it",
+            data[:sw.offset + 3] + struct.pack(">H", 4) + b"\0" * 4 + data[sw.offset + 5:])
+        add("switchover-start-unknown", f"SWITCHOVER_START at {sw.offset}: be16 command "
+            f"at {sw.offset + 1} 11 -> 12 (no such command)",
+            _put(data, sw.offset + 1, struct.pack(">H", 12)))
+        add("switchover-start-removed", f"SWITCHOVER_START at {sw.offset} removed "
+            f"(5 bytes)", data[:sw.offset] + data[sw.offset + 5:])
     blen = next(b.used_length for b in ms.blocks if b.name == z.block)
     add("ram-offset-beyond", f"RAM record at {z.offset}: page offset 0x{addr:x} -> "
         f"0x{blen:x} (the length of {z.block})", _put(data, z.offset, _U64.pack(blen | 0x22)))
@@ -447,6 +468,20 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         add("bitmap-buffer-size", f"dirty-bitmap BITS at {bits.offset}: buffer size at {so} "
             f"{len(bits.buf)} -> 20480 (above 10 * CHUNK_SIZE)",
             _put(data, so, _U64.pack(20480)))
+    if ix.block_entries:
+        # mapped-ram: u8 length, name, be64 length, then the 28-byte header (be32
+        # version, be64 page size, be64 bitmap offset, be64 pages offset)
+        e = next(b for b in ix.block_entries if b.info.name == "pc.ram")
+        h = e.offset + 1 + len(e.info.name) + 8
+        pages_end = e.info.mapped_ram["pages_offset"] + e.info.used_length
+        add("mapped-ram-version", f"mapped-ram header of pc.ram at {h}: version 1 -> 2",
+            _put(data, h, _U32.pack(2)))
+        add("mapped-ram-page-size", f"mapped-ram header of pc.ram at {h}: page size "
+            f"4096 -> 8192", _put(data, h + 4, _U64.pack(8192)))
+        add("mapped-ram-block-name", f"mapped-ram entry at {e.offset}: 'pc.ram' -> 'pc.rax'",
+            _put(data, e.offset + 6, b"x"))
+        add("mapped-ram-cut-pages", f"cut at {pages_end - 4096} (inside the page area of "
+            f"pc.ram)", data[:pages_end - 4096])
     if name == "pc-7.2-block":
         dev = next(b for b in ix.blocks if b.device is not None)
         eos = next(b for b in ix.blocks if b.flags == 0x02)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 
-from ..check import check
+from ..check import PROFILES, check, profile_for_stream
 
 
 def register(sub):
     p = sub.add_parser("check", help="would QEMU load this stream? exit 0 yes, 1 no "
                                      "(each problem with its offset and QEMU's message)")
     p.add_argument("file")
-    p.add_argument("--profile", default="qemu-7.2", help="the loader to model (qemu-7.2)")
+    p.add_argument("--profile", choices=PROFILES,
+                   help="the loader to model; without it qemu-11.1 for a stream whose "
+                        "machine type is pc-i440fx-11.1 or pc-q35-11.1, else qemu-7.2")
     p.add_argument("--expect-machine", metavar="NAME",
                    help="the destination's machine type (pc, q35 or a full name)")
     p.add_argument("--reference", metavar="REAL.mig",
@@ -30,11 +32,20 @@ def run(args):
     caps = None
     if args.capability is not None:
         caps = [c.strip() for a in args.capability for c in a.split(",") if c.strip()]
+    chosen = None
+    if args.profile is None:
+        name, machine = profile_for_stream(args.file)
+        args.profile = name or "qemu-7.2"
+        if name is not None:
+            chosen = f"profile {name} (the stream's machine type is {machine}; " \
+                     f"--profile chooses another)"
     rep = check(args.file, profile_name=args.profile, expect_machine=args.expect_machine,
                 reference=args.reference, capabilities=caps)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
     else:
+        if chosen:
+            print(chosen)
         for p in rep.problems:
             if p.level != "unchecked" or args.all:
                 print(p.line())

@@ -355,9 +355,10 @@ class IncomingResult:
 
 def load_incoming(machine_args, stream_path: str, timeout: float = 60.0, *,
                   capabilities=None, parameters=None, pmemsave=(), after_load=None,
-                  binary=None) -> IncomingResult:
+                  binary=None, file_uri=False) -> IncomingResult:
     """Would QEMU load this stream?  Start the machine with ``-incoming defer``
-    and feed it ``stream_path`` through ``migrate-incoming exec:cat``.
+    and feed it ``stream_path`` through ``migrate-incoming exec:cat``
+    (``file_uri``: ``file:PATH`` instead, which mapped-ram needs).
 
     ``capabilities``/``parameters`` are set before the load (a destination
     needs e.g. ``x-ignore-shared`` too).  After a successful load the guest
@@ -366,6 +367,8 @@ def load_incoming(machine_args, stream_path: str, timeout: float = 60.0, *,
     refuses; raises :class:`QemuError` only if QEMU cannot be run at all.
     """
     uri = "exec:cat " + shlex.quote(os.path.abspath(stream_path))
+    if file_uri:
+        uri = "file:" + os.path.abspath(stream_path)
     with Qemu(machine_args, incoming="defer", binary=binary) as q:
         q.set_capabilities(capabilities or {})
         q.set_parameters(parameters or {})
