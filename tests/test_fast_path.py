@@ -29,14 +29,20 @@ from qmigstream.wire.ram import RamFlag
 ZC = int(RamFlag.ZERO | RamFlag.CONTINUE)
 
 
-def every_kind_stream(ps=4096, run=300):
-    """Header, configuration, MEM_SIZE, then every RAM record kind over three blocks,
-    with long ZERO runs broken in every way a run can end."""
+def _ram_stream_start(ps, blocks):
+    """A builder past the header, the configuration and the RAM setup section."""
     b = StreamBuilder(page_size=ps)
     b.header()
     b.configuration("pc-i440fx-7.2", target_page_bits=ps.bit_length() - 1)
-    blocks = [("pc.ram", 4 * run * ps), ("pc.rom", 8 * ps), ("/rom@etc/acpi/tables", 4 * ps)]
     b.section(T.SECTION_START, "ram", b.ram_setup_records(blocks), version_id=4)
+    return b
+
+
+def every_kind_stream(ps=4096, run=300):
+    """Header, configuration, MEM_SIZE, then every RAM record kind over three blocks,
+    with long ZERO runs broken in every way a run can end."""
+    b = _ram_stream_start(ps, [("pc.ram", 4 * run * ps), ("pc.rom", 8 * ps),
+                               ("/rom@etc/acpi/tables", 4 * ps)])
     recs = []
     page = lambda blk, i, v: b.ram_page_record(blk, i * ps, bytes([v]) * ps)  # noqa: E731
     zero = lambda blk, i: b.ram_page_record(blk, i * ps, zero=True)  # noqa: E731
@@ -269,11 +275,7 @@ def test_file_source_keeps_the_bytes_it_read_when_the_file_changes(tmp_path):
 
 def page_heavy_stream(ps=4096, n=700):
     """Long runs of PAGE|CONTINUE records broken in every way a run can end."""
-    b = StreamBuilder(page_size=ps)
-    b.header()
-    b.configuration("pc-i440fx-7.2", target_page_bits=ps.bit_length() - 1)
-    blocks = [("pc.ram", 4 * n * ps), ("pc.rom", 8 * ps)]
-    b.section(T.SECTION_START, "ram", b.ram_setup_records(blocks), version_id=4)
+    b = _ram_stream_start(ps, [("pc.ram", 4 * n * ps), ("pc.rom", 8 * ps)])
     page = lambda blk, i: b.ram_page_record(blk, i * ps, bytes([i % 251 + 1]) * ps)  # noqa: E731
     zero = lambda blk, i: b.ram_page_record(blk, i * ps, zero=True)  # noqa: E731
     recs = [page("pc.ram", i) for i in range(n)]                     # more than a window
