@@ -142,6 +142,13 @@ _CAPS_100 = ("xbzrle rdma-pin-all auto-converge zero-blocks events postcopy-ram 
              "background-snapshot zero-copy-send postcopy-preempt switchover-ack dirty-limit "
              "mapped-ram").split()
 
+#: MigrationCapability names of 5.2 (``query-migrate-capabilities`` of 5.2.0): 7.2's
+#: list without background-snapshot (6.0), zero-copy-send (7.1), postcopy-preempt (7.2).
+_CAPS_52 = ("xbzrle rdma-pin-all auto-converge zero-blocks compress events postcopy-ram "
+            "x-colo release-ram block return-path pause-before-switchover multifd "
+            "dirty-bitmaps postcopy-blocktime late-block-activate x-ignore-shared "
+            "validate-uuid").split()
+
 #: 11.1's words for the errors the checker writes in 7.2's (seen in its output)
 _WORDING_111 = (("SaveVM v2 format is obsolete and don't work anymore",
                  "SaveVM v2 format is obsolete and no longer supported"),
@@ -150,7 +157,7 @@ _WORDING_111 = (("SaveVM v2 format is obsolete and don't work anymore",
                 ("savevm: unsupported version", "unsupported version"),
                 ("minimum version_id  ", "minimum version_id "))
 
-#: The releases after 7.2, one row each: what their loader does differently from 7.2 on
+#: The releases other than 7.2, one row each: what their loader does differently from 7.2 on
 #: the streams they write.  The facts come from the Debian binary of each release
 #: (``query-migrate-capabilities``, ``query-machines``, ``-dump-vmstate``) and from
 #: loading mutated captures of it into it (``tools/differential --release R``).
@@ -163,6 +170,9 @@ _WORDING_111 = (("SaveVM v2 format is obsolete and don't work anymore",
 #: section type", a bare "Unsupported migration stream version": ``header_words_111``
 #: False), as seen in its output.
 _RELEASES = {
+    "5.2": dict(capabilities=_CAPS_52, switchover_start=False, block=True,
+                multifd_flush=False, compress=True, zero_fill_fatal=False, hook_ignored=False,
+                wording=(), mapped_ram_page_size=True, header_words_111=False),
     "10.0": dict(capabilities=_CAPS_100, switchover_start=True, block=False,
                  multifd_flush=True, compress=False, zero_fill_fatal=True, hook_ignored=True,
                  wording=(), mapped_ram_page_size=False, header_words_111=False),
@@ -172,7 +182,7 @@ _RELEASES = {
 }
 
 #: the check profiles, oldest first
-PROFILES = ("qemu-7.2", "qemu-10.0", "qemu-11.1")
+PROFILES = ("qemu-5.2", "qemu-7.2", "qemu-10.0", "qemu-11.1")
 
 
 def profile(name="qemu-7.2") -> Profile:
