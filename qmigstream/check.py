@@ -12,10 +12,11 @@ and ``dirty_bitmap_load``; ``vfio_load_state`` of hw/vfio/migration.c) and
 reports every problem with its byte offset and the text QEMU itself prints for
 it.  docs/check.md lists each step with its source and the limits.
 
-``profile("qemu-11.1")`` (and ``qemu-10.0``, see :data:`_RELEASES`) models QEMU 11.1 where it differs on the streams it
+``profile("qemu-11.1")`` models QEMU 11.1 where it differs on the streams it
 writes (SWITCHOVER_START, its capabilities, MULTIFD_FLUSH, no compress or block
-migration, mapped-ram, ZERO fill bytes); the table in docs/check.md says what
-differs and how each point was confirmed against the real 11.1.
+migration, mapped-ram, ZERO fill bytes); ``qemu-10.0`` and ``qemu-5.2`` are the
+other rows of the same table (:data:`_RELEASES`).  docs/check.md says what differs
+and how each point was confirmed against the real release.
 
 QEMU stops at its first error, and so does the verdict: the first *fatal*
 problem is where QEMU would give up; *notes* are things QEMU accepts but a
@@ -74,14 +75,14 @@ class Profile:
                  hook_ignored=False, wording=None, mapped_ram_page_size=True,
                  header_words_111=False):
         self.name = name
-        self.release = release            # "7.2", "11.1": what messages say
+        self.release = release            # "7.2", "11.1", ...: what messages say
         self.multifd_flush = multifd_flush    # RAM_SAVE_FLAG_MULTIFD_FLUSH (0x200) known
         self.compress = compress          # COMPRESS_PAGE records can be loaded at all
         self.run_states = run_states or RUN_STATES_72
         self.zero_fill_fatal = zero_fill_fatal  # a ZERO record's fill byte must be 0
         self.hook_ignored = hook_ignored        # RAM_SAVE_FLAG_HOOK accepted outside RDMA
         self.wording = wording or ()            # (7.2's words, this release's) pairs
-        self.mapped_ram_page_size = mapped_ram_page_size  # mapped-ram header's page_size checked
+        self.mapped_ram_page_size = mapped_ram_page_size  # mapped-ram page_size checked
         self.header_words_111 = header_words_111  # file-header errors name the version read
         self.machines = machines          # alias -> full machine name
         self.iterative = iterative        # idstr -> version_id (ram, block, ...)
