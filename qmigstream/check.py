@@ -14,8 +14,9 @@ it.  docs/check.md lists each step with its source and the limits.
 
 ``profile("qemu-11.1")`` models QEMU 11.1 where it differs on the streams it
 writes (SWITCHOVER_START, its capabilities, MULTIFD_FLUSH, no compress or block
-migration, mapped-ram, ZERO fill bytes); the table in docs/check.md says what
-differs and how each point was confirmed against the real 11.1.
+migration, mapped-ram, ZERO fill bytes); ``qemu-10.0`` and ``qemu-5.2`` are the
+other rows of the same table (:data:`_RELEASES`).  docs/check.md says what differs
+and how each point was confirmed against the real release.
 
 QEMU stops at its first error, and so does the verdict: the first *fatal*
 problem is where QEMU would give up; *notes* are things QEMU accepts but a
@@ -71,15 +72,18 @@ class Profile:
     def __init__(self, name, machines, iterative, resizeable, commands, vmsd_versions,
                  target_page_bits, capabilities, validated_caps, release="7.2",
                  multifd_flush=False, compress=True, run_states=None, zero_fill_fatal=False,
-                 hook_ignored=False, wording=None):
+                 hook_ignored=False, wording=None, mapped_ram_page_size=True,
+                 header_words_111=False):
         self.name = name
-        self.release = release            # "7.2", "11.1": what messages say
+        self.release = release            # "7.2", "11.1", ...: what messages say
         self.multifd_flush = multifd_flush    # RAM_SAVE_FLAG_MULTIFD_FLUSH (0x200) known
         self.compress = compress          # COMPRESS_PAGE records can be loaded at all
         self.run_states = run_states or RUN_STATES_72
         self.zero_fill_fatal = zero_fill_fatal  # a ZERO record's fill byte must be 0
         self.hook_ignored = hook_ignored        # RAM_SAVE_FLAG_HOOK accepted outside RDMA
         self.wording = wording or ()            # (7.2's words, this release's) pairs
+        self.mapped_ram_page_size = mapped_ram_page_size  # mapped-ram page_size checked
+        self.header_words_111 = header_words_111  # file-header errors name the version read
         self.machines = machines          # alias -> full machine name
         self.iterative = iterative        # idstr -> version_id (ram, block, ...)
         self.resizeable = resizeable      # RAM block -> max_length
@@ -124,20 +128,68 @@ _CAPS_72 = ("xbzrle rdma-pin-all auto-converge zero-blocks compress events postc
 
 
 #: MigrationCapability names of 11.1, as its ``query-migrate-capabilities`` lists them
-#: (zero-blocks went in 9.0, block and compress in 9.1; switchover-ack came in 8.1,
-#: dirty-limit in 8.1, mapped-ram in 9.0).
+#: (block and compress went in 9.1, zero-blocks after 10.0; switchover-ack and
+#: dirty-limit came in 8.1, mapped-ram in 9.0).
 _CAPS_111 = ("xbzrle rdma-pin-all auto-converge events postcopy-ram x-colo release-ram "
              "return-path pause-before-switchover multifd dirty-bitmaps postcopy-blocktime "
              "late-block-activate x-ignore-shared validate-uuid background-snapshot "
              "zero-copy-send postcopy-preempt switchover-ack dirty-limit mapped-ram").split()
 
-#: the check profiles, newest last
-PROFILES = ("qemu-7.2", "qemu-11.1")
+#: MigrationCapability names of 10.0 (``query-migrate-capabilities`` of 10.0.13): 11.1's
+#: list with zero-blocks still in it.
+_CAPS_100 = ("xbzrle rdma-pin-all auto-converge zero-blocks events postcopy-ram x-colo "
+             "release-ram return-path pause-before-switchover multifd dirty-bitmaps "
+             "postcopy-blocktime late-block-activate x-ignore-shared validate-uuid "
+             "background-snapshot zero-copy-send postcopy-preempt switchover-ack dirty-limit "
+             "mapped-ram").split()
+
+#: MigrationCapability names of 5.2 (``query-migrate-capabilities`` of 5.2.0): 7.2's
+#: list without background-snapshot (6.0), zero-copy-send (7.1), postcopy-preempt (7.2).
+_CAPS_52 = ("xbzrle rdma-pin-all auto-converge zero-blocks compress events postcopy-ram "
+            "x-colo release-ram block return-path pause-before-switchover multifd "
+            "dirty-bitmaps postcopy-blocktime late-block-activate x-ignore-shared "
+            "validate-uuid").split()
+
+#: 11.1's words for the errors the checker writes in 7.2's (seen in its output)
+_WORDING_111 = (("SaveVM v2 format is obsolete and don't work anymore",
+                 "SaveVM v2 format is obsolete and no longer supported"),
+                ("Unknown savevm section or instance", "Unknown section or instance"),
+                ("Unknown savevm section type", "Unknown section type"),
+                ("savevm: unsupported version", "unsupported version"),
+                ("minimum version_id  ", "minimum version_id "))
+
+#: The releases other than 7.2, one row each: what their loader does differently from 7.2 on
+#: the streams they write.  The facts come from the Debian binary of each release
+#: (``query-migrate-capabilities``, ``query-machines``, ``-dump-vmstate``) and from
+#: loading mutated captures of it into it (``tools/differential --release R``).
+#: ``vmsd``: qmigstream/data/qemu-R-vmsd-versions.json; block migration (the "block"
+#: section) was removed in 9.1, compress in 9.1; MIG_CMD_SWITCHOVER_START (10.0) has a
+#: row of length 0; MULTIFD_FLUSH (0x200) came in 8.1.  ``mapped_ram_page_size``: the
+#: mapped-ram header's page size is compared with the target page size (11.1 refuses
+#: 8192, 10.0 loads it).  ``wording``: 10.0 prints 7.2's words for the errors 11.1
+#: rewords ("SaveVM v2 format is obsolete and don't work anymore", "Unknown savevm
+#: section type", a bare "Unsupported migration stream version": ``header_words_111``
+#: False), as seen in its output.
+_RELEASES = {
+    "5.2": dict(capabilities=_CAPS_52, switchover_start=False, block=True,
+                multifd_flush=False, compress=True, zero_fill_fatal=False, hook_ignored=False,
+                wording=(), mapped_ram_page_size=True, header_words_111=False),
+    "10.0": dict(capabilities=_CAPS_100, switchover_start=True, block=False,
+                 multifd_flush=True, compress=False, zero_fill_fatal=True, hook_ignored=True,
+                 wording=(), mapped_ram_page_size=False, header_words_111=False),
+    "11.1": dict(capabilities=_CAPS_111, switchover_start=True, block=False,
+                 multifd_flush=True, compress=False, zero_fill_fatal=True, hook_ignored=True,
+                 wording=_WORDING_111, mapped_ram_page_size=True, header_words_111=True),
+}
+
+#: the check profiles, oldest first
+PROFILES = ("qemu-5.2", "qemu-7.2", "qemu-10.0", "qemu-11.1")
 
 
 def profile(name="qemu-7.2") -> Profile:
-    if name == "qemu-11.1":
-        return _profile_111()
+    rel = name[len("qemu-"):] if name.startswith("qemu-") else None
+    if rel in _RELEASES:
+        return _profile_release(rel)
     if name != "qemu-7.2":
         raise QmigstreamError(f"unknown profile {name!r} (known: {', '.join(PROFILES)})")
     return Profile(
@@ -162,51 +214,48 @@ def profile(name="qemu-7.2") -> Profile:
     )
 
 
-def _vmsd_versions_111(v72):
-    """11.1's table (from ``-dump-vmstate``), and for the vmsds the dump does not list
-    (those registered with vmstate_register() rather than as a device's vmsd: "cpu",
-    "timer", "ram"...) 7.2's rows.  A 7.2 row is used only where the stream's version
-    is that row's version (Profile.minimum_version), so a vmsd whose version changed
-    since 7.2 gets no minimum rather than a wrong one."""
-    t = dict(_load_vmsd_versions("11.1"))
+def _vmsd_versions_of(release, v72):
+    """The release's table (from ``-dump-vmstate``), and for the vmsds the dump does not
+    list (those registered with vmstate_register() rather than as a device's vmsd:
+    "cpu", "timer", "ram"...) 7.2's rows.  A 7.2 row is used only where the stream's
+    version is that row's version (Profile.minimum_version), so a vmsd whose version
+    changed since 7.2 gets no minimum rather than a wrong one."""
+    t = dict(_load_vmsd_versions(release))
     for name, rows in v72.items():
         if name not in t:
-            t[name] = [dict(r, file=r["file"] + " (7.2; not in the 11.1 dump)")
+            t[name] = [dict(r, file=r["file"] + f" (7.2; not in the {release} dump)")
                        for r in rows]
     return t
 
 
-def _profile_111() -> Profile:
-    """QEMU 11.1: what its loader does differently from 7.2 on the streams it writes.
-
-    The facts come from the 11.1.3 binary (``query-migrate-capabilities``,
-    ``query-machines``, ``-dump-vmstate``) and from loading mutated 11.1 captures
-    into it (tools/differential --release 11.1)."""
+def _profile_release(release) -> Profile:
+    """The profile of a release of :data:`_RELEASES`: 7.2's, changed by its row."""
+    row = _RELEASES[release]
     p = profile("qemu-7.2")
+    iterative = dict(p.iterative)
+    if not row["block"]:
+        iterative.pop("block")
+    commands = dict(p.commands)
+    if row["switchover_start"]:
+        commands[11] = ("SWITCHOVER_START", 0)
     return Profile(
-        "qemu-11.1",
-        machines={"pc": "pc-i440fx-11.1", "q35": "pc-q35-11.1"},
-        # block migration (the "block" section) was removed in 9.1
-        iterative={"ram": 4, "dirty-bitmap": 1, "vfio": 1},
+        f"qemu-{release}",
+        machines={"pc": f"pc-i440fx-{release}", "q35": f"pc-q35-{release}"},
+        iterative=iterative,
         resizeable=p.resizeable,
-        # MIG_CMD_SWITCHOVER_START (10.0) has a row of length 0
-        commands={**p.commands, 11: ("SWITCHOVER_START", 0)},
-        vmsd_versions=_vmsd_versions_111(p.vmsd_versions),
+        commands=commands,
+        vmsd_versions=_vmsd_versions_of(release, p.vmsd_versions),
         target_page_bits=12,
-        capabilities=_CAPS_111,
+        capabilities=row["capabilities"],
         validated_caps=("x-ignore-shared",),
-        release="11.1",
-        multifd_flush=True,
-        compress=False,
-        zero_fill_fatal=True,
-        hook_ignored=True,
-        # the same errors in 11.1's words (seen in its output)
-        wording=(("SaveVM v2 format is obsolete and don't work anymore",
-                  "SaveVM v2 format is obsolete and no longer supported"),
-                 ("Unknown savevm section or instance", "Unknown section or instance"),
-                 ("Unknown savevm section type", "Unknown section type"),
-                 ("savevm: unsupported version", "unsupported version"),
-                 ("minimum version_id  ", "minimum version_id ")),
+        release=release,
+        multifd_flush=row["multifd_flush"],
+        compress=row["compress"],
+        zero_fill_fatal=row["zero_fill_fatal"],
+        hook_ignored=row["hook_ignored"],
+        wording=row["wording"],
+        mapped_ram_page_size=row["mapped_ram_page_size"],
+        header_words_111=row["header_words_111"],
     )
 
 
@@ -437,7 +486,7 @@ class Checker:
             raise BadMagic("not a QEMU migration stream (QEMU: Not a migration stream)", 0,
                            expected=b"QEVM", found=raw[:4])
         if len(raw) < 8:
-            if self.prof.release == "7.2":
+            if not self.prof.header_words_111:
                 self.fatal(4, "truncated", "stream ends inside the file header; QEMU: "
                            "Unsupported migration stream version")
             got = int.from_bytes(raw[4:8].ljust(4, b"\0"), "big")   # zeros past the end
@@ -449,7 +498,7 @@ class Checker:
             self.fatal(4, "version", "SaveVM v2 format is obsolete and don't work anymore")
         if v != 3:
             self.fatal(4, "version", f"Unsupported migration stream version (found {v})"
-                       if self.prof.release == "7.2" else
+                       if not self.prof.header_words_111 else
                        f"Unsupported migration stream version, file version {v} != 3")
         has_config = src.peek(1) == b"\x07"
         expected = self.dest.config_expected
@@ -1278,7 +1327,10 @@ class Checker:
         if ver > 1:
             self.fatal(hoff, "mapped-ram", f"Migration mapped-ram capability version not "
                        f"supported (expected <= 1, got {ver})", name)
-        if ps != PAGE:
+        if ps != PAGE and not self.prof.mapped_ram_page_size:
+            self.note(hoff + 4, "mapped-ram", f"mapped-ram header's page_size {ps} is not "
+                      f"{PAGE}: QEMU {self.prof.release} does not check it", name)
+        elif ps != PAGE:
             self.fatal(hoff + 4, "mapped-ram", f"Migration mapped-ram header has invalid "
                        f"page_size {ps} (expected {PAGE})", name)
         if boff == 0 and poff == 0:
@@ -1645,7 +1697,8 @@ def _inflates(data: bytes) -> bool:
 
 
 #: machine types a profile is picked for when the user names none (cmd_check)
-_MACHINE_PROFILES = {"pc-i440fx-11.1": "qemu-11.1", "pc-q35-11.1": "qemu-11.1"}
+_MACHINE_PROFILES = {f"{kind}-{rel}": f"qemu-{rel}" for rel in _RELEASES
+                     for kind in ("pc-i440fx", "pc-q35")}
 
 
 def profile_for_stream(path) -> tuple:

@@ -43,7 +43,7 @@ def _fatal(rep):
 # -- the profile's data -------------------------------------------------------------
 
 def test_profile_data():
-    assert PROFILES == ("qemu-7.2", "qemu-11.1")
+    assert PROFILES == ("qemu-5.2", "qemu-7.2", "qemu-10.0", "qemu-11.1")
     p = profile("qemu-11.1")
     assert p.release == "11.1"
     assert p.machines == {"pc": "pc-i440fx-11.1", "q35": "pc-q35-11.1"}
@@ -63,7 +63,7 @@ def test_profile_data():
     assert p.vmsd_versions["PIIX3"][0]["file"] == "-dump-vmstate"
     q = profile("qemu-7.2")
     assert not (q.multifd_flush or q.zero_fill_fatal or q.hook_ignored) and q.compress
-    with pytest.raises(Exception, match="known: qemu-7.2, qemu-11.1"):
+    with pytest.raises(Exception, match="known: qemu-5.2, qemu-7.2, qemu-10.0, qemu-11.1"):
         profile("qemu-9.0")
 
 

@@ -12,8 +12,9 @@ def register(sub):
                                      "(each problem with its offset and QEMU's message)")
     p.add_argument("file")
     p.add_argument("--profile", choices=PROFILES,
-                   help="the loader to model; without it qemu-11.1 for a stream whose "
-                        "machine type is pc-i440fx-11.1 or pc-q35-11.1, else qemu-7.2")
+                   help="the loader to model; without it qemu-11.1 (qemu-10.0, qemu-5.2) "
+                        "for a stream whose machine type is pc-i440fx-11.1 or pc-q35-11.1 "
+                        "(10.0, 5.2), else qemu-7.2")
     p.add_argument("--expect-machine", metavar="NAME",
                    help="the destination's machine type (pc, q35 or a full name)")
     p.add_argument("--reference", metavar="REAL.mig",

@@ -1,0 +1,119 @@
+"""``qmigstream check --profile qemu-5.2``: the profile's data, the committed 5.2
+captures, what 5.2 refuses of newer streams, and (when the 5.2 chroot exists) a slice
+of tools/differential against the real QEMU 5.2."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import lzma
+import os
+import pathlib
+import time
+
+import pytest
+
+from qmigstream.check import check, profile, profile_for_stream
+from qmigstream.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CAPTURES = ROOT / "fixtures" / "captures"
+NAMES_52 = sorted(p.name[:-len(".mig.xz")] for p in CAPTURES.glob("*-5.2-*.mig.xz"))
+CHROOTS = pathlib.Path(os.environ.get("QMIGSTREAM_CHROOTS", "/var/cache/qmigstream/chroots"))
+
+
+def _unpack(d, name):
+    p = d / f"{name}.mig"
+    p.write_bytes(lzma.open(CAPTURES / f"{name}.mig.xz").read())
+    return p
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory):
+    """name -> path of each committed 5.2 capture, decompressed."""
+    d = tmp_path_factory.mktemp("cap52")
+    return {name: _unpack(d, name) for name in NAMES_52}
+
+
+def _fatal(rep):
+    return rep.fatal.message if rep.fatal else None
+
+
+def test_profile_data():
+    p, old = profile("qemu-5.2"), profile("qemu-7.2")
+    assert p.name == "qemu-5.2" and p.release == "5.2"
+    assert p.machines == {"pc": "pc-i440fx-5.2", "q35": "pc-q35-5.2"}
+    assert p.commands == old.commands and 11 not in p.commands
+    assert p.iterative == old.iterative and "block" in p.iterative
+    # query-migrate-capabilities of 5.2.0: 7.2's list without the three 6.0-7.2 added
+    assert set(old.capabilities) - set(p.capabilities) == {
+        "background-snapshot", "zero-copy-send", "postcopy-preempt"}
+    assert set(p.capabilities) <= set(old.capabilities)
+    assert p.compress and not (p.multifd_flush or p.zero_fill_fatal or p.hook_ignored)
+    assert p.wording == () and not p.header_words_111
+    assert p.vmsd_versions["PIIX3"][0]["file"] == "-dump-vmstate"
+    assert "not in the 5.2 dump" in p.vmsd_versions["cpu"][0]["file"]
+
+
+@pytest.mark.parametrize("name", NAMES_52)
+def test_committed_5_2_captures_load(streams, name):
+    path = str(streams[name])
+    rep = check(path, profile_name="qemu-5.2")
+    assert rep.loads, _fatal(rep)
+    rep = check(path, profile_name="qemu-5.2", reference=path)
+    assert rep.loads, _fatal(rep)
+
+
+def test_the_cli_follows_the_stream(streams, capsys):
+    path = str(streams["pc-5.2-paused"])
+    assert profile_for_stream(path) == ("qemu-5.2", "pc-i440fx-5.2")
+    assert profile_for_stream(str(streams["q35-5.2-paused"])) == ("qemu-5.2", "pc-q35-5.2")
+    assert main(["check", path]) == 0
+    out = capsys.readouterr().out
+    assert "profile qemu-5.2 (the stream's machine type is pc-i440fx-5.2" in out
+    assert "QEMU 5.2 would load this stream" in out
+
+
+def test_newer_streams_are_refused(tmp_path):
+    new = str(_unpack(tmp_path, "pc-10.0-paused"))
+    assert _fatal(check(new, profile_name="qemu-5.2")) == "MIG_CMD 0xb unknown (len 0x0)"
+    old = str(_unpack(tmp_path, "pc-7.2-paused"))
+    rep = check(old, profile_name="qemu-5.2", expect_machine="pc")
+    assert "pc-i440fx-7.2" in _fatal(rep) and "pc-i440fx-5.2" in _fatal(rep)
+
+
+def _differential():
+    loader = importlib.machinery.SourceFileLoader("differential_52",
+                                                  str(ROOT / "tools" / "differential"))
+    spec = importlib.util.spec_from_loader("differential_52", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.qemu
+def test_check_agrees_with_qemu_5_2(monkeypatch):
+    """The mutation cases of pc-5.2-paused and pc-5.2-compress loaded into QEMU 5.2."""
+    wrapper = CHROOTS / "bin-5.2" / "qemu-system-x86_64"
+    if not (CHROOTS / "bullseye" / "usr" / "bin" / "qemu-system-x86_64").exists() \
+            or not os.access(wrapper, os.X_OK):
+        pytest.skip(f"no QEMU 5.2 chroot under {CHROOTS} (made once, as root, by "
+                    f"tools/debian-qemu 5.2)")
+    d = _differential()
+    monkeypatch.setenv("QEMU", "")      # so that teardown puts $QEMU back
+    try:
+        d.use_release("5.2")
+    except Exception as e:          # noqa: BLE001 - the chroot could not be used
+        pytest.skip(f"tools/debian-qemu 5.2: {e}")
+    t0 = time.monotonic()
+    rows = d.run_all(jobs=4, names=["pc-5.2-paused", "pc-5.2-compress"])
+    assert time.monotonic() - t0 < 120
+    assert not [(r["case"], r["qemu"], r["check"]) for r in rows if not r["agree"]]
+    got = {r["case"]: r["qemu_loads"] for r in rows if r["capture"] == "pc-5.2-paused"}
+    assert len(got) > 40 and got["original"] and got["ram-zero-fill"]
+    assert not got["ram-hook"]
+    for r in rows:
+        if r["qemu_loads"] or r["case"] == "bad-magic":
+            continue
+        lines = [l.replace("qemu-system-x86_64: ", "") for l in r["qemu_lines"]]
+        assert any(l in r["check"] for l in lines), (r["case"], lines, r["check"])
