@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import re
 
 from . import xbzrle
 from .codec import ram_records as R
@@ -248,9 +247,6 @@ class _Other:
         return out
 
 
-_MACHINE_RELEASE = re.compile(rb"-(\d+)\.(\d+)$")
-
-
 def script_for(machine: bytes | None, switchover_start: bool) -> str:
     """The script generation of the QEMU that wrote a stream, from what it shows:
     ``"10.0"`` when the machine type is 10.0 or later or a SWITCHOVER_START command
@@ -258,7 +254,8 @@ def script_for(machine: bytes | None, switchover_start: bool) -> str:
     without the command looks older; ``--script`` says otherwise.)"""
     if switchover_start:
         return "10.0"
-    m = _MACHINE_RELEASE.search(machine or b"")
+    from .summary import _MACHINE_VERSION
+    m = _MACHINE_VERSION.search((machine or b"").decode("latin-1"))
     if m and (int(m.group(1)), int(m.group(2))) >= (10, 0):
         return "10.0"
     return "7.2"

@@ -55,3 +55,68 @@ def unpack_channels(meta, directory) -> list:
             shutil.copyfileobj(src, d)
         out.append(str(dst))
     return out
+
+
+# -- other QEMU releases (tools/debian-qemu chroots) ------------------------------------
+
+#: where tools/debian-qemu keeps its chroots, and the Debian suite of each release
+CHROOTS = pathlib.Path(os.environ.get("QMIGSTREAM_CHROOTS", "/var/cache/qmigstream/chroots"))
+RELEASE_SUITES = {"5.2": "bullseye", "10.0": "trixie", "11.1": "sid"}
+
+
+def release_names(release) -> list:
+    """The committed captures of one QEMU release (``pc-11.1-paused``, ...)."""
+    return sorted(p.name[:-len(".mig.xz")] for p in CAPTURES.glob(f"*-{release}-*.mig.xz"))
+
+
+def unpack_release(directory, release) -> dict:
+    """name -> path of each committed capture of ``release``, decompressed."""
+    out = {}
+    for name in release_names(release):
+        p = pathlib.Path(directory) / f"{name}.mig"
+        with lzma.open(CAPTURES / f"{name}.mig.xz") as src, open(p, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        out[name] = p
+    return out
+
+
+def chroot_missing(release):
+    """Why the QEMU ``release`` chroot cannot be used (None when it can)."""
+    wrapper = CHROOTS / f"bin-{release}" / "qemu-system-x86_64"
+    if not (CHROOTS / RELEASE_SUITES[release] / "usr" / "bin" / "qemu-system-x86_64").exists() \
+            or not os.access(wrapper, os.X_OK):
+        return (f"no QEMU {release} chroot under {CHROOTS} (made once, as root, by "
+                f"tools/debian-qemu {release})")
+    return None
+
+
+def load_tool(name):
+    """A script of tools/ (no .py suffix needed) as a module."""
+    import importlib.machinery
+    import importlib.util
+    modname = "tool_" + name.replace("-", "_").replace(".", "_")
+    loader = importlib.machinery.SourceFileLoader(modname, str(ROOT / "tools" / name))
+    spec = importlib.util.spec_from_loader(modname, loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def differential_for(release, monkeypatch):
+    """tools/differential pointed at QEMU ``release`` (skips when its chroot is absent);
+    ``$QEMU`` goes back to what it was at teardown."""
+    why = chroot_missing(release)
+    if why:
+        pytest.skip(why)
+    d = load_tool("differential")
+    monkeypatch.setenv("QEMU", os.environ.get("QEMU", ""))
+    try:
+        d.use_release(release)
+    except Exception as e:          # noqa: BLE001 - the chroot could not be used
+        pytest.skip(f"tools/debian-qemu {release}: {e}")
+    return d
+
+
+def fatal_message(rep):
+    """The message of a check report's fatal problem, or None."""
+    return rep.fatal.message if rep.fatal else None

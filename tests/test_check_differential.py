@@ -3,24 +3,16 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import pathlib
 
 import pytest
 
-from conftest import requires_qemu
+from conftest import load_tool, requires_qemu
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 
 
 def _differential():
-    loader = importlib.machinery.SourceFileLoader("differential",
-                                                  str(ROOT / "tools" / "differential"))
-    spec = importlib.util.spec_from_loader("differential", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
+    return load_tool("differential")
 
 
 #: Cases that must be in the table, with QEMU's verdict (True: loads).

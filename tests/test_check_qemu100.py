@@ -5,39 +5,23 @@ real QEMU 10.0."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import lzma
-import os
-import pathlib
 import time
 
 import pytest
 
+from conftest import differential_for, release_names, unpack_release
+from conftest import fatal_message as _fatal
 from qmigstream.check import check, profile, profile_for_stream
 from qmigstream.cli import main
 from qmigstream.mutate import Index, capture_mutations, mutations
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CAPTURES = ROOT / "fixtures" / "captures"
-NAMES_100 = sorted(p.name[:-len(".mig.xz")] for p in CAPTURES.glob("*-10.0-*.mig.xz"))
-CHROOTS = pathlib.Path(os.environ.get("QMIGSTREAM_CHROOTS", "/var/cache/qmigstream/chroots"))
+NAMES_100 = release_names("10.0")
 
 
 @pytest.fixture(scope="module")
 def streams(tmp_path_factory):
     """name -> path of each committed 10.0 capture, decompressed."""
-    d = tmp_path_factory.mktemp("cap100")
-    out = {}
-    for name in NAMES_100:
-        p = d / f"{name}.mig"
-        p.write_bytes(lzma.open(CAPTURES / f"{name}.mig.xz").read())
-        out[name] = p
-    return out
-
-
-def _fatal(rep):
-    return rep.fatal.message if rep.fatal else None
+    return unpack_release(tmp_path_factory.mktemp("cap100"), "10.0")
 
 
 def _check(tmp_path, data, prof="qemu-10.0", ref=None):
@@ -148,30 +132,13 @@ def test_mapped_ram_page_size_is_not_checked(tmp_path, streams):
 
 # -- against the real QEMU 10.0 -------------------------------------------------------
 
-def _differential():
-    loader = importlib.machinery.SourceFileLoader("differential_100",
-                                                  str(ROOT / "tools" / "differential"))
-    spec = importlib.util.spec_from_loader("differential_100", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.qemu
 def test_check_agrees_with_qemu_10_0(monkeypatch):
     """The mutation cases of pc-10.0-paused and pc-10.0-mapped-ram loaded into QEMU 10.0
     (about 10 s)."""
-    wrapper = CHROOTS / "bin-10.0" / "qemu-system-x86_64"
-    if not (CHROOTS / "trixie" / "usr" / "bin" / "qemu-system-x86_64").exists() \
-            or not os.access(wrapper, os.X_OK):
-        pytest.skip(f"no QEMU 10.0 chroot under {CHROOTS} (made once, as root, by "
-                    f"tools/debian-qemu 10.0)")
-    d = _differential()
-    monkeypatch.setenv("QEMU", "")      # so that teardown puts $QEMU back
-    try:
-        d.use_release("10.0")
-    except Exception as e:          # noqa: BLE001 - the chroot could not be used
-        pytest.skip(f"tools/debian-qemu 10.0: {e}")
+    d = differential_for("10.0", monkeypatch)
     t0 = time.monotonic()
     rows = d.run_all(jobs=4, names=["pc-10.0-paused", "pc-10.0-mapped-ram"])
     assert time.monotonic() - t0 < 120

@@ -4,40 +4,24 @@ captures, the commands and RAM flags 11.1 treats differently from 7.2, and (when
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import lzma
-import os
-import pathlib
 import struct
 import time
 
 import pytest
 
+from conftest import differential_for, release_names, unpack_release
+from conftest import fatal_message as _fatal
 from qmigstream.check import PROFILES, check, profile, profile_for_stream
 from qmigstream.cli import main
 from qmigstream.mutate import Index, mutations
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CAPTURES = ROOT / "fixtures" / "captures"
-NAMES_111 = sorted(p.name[:-len(".mig.xz")] for p in CAPTURES.glob("*-11.1-*.mig.xz"))
-CHROOTS = pathlib.Path(os.environ.get("QMIGSTREAM_CHROOTS", "/var/cache/qmigstream/chroots"))
+NAMES_111 = release_names("11.1")
 
 
 @pytest.fixture(scope="module")
 def streams(tmp_path_factory):
     """name -> path of each committed 11.1 capture, decompressed."""
-    d = tmp_path_factory.mktemp("cap111")
-    out = {}
-    for name in NAMES_111:
-        p = d / f"{name}.mig"
-        p.write_bytes(lzma.open(CAPTURES / f"{name}.mig.xz").read())
-        out[name] = p
-    return out
-
-
-def _fatal(rep):
-    return rep.fatal.message if rep.fatal else None
+    return unpack_release(tmp_path_factory.mktemp("cap111"), "11.1")
 
 
 # -- the profile's data -------------------------------------------------------------
@@ -172,35 +156,15 @@ def test_mapped_ram_headers(tmp_path, streams):
 
 # -- against the real QEMU 11.1 -------------------------------------------------------
 
-def _differential():
-    loader = importlib.machinery.SourceFileLoader("differential_111",
-                                                  str(ROOT / "tools" / "differential"))
-    spec = importlib.util.spec_from_loader("differential_111", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
-def _need_chroot():
-    wrapper = CHROOTS / "bin-11.1" / "qemu-system-x86_64"
-    if not (CHROOTS / "sid" / "usr" / "bin" / "qemu-system-x86_64").exists() \
-            or not os.access(wrapper, os.X_OK):
-        pytest.skip(f"no QEMU 11.1 chroot under {CHROOTS} (made once, as root, by "
-                    f"tools/debian-qemu 11.1)")
 
 
 @pytest.mark.qemu
 def test_check_agrees_with_qemu_11_1(monkeypatch):
     """The mutation cases of pc-11.1-paused and pc-11.1-mapped-ram loaded into QEMU 11.1
     (about 10 s)."""
-    _need_chroot()
-    d = _differential()
-    # use_release() points $QEMU at 11.1: setenv first so that teardown puts it back
-    monkeypatch.setenv("QEMU", "")
-    try:
-        d.use_release("11.1")
-    except Exception as e:          # noqa: BLE001 - the chroot could not be used
-        pytest.skip(f"tools/debian-qemu 11.1: {e}")
+    d = differential_for("11.1", monkeypatch)
     t0 = time.monotonic()
     rows = d.run_all(jobs=4, names=["pc-11.1-paused", "pc-11.1-mapped-ram"])
     assert time.monotonic() - t0 < 120

@@ -4,22 +4,17 @@ of tools/differential against the real QEMU 5.2."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import lzma
-import os
-import pathlib
 import time
 
 import pytest
 
+from conftest import CAPTURES, differential_for, release_names, unpack_release
+from conftest import fatal_message as _fatal
 from qmigstream.check import check, profile, profile_for_stream
 from qmigstream.cli import main
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CAPTURES = ROOT / "fixtures" / "captures"
-NAMES_52 = sorted(p.name[:-len(".mig.xz")] for p in CAPTURES.glob("*-5.2-*.mig.xz"))
-CHROOTS = pathlib.Path(os.environ.get("QMIGSTREAM_CHROOTS", "/var/cache/qmigstream/chroots"))
+NAMES_52 = release_names("5.2")
 
 
 def _unpack(d, name):
@@ -31,12 +26,7 @@ def _unpack(d, name):
 @pytest.fixture(scope="module")
 def streams(tmp_path_factory):
     """name -> path of each committed 5.2 capture, decompressed."""
-    d = tmp_path_factory.mktemp("cap52")
-    return {name: _unpack(d, name) for name in NAMES_52}
-
-
-def _fatal(rep):
-    return rep.fatal.message if rep.fatal else None
+    return unpack_release(tmp_path_factory.mktemp("cap52"), "5.2")
 
 
 def test_profile_data():
@@ -83,29 +73,12 @@ def test_newer_streams_are_refused(tmp_path):
     assert "pc-i440fx-7.2" in _fatal(rep) and "pc-i440fx-5.2" in _fatal(rep)
 
 
-def _differential():
-    loader = importlib.machinery.SourceFileLoader("differential_52",
-                                                  str(ROOT / "tools" / "differential"))
-    spec = importlib.util.spec_from_loader("differential_52", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.qemu
 def test_check_agrees_with_qemu_5_2(monkeypatch):
     """The mutation cases of pc-5.2-paused and pc-5.2-compress loaded into QEMU 5.2."""
-    wrapper = CHROOTS / "bin-5.2" / "qemu-system-x86_64"
-    if not (CHROOTS / "bullseye" / "usr" / "bin" / "qemu-system-x86_64").exists() \
-            or not os.access(wrapper, os.X_OK):
-        pytest.skip(f"no QEMU 5.2 chroot under {CHROOTS} (made once, as root, by "
-                    f"tools/debian-qemu 5.2)")
-    d = _differential()
-    monkeypatch.setenv("QEMU", "")      # so that teardown puts $QEMU back
-    try:
-        d.use_release("5.2")
-    except Exception as e:          # noqa: BLE001 - the chroot could not be used
-        pytest.skip(f"tools/debian-qemu 5.2: {e}")
+    d = differential_for("5.2", monkeypatch)
     t0 = time.monotonic()
     rows = d.run_all(jobs=4, names=["pc-5.2-paused", "pc-5.2-compress"])
     assert time.monotonic() - t0 < 120

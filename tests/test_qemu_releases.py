@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
 import re
 import shlex
 import subprocess
 
 import pytest
 
-from conftest import ROOT, capture_names
+from conftest import ROOT, capture_names, chroot_missing
 from test_captures import meta_of
 from test_qemu_live import machine_args_from
 from qmigstream import vmdesc
@@ -35,7 +34,6 @@ from qmigstream.pipeline.migrate import MigrateConfig, migrate
 #: release -> (the profile that writes its streams, Debian suite of its chroot)
 RELEASES = {"5.2": ("qemu-5.2", "bullseye"), "10.0": ("qemu-10.0", "trixie"),
             "11.1": ("qemu-11.1", "sid")}
-CHROOTS = pathlib.Path(os.environ.get("QMIGSTREAM_CHROOTS", "/var/cache/qmigstream/chroots"))
 
 #: the templates of each release: its paused pc and q35 captures and its -devices capture
 TEMPLATES = [(rel, name) for rel in RELEASES
@@ -55,12 +53,9 @@ VARIANTS = {
 @functools.lru_cache(maxsize=None)
 def _release_qemu(release):
     """(path of the release's qemu-system-x86_64 wrapper, None) or (None, why not)."""
-    suite = RELEASES[release][1]
-    wrapper = CHROOTS / f"bin-{release}" / "qemu-system-x86_64"
-    if not (CHROOTS / suite / "usr" / "bin" / "qemu-system-x86_64").exists() \
-            or not os.access(wrapper, os.X_OK):
-        return None, (f"no QEMU {release} chroot under {CHROOTS} "
-                      f"(made once, as root, by tools/debian-qemu {release})")
+    why = chroot_missing(release)
+    if why:
+        return None, why
     try:        # the chroot exists, so this only mounts /tmp etc. and checks the version
         r = subprocess.run([str(ROOT / "tools" / "debian-qemu"), release],
                            capture_output=True, text=True, timeout=30)
