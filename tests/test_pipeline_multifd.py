@@ -32,7 +32,7 @@ def cfg_for(profile, lcai, **kw):
     base = dict(profile=profile, ram_size=8 << 20, iterations=3, dirty_rate=20000,
                 bandwidth=64 << 20, seed=5, multifd_channels=2, load_config_after_iter=lcai,
                 devices=[DeviceSpec("sized:1200K", seed=1, dma_rate=3000, features="p2p"),
-                         DeviceSpec("mtty", seed=2)])
+                         DeviceSpec("mtty", seed=2)], stream_sha256=True)
     base.update(kw)
     return MigrateConfig(**base)
 
@@ -393,18 +393,18 @@ def test_scan_pass_follows_find_dirty_block():
     assert run() == [("a", list(range(16))), ("b", list(range(8))), ("c", list(range(8))),
                      ("wrap",)]
     assert s.scan_pos == (2, 8)
-    ram.block("a").dirty[[3, 5]] = True
-    ram.block("b").dirty[[1]] = True
+    ram.block("a").dirty_np[[3, 5]] = True
+    ram.block("b").mark_dirty(1)
     # from the end of "c": wrap at once, then the dirty pages, then the final wrap
     assert run() == [("wrap",), ("a", [3, 5]), ("b", [1]), ("wrap",)]
     assert s.scan_pos == (1, 8)
-    ram.block("a").dirty[[0]] = True
-    ram.block("c").dirty[[7]] = True
+    ram.block("a").dirty[0] = 1
+    ram.block("c").mark_dirty(7)
     # from the end of "b": "c" comes before the wrap, "a" after it
     assert run() == [("c", [7]), ("wrap",), ("a", [0]), ("wrap",)]
     assert run() == [("wrap",)]                 # nothing dirty: one wrap, all clean
-    assert not any(b.dirty.any() for b in ram)
-    assert np.array_equal(ram.block("a").dirty, np.zeros(16, bool))
+    assert not ram.any_dirty()
+    assert ram.block("a").dirty == bytearray(16)
 
 
 def test_a_template_machine_below_10_0_is_refused(capture, tmp_path):

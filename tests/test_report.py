@@ -621,7 +621,8 @@ def test_phases_agree_with_the_writer(capture, tmp_path, capsys, profile, extra)
     tpl, _ = capture("pc-7.2-paused")
     mig = tmp_path / "m.mig"
     code, _, err = run_cli(capsys, "migrate", "-o", mig, "--profile", profile, "--template",
-                           tpl, "--device", "sized:192K", "--iterations", "4", *extra)
+                           tpl, "--device", "sized:192K", "--iterations", "4", "--stream-sha256",
+                           *extra)
     assert code == 0, err
     manifest = json.loads(mig.with_name("m.mig.json").read_text())
     code, stdout, err = run_cli(capsys, "report", mig, "-o", tmp_path / "m.html", "--json")

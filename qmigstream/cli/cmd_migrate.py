@@ -54,9 +54,12 @@ def register(sub):
     p.add_argument("--ram-digest", choices=list(RAM_DIGESTS), default=DEFAULT_RAM_DIGEST,
                    help="the manifest's RAM digests: pages-crc32 (default: the non-zero "
                         "pages' indexes and CRC-32) or sha256 (of each whole block)")
+    p.add_argument("--stream-sha256", dest="stream_sha256", action="store_true",
+                   default=False,
+                   help="put the stream's sha256 in the manifest (computed on a thread "
+                        "reading the stream back as it is written; about 1.4 GB/s)")
     p.add_argument("--no-stream-sha256", dest="stream_sha256", action="store_false",
-                   help="leave the stream's sha256 out of the manifest (it is computed "
-                        "on a thread reading the stream back as it is written)")
+                   help="leave it out (the default)")
     p.add_argument("--manifest", help="where to write the source manifest "
                                       "(default OUTPUT.json)")
     p.add_argument("--json", action="store_true")

@@ -315,9 +315,10 @@ class MttyProfile(Profile):
                            for k, v in p.items() if not k.startswith("_")} for p in ports]}
 
 
-#: Generation of the SizedProfile state generator (2: MiBs after the first are derived
-#: from it; 1: PCG64 over the whole state).
-SIZED_CONTENT_GENERATION = 2
+#: Generation of the SizedProfile state generator (3: a SHAKE-128 MiB, rotated for
+#: each further MiB; 2: a PCG64 MiB XOR a word per MiB; 1: PCG64 over the whole state).
+SIZED_CONTENT_GENERATION = 3
+_MIB = 1 << 20
 
 #: The register block at the start of a SizedProfile image.
 SizedRegs = c.Struct(
@@ -332,14 +333,46 @@ SizedRegs = c.Struct(
 REGS_SIZE = SizedRegs.sizeof()   # 64
 
 
+def sized_state(seed: int, n: int, out, at: int = 0) -> None:
+    """Write the ``n`` state bytes of a :class:`SizedProfile` device of ``seed`` into
+    ``out[at:at+n]`` (content generation :data:`SIZED_CONTENT_GENERATION`)."""
+    base = hashlib.shake_128(b"qmigstream sized state\0" +
+                             struct.pack("<Q", seed & MASK64)).digest(min(n, _MIB))
+    bv = memoryview(base)
+    tables = {}
+    for pos in range(0, n, _MIB):
+        k = pos // _MIB
+        m = min(_MIB, n - pos)
+        dst = at + pos
+        if k == 0:
+            out[dst:dst + m] = bv[:m]
+            continue
+        if len(base) < _MIB:                 # cannot happen: a second MiB needs a full first
+            raise AssertionError("short base")
+        r = (k * 4104) % _MIB
+        t = (k >> 9) & 0xFF
+        if t:
+            table = tables.get(t)
+            if table is None:
+                table = tables[t] = bytes(x ^ t for x in range(256))
+            rot = (base[r:] + base[:r])[:m].translate(table)
+            out[dst:dst + m] = rot
+            continue
+        first = min(m, _MIB - r)
+        out[dst:dst + first] = bv[r:r + first]
+        if m > first:
+            out[dst + first:dst + m] = bv[:m - first]
+
+
 class SizedProfile(Profile):
     """A device with ``state_size`` bytes of internal state (any size, 0 allowed).
 
     Image = 64-byte register block (:data:`SizedRegs`) then the state, which is
-    generated from the seed: its first MiB by numpy's PCG64 bit generator, each
-    further MiB that one XOR a SplitMix64 word of the seed and the MiB's number
-    (the ``content`` generation 2; up to 1 MiB the same as generation 1, all
-    PCG64), 64 MiB in about 0.02 s plus the memory's first touch.  Each DMA tick
+    generated from the seed (:func:`sized_state`): its first MiB is SHAKE-128
+    of the seed, MiB ``k`` after it is that MiB rotated left by ``k * 4104``
+    bytes (so no two pages of the first 512 MiB are alike), and from MiB 512 on
+    every byte is also XORed with ``k >> 9`` (mod 256): slice copies, 64 MiB in
+    a few milliseconds plus the memory's first touch.  Each DMA tick
     bumps ``dma_count``/``last_gpa`` and, if the state is at least 8 bytes,
     writes the counter at a random 8-byte slot of it.  Config space: vendor
     0x1b36 device 0x11f0 (a number not used by QEMU), class 12/00/00, BAR0 64-bit
@@ -373,28 +406,7 @@ class SizedProfile(Profile):
         img = bytearray(REGS_SIZE + self.state_size)
         img[:REGS_SIZE] = regs
         if self.state_size:
-            import numpy as np
-            # The first MiB: PCG64's raw output (numpy keeps bit generator streams
-            # stable across releases, so the bytes are the same everywhere); MiB k
-            # after it: the first XOR splitmix64(seed ^ k) in every 64-bit word, so
-            # every page differs and 64 MiB cost one MiB of generator; made a MiB
-            # at a time straight into the image (one copy of the state in memory)
-            step = 1 << 20
-            n = self.state_size
-            base = np.random.PCG64(seed & MASK64).random_raw(-(-min(step, n) // 8))
-            base = base.astype("<u8", copy=False)
-            tmp = np.empty_like(base)
-            view = np.frombuffer(img, dtype=np.uint8)
-            for pos in range(0, n, step):
-                k = pos // step
-                m = min(step, n - pos)
-                if k:
-                    np.bitwise_xor(base, np.uint64(splitmix64((seed ^ k) & MASK64)), out=tmp)
-                    src = tmp
-                else:
-                    src = base
-                view[REGS_SIZE + pos:REGS_SIZE + pos + m] = src.view(np.uint8)[:m]
-            del view
+            sized_state(seed, self.state_size, img, REGS_SIZE)
         return img
 
     def validate_image(self, image):

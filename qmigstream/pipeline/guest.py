@@ -3,33 +3,42 @@
 Each :class:`RamBlock` is an anonymous memory mapping of its ``used_length``:
 the kernel gives pages only when they are first written, so the model is
 **sparse** — an untouched 16 GiB guest costs nothing, and its resident size
-grows with the pages actually written.  ``pages`` is a numpy view
-(``pages x page_size`` bytes) used for vectorised zero detection.
+grows with the pages actually written.  Long runs of pages written at once
+(the initial fill, runs of PAGE records) are made resident ahead of the
+copy, as transparent huge pages where the kernel offers them (``madvise``).
 
-``written`` (one bool per page) marks every page ever written: a page not
-marked is zero and is never read, so zero detection, digests and zero runs
-on a fresh model touch only the pages that hold something (reading an
-untouched page would make the kernel map its zero page, about a microsecond
-each).  Every write goes through :meth:`RamBlock.write`,
-:meth:`RamBlock.store_pages` or marks the pages with
-:meth:`RamBlock.mark_written`; code writing ``mem`` or ``pages`` directly must
-mark them too.
+Per page the block keeps two marks, one byte each in a ``bytearray``:
+
+* ``written`` — the page was ever written.  A page not marked is zero and is
+  never read, so zero detection, digests and zero runs on a fresh model touch
+  only the pages that hold something (reading an untouched page would make the
+  kernel map its zero page, about a microsecond each).  Every write goes
+  through :meth:`RamBlock.write` or marks its pages with
+  :meth:`RamBlock.mark_written`; code writing ``mem`` directly must mark them.
+* ``dirty`` — the dirty log, set by every write, read and cleared by the
+  saver at each pass (QEMU's ``migration_bitmap_sync``).
+
+Runs of marked pages are found with ``bytearray.find`` (a C scan), so the
+model needs no array library; :attr:`RamBlock.pages` and friends give numpy
+views of the same memory for code that wants them (numpy is imported only
+then).  ``version`` counts the writes: work done on a snapshot of the model
+(a digest on another thread) checks it to know whether the memory moved.
 
 RAM digests (:meth:`RamBlock.digest`): ``pages-crc32`` (the default) covers
 the pages holding a non-zero byte — sha256 over the page size, the block
 length, the indexes of those pages and, for each 64 MiB region of the block,
 the CRC-32 of those pages' contents in index order — so it costs a CRC of the
-data (2-3 GB/s, on two threads) instead of a sha256 over the whole block,
-zero pages included (1 GB/s); any difference confined to 32 consecutive bits
-(a byte, a word) is always caught, any other with probability 1 - 2^-32.
-``sha256`` is the sha256 of the whole block.
+data (2 GB/s and more, on two threads) instead of a sha256 over the whole
+block, zero pages included (1.4 GB/s); any difference confined to 32
+consecutive bits (a byte, a word) is always caught, any other with
+probability 1 - 2^-32.  ``sha256`` is the sha256 of the whole block.
 
 Guest-physical addresses (:meth:`GuestRam.write`, what a device's DMA engine
 writes) map onto the first block (``pc.ram`` on pc/q35) one to one, which is
 how QEMU lays out RAM below the PCI hole; the pipeline keeps DMA there.
 
-The dirty log is one boolean per page, set by every write, read and cleared
-by the saver at each pass (QEMU's ``migration_bitmap_sync``).
+:func:`fill_initial` gives a synthetic guest its data: a few long runs of
+pages cut from a SHAKE-128 tape (see there).
 
 :class:`RamLoader` applies the RAM records of a stream to the model, the way
 ``ram_load_precopy`` (migration/ram.c) applies them to guest memory.
@@ -43,69 +52,32 @@ import os
 import struct
 import sys
 import zlib
-
-import numpy as np
+from array import array
 
 from .. import xbzrle
 from ..codec import ram_records as R
 from ..device.pci_device import MASK64, splitmix64
 from ..errors import QmigstreamError, StreamError
 
-def pattern(seed: int, n: int) -> bytes:
-    """``n`` deterministic pseudo-random bytes for ``seed``, the same on every machine.
+_Z8 = bytes(8)
 
-    Small amounts come from SHAKE-128; large ones from numpy's PCG64 bit
-    generator (``random_raw``), whose output numpy keeps stable across releases.
-    """
+
+def pattern(seed: int, n: int) -> bytes:
+    """``n`` deterministic pseudo-random bytes for ``seed`` (SHAKE-128), the same on
+    every machine."""
     if n <= 0:
         return b""
-    if n < 1 << 16:
-        return hashlib.shake_128(struct.pack("<Q", seed & MASK64)).digest(n)
-    words = np.random.PCG64(seed & MASK64).random_raw(-(-n // 8))
-    return words.astype("<u8", copy=False).tobytes()[:n]
+    return hashlib.shake_128(struct.pack("<Q", seed & MASK64)).digest(n)
 
 
 #: madvise(MADV_POPULATE_WRITE) (Linux 5.14+): make pages about to be written resident
-#: in one call instead of one page fault each (about a third cheaper); None: not here.
+#: in one call instead of one page fault each; None: not here (or refused once).
 _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE",
                           23 if sys.platform.startswith("linux") else None)
-
-
-def _native_madvise(blk):
-    """``madvise(offset, length)`` on ``blk``'s mapping: through libc with ctypes,
-    which lets go of the GIL (mmap.madvise holds it), else mmap.madvise."""
-    global _LIBC
-    try:
-        if _LIBC is None:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            libc.madvise.restype = ctypes.c_int
-            _LIBC = (libc, ctypes)
-        libc, ctypes = _LIBC
-        base = blk.pages.__array_interface__["data"][0]
-    except (ImportError, OSError, AttributeError):
-        return lambda off, n: blk.mem.madvise(_POPULATE_WRITE, off, n)
-
-    def call(off, n):
-        if libc.madvise(base + off, n, _POPULATE_WRITE) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-    return call
-
-
-_LIBC = None
-
-
-def _runs(idx):
-    """(first, count) of each run of consecutive values in sorted ``idx``."""
-    if not len(idx):
-        return []
-    cut = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = idx[np.concatenate(([0], cut))]
-    ends = idx[np.concatenate((cut - 1, [len(idx) - 1]))] + 1
-    return list(zip(starts.tolist(), (ends - starts).tolist()))
-
+#: madvise(MADV_HUGEPAGE): back a range with 2 MiB pages where the kernel can
+#: (transparent huge pages in "madvise" mode); None: not here.
+_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+_HUGE = 2 << 20
 
 #: pages-crc32 digests a CRC-32 per region of this many bytes of a block.
 DIGEST_REGION = 64 << 20
@@ -115,8 +87,8 @@ THREADS = min(2, os.cpu_count() or 1)
 
 def run_parallel(fns, weights=None) -> list:
     """``[fn() for fn in fns]``, spread over :data:`THREADS` threads (for work that
-    lets go of the GIL: zlib, hashlib, numpy); ``weights``: each one's cost, to
-    balance them.  The first exception is raised."""
+    lets go of the GIL: zlib, hashlib, file writes); ``weights``: each one's cost,
+    to balance them.  The first exception is raised."""
     n = len(fns)
     if THREADS < 2 or n < 2:
         return [fn() for fn in fns]
@@ -147,6 +119,43 @@ def run_parallel(fns, weights=None) -> list:
     return out
 
 
+def marked_runs(marks, start: int = 0, end: int | None = None):
+    """``(first, count)`` of each run of marked (non-zero) bytes of ``marks`` in
+    ``[start, end)``, in order (two ``find`` calls a run)."""
+    end = len(marks) if end is None else min(end, len(marks))
+    find = marks.find
+    pos = start
+    while pos < end:
+        a = find(1, pos, end)
+        if a < 0:
+            return
+        b = find(0, a, end)
+        if b < 0:
+            b = end
+        yield a, b - a
+        pos = b
+
+
+def _ones(n: int) -> bytes:
+    return b"\x01" * n
+
+
+def _index_bytes(idx) -> bytes:
+    """Page indexes as little-endian u64s."""
+    a = idx if isinstance(idx, array) and idx.typecode == "q" else array("q", idx)
+    if sys.byteorder != "little":
+        a = array("q", a)
+        a.byteswap()
+    return a.tobytes()
+
+
+def _u32le_bytes(values) -> bytes:
+    a = array("L" if array("L").itemsize == 4 else "I", values)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
+
+
 #: RAM digest schemes (see the module docstring); the first is the default.
 RAM_DIGESTS = ("pages-crc32", "sha256")
 DEFAULT_RAM_DIGEST = RAM_DIGESTS[0]
@@ -173,15 +182,44 @@ class RamBlock:
             why = e.strerror if isinstance(e, OSError) else "beyond the largest mapping"
             raise QmigstreamError(f"RAM block {name!r}: cannot map {used_length:#x} bytes: "
                                   f"{why}") from None
-        self.pages = np.frombuffer(self.mem, dtype=np.uint8,
-                                   count=used_length).reshape(self.npages, page_size) \
-            if used_length else np.zeros((0, page_size), np.uint8)
-        self._words = self.pages.view(np.uint64) if page_size % 8 == 0 else self.pages
-        self.dirty = np.zeros(self.npages, dtype=bool)
-        # pages ever written; a bytearray (fast to mark one page) seen as numpy bools
-        self._written = bytearray(self.npages)
-        self.written = np.frombuffer(self._written, dtype=bool)
+        self.view = memoryview(self.mem)
+        #: the block as u64 words (the page size is a multiple of 8)
+        self.words = self.view.cast("Q") if page_size % 8 == 0 else None
+        self.dirty = bytearray(self.npages)      # 1: dirty since the last pass
+        self.written = bytearray(self.npages)    # 1: ever written
+        self.version = 0                         # grows with every write
+        self.zero_page = bytes(page_size)
+        self._np = {}
 
+    # -- numpy views of the same memory (numpy imported only when asked) -------------
+    def _numpy(self, key):
+        v = self._np.get(key)
+        if v is None:
+            import numpy as np
+            if key == "pages":
+                v = np.frombuffer(self.mem, dtype=np.uint8, count=self.used_length).reshape(
+                    self.npages, self.page_size) if self.used_length else \
+                    np.zeros((0, self.page_size), np.uint8)
+            else:
+                v = np.frombuffer(getattr(self, key), dtype=bool)
+            self._np[key] = v
+        return v
+
+    @property
+    def pages(self):
+        """The block as a numpy ``pages x page_size`` uint8 array (a view)."""
+        return self._numpy("pages")
+
+    @property
+    def dirty_np(self):
+        """``dirty`` as numpy bools (a view: writes go through)."""
+        return self._numpy("dirty")
+
+    @property
+    def written_np(self):
+        return self._numpy("written")
+
+    # -- writing ---------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
         n = len(data)
         if offset < 0 or offset + n > self.used_length:
@@ -191,134 +229,190 @@ class RamBlock:
         if n:
             ps = self.page_size
             first, end = offset // ps, (offset + n - 1) // ps + 1
-            self.dirty[first:end] = True
-            self.written[first:end] = True
+            if end - first == 1:
+                self.dirty[first] = self.written[first] = 1
+            else:
+                ones = _ones(end - first)
+                self.dirty[first:end] = ones
+                self.written[first:end] = ones
+        self.version += 1
 
     def mark_written(self, first: int, count: int = 1) -> None:
         """Pages ``first .. first+count-1`` were written (by a direct store to ``mem``)."""
-        self.written[first:first + count] = True
+        if count == 1:
+            self.written[first] = 1
+        else:
+            self.written[first:first + count] = _ones(count)
+        self.version += 1
+
+    def mark_dirty(self, first: int, count: int = 1) -> None:
+        if count == 1:
+            self.dirty[first] = 1
+        else:
+            self.dirty[first:first + count] = _ones(count)
 
     def store_pages(self, indexes, data) -> None:
-        """Whole pages at once: ``data[k]`` (``page_size`` bytes) to page ``indexes[k]``.
+        """Whole pages at once: ``data[k]`` (``page_size`` bytes) to page ``indexes[k]``."""
+        ps = self.page_size
+        mem = self.mem
+        idx = [int(i) for i in indexes]
+        if len(idx) >= 16:
+            self.populate_runs(_index_runs(sorted(i for i in idx if not self.written[i])))
+        for k, i in enumerate(idx):
+            mem[i * ps:(i + 1) * ps] = memoryview(data[k]).cast("B")
+            self.written[i] = 1
+        self.version += 1
 
-        One numpy scatter; what a run of PAGE records turns into."""
-        indexes = np.asarray(indexes)
-        if len(indexes) >= 64:
-            self.populate(indexes[~self.written[indexes]])
-        self.pages[indexes] = data
-        self.written[indexes] = True
-
-    def populate(self, indexes) -> None:
-        """Make pages ``indexes`` (any order) resident ahead of writing them, in one
-        madvise(MADV_POPULATE_WRITE) per run of consecutive pages, the runs split
-        over two threads (a hint: pages the caller then leaves unwritten would
-        only cost memory)."""
-        global _POPULATE_WRITE
-        if _POPULATE_WRITE is None or len(indexes) < 16:
-            return
+    def populate_runs(self, runs) -> None:
+        """Make the pages of ``runs`` ((first, count), any order) resident ahead of
+        writing them: the 2 MiB-aligned parts of each run as huge pages where the
+        kernel offers them, then one madvise(MADV_POPULATE_WRITE) per run (a hint:
+        pages the caller then leaves unwritten would only cost memory)."""
+        global _POPULATE_WRITE, _HUGEPAGE
         ps = self.page_size
         if ps % mmap.PAGESIZE:
             return
-        spans = []                           # (offset, length), split into two halves
-        for first, count in _runs(np.sort(indexes)):
-            if count >= 16:
-                spans.append((first * ps, count * ps))
-        total = sum(n for _, n in spans)
-        halves, acc = ([], []), 0
-        for off, n in spans:
-            if acc < total // 2 < acc + n and n >= 32 * ps:   # this span holds the middle
-                cut = (total // 2 - acc) // ps * ps
-                halves[0].append((off, cut))
-                halves[1].append((off + cut, n - cut))
-            else:
-                halves[0 if acc + n <= total // 2 else 1].append((off, n))
-            acc += n
-        madvise = _native_madvise(self)
-        try:
-            run_parallel([lambda h=h: [madvise(off, n) for off, n in h] for h in halves],
-                         weights=[sum(n for _, n in h) for h in halves])
-        except OSError:                      # an older kernel: fault them one by one
-            _POPULATE_WRITE = None
+        mem = self.mem
+        for first, count in runs:
+            if count < 16:
+                continue
+            off, n = first * ps, count * ps
+            if _HUGEPAGE is not None and n >= _HUGE:
+                a = -(-off // _HUGE) * _HUGE
+                b = (off + n) // _HUGE * _HUGE
+                if b > a:
+                    try:
+                        mem.madvise(_HUGEPAGE, a, b - a)
+                    except OSError:
+                        _HUGEPAGE = None
+            if _POPULATE_WRITE is not None:
+                try:
+                    mem.madvise(_POPULATE_WRITE, off, n)
+                except OSError:              # an older kernel: fault them one by one
+                    _POPULATE_WRITE = None
 
+    def populate(self, indexes) -> None:
+        """:meth:`populate_runs` for page indexes (any order)."""
+        self.populate_runs(_index_runs(sorted(int(i) for i in indexes)))
+
+    # -- reading ---------------------------------------------------------------------
     def page(self, index: int) -> memoryview:
         ps = self.page_size
-        return memoryview(self.mem)[index * ps:(index + 1) * ps]
+        return self.view[index * ps:(index + 1) * ps]
 
-    def nonzero(self, indices) -> np.ndarray:
-        """For each page index (ascending), whether the page has a non-zero byte.
+    def page_is_zero(self, index: int) -> bool:
+        """Whether page ``index`` holds only zeros (a page never written is, unread)."""
+        if not self.written[index]:
+            return True
+        ps = self.page_size
+        a = index * ps
+        mem = self.mem
+        return mem[a:a + 8] == _Z8 and mem[a:a + ps] == self.zero_page
 
-        Pages never written are zero without being read; of the others, a page
-        whose first word is non-zero is decided by that word, the rest by a scan."""
-        n = len(indices)
-        if n == 0:
-            return np.zeros(0, dtype=bool)
-        words = self._words
-        first, last = int(indices[0]), int(indices[-1])
-        contiguous = last - first + 1 == n
-        written = self.written[first:last + 1] if contiguous else self.written[indices]
-        if not written.any():
-            return np.zeros(n, dtype=bool)
-        if written.all():
-            sel = indices
-            out = (words[first:last + 1, 0] if contiguous else words[indices, 0]) != 0
-            pos = None
-        else:
-            pos = np.flatnonzero(written)
-            sel = indices[pos]
-            out = words[sel, 0] != 0
-        maybe = np.flatnonzero(~out)
-        if len(maybe):
-            out[maybe] = words[sel[maybe]].any(axis=1)
-        if pos is None:
-            return out
-        full = np.zeros(n, dtype=bool)
-        full[pos] = out
-        return full
+    def nonzero_runs(self, start: int = 0, end: int | None = None):
+        """``(first, count)`` of each run of pages holding a non-zero byte in
+        ``[start, end)`` (only written pages are read)."""
+        ps = self.page_size
+        mem = self.mem
+        zp = self.zero_page
+        for first, count in marked_runs(self.written, start, end):
+            run = None
+            for i in range(first, first + count):
+                a = i * ps
+                if mem[a:a + 8] != _Z8 or mem[a:a + ps] != zp:
+                    if run is None:
+                        run = i
+                elif run is not None:
+                    yield run, i - run
+                    run = None
+            if run is not None:
+                yield run, first + count - run
 
-    def nonzero_pages(self) -> np.ndarray:
+    def nonzero(self, indices) -> list:
+        """For each page index, whether the page has a non-zero byte."""
+        return [not self.page_is_zero(int(i)) for i in indices]
+
+    def nonzero_pages(self) -> array:
         """Indexes (ascending) of the pages that hold a non-zero byte."""
-        idx = np.flatnonzero(self.written)
-        return idx[self.nonzero(idx)] if len(idx) else idx
+        out = array("q")
+        for first, count in self.nonzero_runs():
+            out.extend(range(first, first + count))
+        return out
+
+    def dirty_count(self) -> int:
+        return self.dirty.count(1)
 
     def digest(self, scheme: str = DEFAULT_RAM_DIGEST) -> str:
         if scheme == "sha256":
             h = hashlib.sha256()
-            view = memoryview(self.mem)
+            view = self.view
             for pos in range(0, self.used_length, 64 << 20):
                 h.update(view[pos:min(self.used_length, pos + (64 << 20))])
             return h.hexdigest()
         if scheme != "pages-crc32":
             raise QmigstreamError(f"unknown RAM digest {scheme!r} (one of "
                                   f"{', '.join(RAM_DIGESTS)})")
-        idx = self.nonzero_pages()
-        crcs = self._region_crcs(idx)
+        runs = list(self.nonzero_runs())
+        crcs = self._region_crcs(runs)
+        idx = array("q")
+        for first, count in runs:
+            idx.extend(range(first, first + count))
         h = hashlib.sha256(_PAGES_CRC32_TAG)
         h.update(struct.pack("<QQQQ", self.page_size, self.used_length, len(idx), len(crcs)))
-        h.update(idx.astype("<u8").tobytes())
-        h.update(np.asarray(crcs, dtype="<u4").tobytes())
+        h.update(_index_bytes(idx))
+        h.update(_u32le_bytes(crcs))
         return h.hexdigest()
 
-    def _region_crcs(self, idx) -> list:
-        """CRC-32 of the contents of pages ``idx`` (sorted) in each 64 MiB region of
-        the block (fixed boundaries: the result does not depend on how it is
-        computed), regions computed on two threads (zlib lets go of the GIL)."""
+    def _region_crcs(self, runs) -> list:
+        """CRC-32 of the contents of the pages of ``runs`` (ascending) in each 64 MiB
+        region of the block (fixed boundaries: the result does not depend on how it
+        is computed), regions computed on two threads (zlib lets go of the GIL)."""
         ps = self.page_size
         per = max(1, DIGEST_REGION // ps)
         nreg = -(-self.npages // per)
-        cuts = np.searchsorted(idx, np.arange(nreg + 1) * per).tolist()
-        view = memoryview(self.mem)
+        parts = [[] for _ in range(nreg)]        # region -> (offset, length) pieces
+        for first, count in runs:
+            end = first + count
+            while first < end:
+                r = first // per
+                stop = min(end, (r + 1) * per)
+                parts[r].append((first * ps, (stop - first) * ps))
+                first = stop
+        view = self.view
 
-        def crc_of(r):
+        def crc_of(pieces):
             c = 0
-            for first, count in _runs(idx[cuts[r]:cuts[r + 1]]):
-                c = zlib.crc32(view[first * ps:(first + count) * ps], c)
+            for off, n in pieces:
+                c = zlib.crc32(view[off:off + n], c)
             return c
-        return run_parallel([lambda r=r: crc_of(r) for r in range(nreg)],
-                            weights=np.diff(cuts).tolist())
+        return run_parallel([lambda p=p: crc_of(p) for p in parts],
+                            weights=[sum(n for _, n in p) for p in parts])
 
     def close(self):
-        self.pages = self._words = None
-        self.mem.close()
+        self._np.clear()
+        try:
+            if self.words is not None:
+                self.words.release()
+            self.view.release()
+            self.mem.close()
+        except BufferError:                   # a view someone still holds: freed with it
+            pass
+
+
+def _index_runs(idx):
+    """(first, count) of each run of consecutive values in sorted ``idx``."""
+    out = []
+    first = prev = None
+    for i in idx:
+        if prev is not None and i == prev + 1:
+            prev = i
+            continue
+        if first is not None:
+            out.append((first, prev - first + 1))
+        first = prev = i
+    if first is not None:
+        out.append((first, prev - first + 1))
+    return out
 
 
 class GuestRam:
@@ -357,16 +451,24 @@ class GuestRam:
     def total(self) -> int:
         return sum(b.used_length for b in self)
 
+    @property
+    def version(self) -> int:
+        """Grows with every write to any block."""
+        return sum(b.version for b in self)
+
     def digests(self, scheme: str = DEFAULT_RAM_DIGEST) -> dict:
         return {b.name: b.digest(scheme) for b in self}
 
     def resident_pages(self) -> int:
         """Pages holding a non-zero byte."""
-        return sum(len(b.nonzero_pages()) for b in self)
+        return sum(n for b in self for _, n in b.nonzero_runs())
+
+    def any_dirty(self) -> bool:
+        return any(b.dirty.find(1) >= 0 for b in self)
 
     def clear_dirty(self):
         for b in self:
-            b.dirty[:] = False
+            b.dirty[:] = bytes(b.npages)
 
     def close(self):
         for b in self:
@@ -419,66 +521,95 @@ class CpuWorkload:
         return self.run_stores(n)
 
 
-def _splitmix64_array(x) -> np.ndarray:
-    """:func:`splitmix64` of each value of the uint64 array ``x`` (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+#: The content generation of :func:`fill_initial` (3: runs of pages cut from a tape).
+FILL_GENERATION = 3
+#: Length of the tape the data pages are cut from: one more than a MiB, so page ``i``
+#: starts at tape position ``i * page_size mod TAPE_LEN`` and no two pages of a
+#: 4 GiB guest start at the same place.
+TAPE_LEN = (1 << 20) + 1
+#: The main block is cut into this many zones, each with one run of data pages and
+#: one of uniform pages.
+FILL_ZONES = 4
+
+
+def tape(seed: int, tag: bytes = b"ram") -> bytes:
+    """The SHAKE-128 tape of :data:`TAPE_LEN` bytes for ``seed``."""
+    return hashlib.shake_128(b"qmigstream tape " + tag + b"\0" +
+                             struct.pack("<Q", seed & MASK64)).digest(TAPE_LEN)
+
+
+def copy_from_tape(dst, dst_off: int, tp: bytes, pos: int, n: int) -> None:
+    """``dst[dst_off:dst_off+n]`` = ``n`` bytes of the endless repetition of the tape
+    ``tp``, from position ``pos`` (a slice copy per tape length)."""
+    L = len(tp)
+    tv = memoryview(tp)
+    pos %= L
+    while n:
+        k = min(n, L - pos)
+        dst[dst_off:dst_off + k] = tv[pos:pos + k]
+        dst_off += k
+        n -= k
+        pos = 0
+
+
+def fill_plan(npages: int, *, seed: int, fraction: float = 0.25, uniform: float = 0.05):
+    """Where :func:`fill_initial` puts its pages: ``[(data_first, data_count,
+    uniform_count)]``, one per zone; the uniform run follows the data run."""
+    n_data = min(npages, int(npages * fraction))
+    n_uni = min(npages - n_data, int(npages * uniform))
+    if not n_data and not n_uni:
+        return []
+    zones = max(1, min(FILL_ZONES, npages))
+    state = splitmix64(seed ^ 0xF111)
+    plan = []
+    for z in range(zones):
+        z0, z1 = z * npages // zones, (z + 1) * npages // zones
+        d = n_data * (z + 1) // zones - n_data * z // zones
+        u = n_uni * (z + 1) // zones - n_uni * z // zones
+        d = min(d, z1 - z0)
+        u = min(u, z1 - z0 - d)
+        state = splitmix64(state)
+        free = z1 - z0 - d - u
+        plan.append((z0 + state % (free + 1), d, u))
+    return plan
 
 
 def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: float = 0.05):
-    """Give a synthetic guest something to migrate: ``fraction`` of the main block's
-    pages hold pseudo-random data, ``uniform`` hold one repeated non-zero byte, the
-    rest stay zero.  Deterministic for ``seed``."""
+    """Give a synthetic guest something to migrate: about ``fraction`` of the main
+    block's pages hold pseudo-random data, ``uniform`` one repeated non-zero byte
+    each, the rest stay zero.  Deterministic for ``seed``.
+
+    The block is cut into :data:`FILL_ZONES` zones; each gets one run of data
+    pages at a place drawn from ``seed`` (SplitMix64) and a run of uniform pages
+    right after it.  Data page ``i`` holds the SHAKE-128 tape of ``seed``
+    (:func:`tape`) from position ``i * page_size`` on, wrapping round; so a run
+    of pages is a few long copies of the tape, every page of a guest up to 4 GiB
+    differs from every other, and two pages 256 apart differ by a shift of one
+    byte.  Uniform page ``k`` of the guest holds byte ``1 + (k * golden + seed) mod
+    255``."""
     blk = ram.main
-    state = splitmix64(seed ^ 0xF111)
-    n_data = int(blk.npages * fraction)
-    n_uni = int(blk.npages * uniform)
-    if not n_data and not n_uni:
+    plan = fill_plan(blk.npages, seed=seed, fraction=fraction, uniform=uniform)
+    if not plan:
         return
-    # choose pages by a deterministic stride walk (no numpy RNG: portable)
-    step = 2 * (blk.npages // 3) + 1
-    while np.gcd(step, blk.npages) != 1:
-        step += 2
-    idx = (np.arange(n_data + n_uni, dtype=np.int64) * step + (state % blk.npages)) % blk.npages
-    blk.populate(idx[~blk.written[idx]])          # exactly the pages written below
-    # data pages: 64 pseudo-random bytes per page, repeated over the page (cheap to make,
-    # different on every page); made and stored in batches
-    reps = blk.page_size // 64
-    # pages as (reps, 64) rows: the 64 bytes of a page are broadcast over it in place
-    rows = blk.pages.reshape(blk.npages, reps, 64) if blk.page_size % 64 == 0 else None
-    per = 4096
-    pat = np.empty((n_data, 64), np.uint8)
-    for start in range(0, n_data, per):
-        k = min(n_data, start + per) - start
-        words = np.random.PCG64((seed + start) & MASK64).random_raw(k * 8)
-        pat[start:start + k] = words.astype("<u8").view(np.uint8).reshape(k, 64)
-    didx = idx[:n_data]
-    if rows is not None:
-        runs = _runs(np.sort(didx)) if n_data + n_uni <= blk.npages else None
-        if runs is not None and len(runs) <= max(1, n_data // 64):
-            # few runs of consecutive pages (the stride walk makes a few long ones):
-            # a plain slice each instead of a scatter
-            order = np.argsort(didx, kind="stable")
-            spat = pat[order]
-            k = 0
-            for first, count in runs:
-                rows[first:first + count] = spat[k:k + count, None, :]
-                k += count
-        else:
-            rows[didx] = pat[:, None, :]
-    else:
-        blk.pages[didx] = np.tile(pat, (1, reps))
-    blk.written[didx] = True
-    uni = idx[n_data:]
-    if len(uni):
-        fills = (1 + _splitmix64_array(
-            (np.uint64(state) + np.arange(len(uni), dtype=np.uint64))) % np.uint64(255)
-                 ).astype(np.uint8)
-        blk.pages[uni] = fills[:, None]
-        blk.written[uni] = True
+    ps = blk.page_size
+    blk.populate_runs([(first, d + u) for first, d, u in plan])
+    tp = tape(seed)
+    mem = blk.mem
+    uniform_pages = {}
+    k = 0
+    mix = splitmix64(seed ^ 0x0F11)
+    for first, d, u in plan:
+        if d:
+            copy_from_tape(mem, first * ps, tp, first * ps, d * ps)
+        for i in range(first + d, first + d + u):
+            v = 1 + ((k * 0x9E3779B97F4A7C15 + mix) & MASK64) % 255
+            page = uniform_pages.get(v)
+            if page is None:
+                page = uniform_pages[v] = bytes((v,)) * ps
+            mem[i * ps:(i + 1) * ps] = page
+            k += 1
+        if d + u:
+            blk.mark_written(first, d + u)
     ram.clear_dirty()
 
 
@@ -487,8 +618,9 @@ class RamLoader:
 
     One record at a time (:meth:`feed`, or the handlers in ``_dispatch`` by
     record type); a reader that hands over a run of PAGE records as one
-    object (block, page indexes, an ``n x page_size`` array) has it applied
-    with one numpy scatter by :meth:`pages_run`.
+    object (:class:`~qmigstream.codec.ram_records.RamPageRun`) has its pages
+    copied one after the other straight from the bytes read, the long runs of
+    fresh pages made resident first.
     """
 
     def __init__(self, ram: GuestRam):
@@ -509,28 +641,28 @@ class RamLoader:
 
     def _zero_run(self, rec):
         blk = self.ram.block(rec.block)
-        start = rec.addr // blk.page_size
-        self._bounds(blk, rec.addr + (rec.count - 1) * blk.page_size, rec)
+        ps = blk.page_size
+        start = rec.addr // ps
+        self._bounds(blk, rec.addr + (rec.count - 1) * ps, rec)
         # as ram_handle_zero: write only pages that are not zero already (a fresh
         # page stays untouched, so the model stays sparse); pages never written
         # are zero and not even read
-        written = blk.written[start:start + rec.count]
-        if written.any():
-            idx = start + np.flatnonzero(written)
-            dirty = blk.nonzero(idx)
-            if dirty.any():
-                blk.pages[idx[dirty]] = 0
+        for first, count in list(blk.nonzero_runs(start, start + rec.count)):
+            blk.mem[first * ps:(first + count) * ps] = bytes(count * ps)
+            blk.version += 1
         self.pages += rec.count
 
     def _zero(self, rec):
         blk = self.ram.block(rec.block)
         self._bounds(blk, rec.addr, rec)
-        i = rec.addr // blk.page_size
+        ps = blk.page_size
+        i = rec.addr // ps
         if rec.fill:
-            blk.pages[i] = rec.fill
-            blk._written[i] = 1
-        elif blk._written[i] and blk.pages[i].any():
-            blk.pages[i] = 0
+            blk.mem[i * ps:(i + 1) * ps] = bytes((rec.fill,)) * ps
+            blk.mark_written(i)
+        elif not blk.page_is_zero(i):
+            blk.mem[i * ps:(i + 1) * ps] = blk.zero_page
+            blk.version += 1
         self.pages += 1
 
     def _page(self, rec):
@@ -540,23 +672,21 @@ class RamLoader:
             self._bounds(blk, a, rec)
         ps = blk.page_size
         blk.mem[a:a + ps] = rec.data
-        blk._written[a // ps] = 1
-        if a % ps:                              # not page-aligned: it spans two pages
-            blk.mark_written(a // ps, 2)
+        blk.mark_written(a // ps, 2 if a % ps else 1)   # not page-aligned: two pages
         self.pages += 1
 
     def pages_run(self, block: str, indexes, data) -> None:
-        """A run of whole pages at once (``data[k]`` to page ``indexes[k]``, ascending):
-        one numpy scatter, for a reader that hands over runs of PAGE records."""
+        """A run of whole pages at once (``data[k]`` to page ``indexes[k]``)."""
         blk = self.ram.blocks.get(block) or self.ram.block(block)
-        if len(indexes):
-            last = int(indexes[-1])
-            if last >= blk.npages or int(indexes[0]) < 0:
+        idx = [int(i) for i in indexes]
+        if idx:
+            bad = max(idx) if max(idx) >= blk.npages else (min(idx) if min(idx) < 0 else None)
+            if bad is not None:
                 raise StreamError(f"page offset beyond the end of RAM block {blk.name!r}",
                                   None, section="ram", expected=f"< 0x{blk.used_length:x}",
-                                  found=last * blk.page_size)
-            blk.store_pages(indexes, data)
-        self.pages += len(indexes)
+                                  found=bad * blk.page_size)
+            blk.store_pages(idx, data)
+        self.pages += len(idx)
 
     def _xbzrle(self, rec):
         blk = self.ram.block(rec.block)
@@ -588,20 +718,46 @@ class RamLoader:
                 blk.mark_written(first, (rec.start + rec.length - 1) // ps + 1 - first)
 
     def _page_run(self, rec):
-        """A :class:`~qmigstream.codec.ram_records.RamPageRun`: whole pages at
-        ascending page addresses go in with :meth:`pages_run`; any other run
-        (unaligned or out of order addresses) record by record."""
+        """A :class:`~qmigstream.codec.ram_records.RamPageRun`: its pages copied in
+        order straight from the bytes read (the same as its PAGE records one by
+        one); a run of consecutive fresh pages is made resident first."""
         blk = self.ram.blocks.get(rec.block) or self.ram.block(rec.block)
         ps = blk.page_size
-        addrs = np.array(rec.words, dtype=np.uint64) - np.uint64(rec.flags)
-        if rec.page_size == ps and not (addrs % np.uint64(ps)).any() and \
-                (len(addrs) < 2 or bool((addrs[1:] > addrs[:-1]).all())):
-            data = np.ndarray((rec.count, ps), dtype=np.uint8, buffer=rec.buf,
-                              offset=rec.start + 8, strides=(ps + 8, 1))
-            self.pages_run(rec.block, (addrs // np.uint64(ps)).astype(np.intp), data)
+        if rec.page_size != ps:
+            for r in rec.expand():
+                self._page(r)
             return
-        for r in rec.expand():
-            self._page(r)
+        flags = rec.flags
+        words = rec.words
+        n = len(words)
+        first = words[0] - flags
+        last = words[-1] - flags
+        if n >= 16 and last - first == (n - 1) * ps and not first % ps and \
+                last + ps <= blk.used_length and blk.written.find(1, first // ps,
+                                                                  last // ps + 1) < 0:
+            blk.populate_runs(((first // ps, n),))
+        mem = blk.mem
+        src = memoryview(rec.buf)
+        written = blk.written
+        size = blk.used_length
+        o = rec.start + 8
+        stride = ps + 8
+        for w in words:
+            a = w - flags
+            if a % ps or a + ps > size:
+                if a >= size:
+                    at = None if rec.offset is None else rec.offset + o - rec.start - 8
+                    raise StreamError(f"page offset beyond the end of RAM block "
+                                      f"{blk.name!r}", at,
+                                      section="ram", expected=f"< 0x{size:x}", found=a)
+                mem[a:a + ps] = src[o:o + ps]
+                blk.mark_written(a // ps, 2 if a % ps else 1)
+            else:
+                mem[a:a + ps] = src[o:o + ps]
+                written[a // ps] = 1
+            o += stride
+        blk.version += 1
+        self.pages += n
 
     _dispatch = {R.RamZeroRun: _zero_run, R.RamZero: _zero, R.RamPage: _page,
                  R.RamPageRun: _page_run,

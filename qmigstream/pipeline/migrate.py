@@ -118,7 +118,7 @@ class MigrateConfig:
     multifd_channels: int = 0             # 0: no multifd
     load_config_after_iter: bool | None = None   # 10.1+; None: the default (off on x86)
     ram_digest: str = DEFAULT_RAM_DIGEST  # the manifest's RAM digests (guest.RAM_DIGESTS)
-    stream_sha256: bool = True            # the sha256 of the main stream, in the manifest
+    stream_sha256: bool = False           # the sha256 of the main stream, in the manifest
 
     def to_json(self):
         d = asdict(self)
@@ -150,15 +150,17 @@ class _Out:
     """Writes records (and pre-encoded pieces), hashing as it goes if asked; bytes
     per phase.
 
-    A section written with ``background=True`` (the RAM pass) has its lists of
-    pieces written by a thread, one list behind the caller (a file's write lets
-    go of the GIL), so the next batch is encoded while the last one is written;
-    every other write waits for that one first, so the bytes stay in order.  The
-    pieces must not change until written: the pass's scratch buffers rotate
-    between two, and nothing changes guest RAM during a section."""
+    Every list of pieces goes out with ``writev`` (:func:`writev_all`), so the
+    pages, memoryviews of guest RAM, are copied once: into the file.  A section
+    written with ``background=True`` (the RAM pass) has its lists written by a
+    thread, one list behind the caller (``writev`` lets go of the GIL), so the
+    next batch is encoded while the last one is written; every other write
+    waits for that one first, so the bytes stay in order.  The pieces must not
+    change until written: nothing changes guest RAM during a section."""
 
     def __init__(self, f, footers, sha256=None, hasher=None):
         self.f = f
+        self.fd = f.fileno()
         self.footers = footers
         self.offset = 0
         self.phase = "header"
@@ -172,13 +174,13 @@ class _Out:
 
     def _write(self, pieces):
         h = self.sha256
-        for p in pieces:
-            self.f.write(p)
-            if h is not None:
+        if h is not None:
+            for p in pieces:
                 h.update(p)
+        writev_all(self.fd, pieces)
 
     def _count(self, pieces):
-        n = sum(len(p) for p in pieces)
+        n = sum(map(len, pieces))
         self.offset += n
         self.phases[self.phase] = self.phases.get(self.phase, 0) + n
         return n
@@ -199,7 +201,6 @@ class _Out:
                     pieces, end = item
                     self._write(pieces)
                     if self.hasher is not None:
-                        self.f.flush()
                         self.hasher.advance(end)
             except BaseException as e:           # raised in the caller by wait()
                 self._error = e
@@ -501,7 +502,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     res.ram_digest = cfg.ram_digest
     # the RAM digests and the devices' image sha256 (cached, used below) side by side
     res.ram, _ = digests.result()
-    if any(b.dirty.any() for b in ram):     # written after the stop: not final after all
+    if ram.any_dirty():                     # written after the stop: not final after all
         res.ram = ram.digests(cfg.ram_digest)
     for d in devices:
         res.devices.append({"idstr": d.idstr, "interface": d.src.interface,
@@ -515,17 +516,40 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     return res
 
 
+#: Pieces one ``writev`` takes at most (Linux's IOV_MAX).
+IOV_MAX = 1024
+
+
+def writev_all(fd, pieces) -> None:
+    """Write the bytes-like ``pieces`` in order, ``IOV_MAX`` to a ``writev``, going
+    on after a short write (a pipe)."""
+    for i in range(0, len(pieces), IOV_MAX):
+        batch = pieces[i:i + IOV_MAX]
+        left = sum(map(len, batch))
+        while left:
+            done = os.writev(fd, batch)
+            left -= done
+            if not left:
+                break
+            k = 0
+            while done >= len(batch[k]):
+                done -= len(batch[k])
+                k += 1
+            batch = [memoryview(batch[k]).cast("B")[done:]] + batch[k + 1:]
+
+
 def _open_output(path):
-    """The stream file, for writing from its start.  An existing regular file is
-    overwritten in place and cut to length at the end (:func:`_end_output`):
-    truncating a file just written costs its pages and, on ext4, starts their
-    writeback at close (auto_da_alloc), 0.1 s and more for a 400 MB stream."""
+    """The stream file (unbuffered: :class:`_Out` writes lists of pieces), for
+    writing from its start.  An existing regular file is overwritten in place and
+    cut to length at the end (:func:`_end_output`): truncating a file just written
+    costs its pages and, on ext4, starts their writeback at close
+    (auto_da_alloc), 0.1 s and more for a 400 MB stream."""
     try:
         if stat.S_ISREG(os.stat(path).st_mode):
-            return open(path, "r+b", buffering=1 << 20)
+            return open(path, "r+b", buffering=0)
     except OSError:
         pass
-    return open(path, "wb", buffering=1 << 20)
+    return open(path, "wb", buffering=0)
 
 
 def _stream_hashing(f, wanted):
@@ -648,8 +672,7 @@ def _ram_pass(saver, sender, last_stage=False):
     """One RAM section's records: the main-channel pass, or with multifd the scan
     whose pages go to the channels and whose wraps are MULTIFD_FLUSH; then EOS."""
     if sender is None:
-        # two scratch buffers: _Out writes each list while the next is encoded
-        yield from saver.pass_bytes(last_stage=last_stage, scratch=2)
+            yield from saver.pass_bytes(last_stage=last_stage)
     else:
         for ev in saver.scan_pass():
             if ev[0] == "wrap":
@@ -692,7 +715,7 @@ def _merge_device_dirty(devices, ram, total_pfns):
     for d in devices:
         for pfn in d.src.dirty_pages(total_pfns):
             if pfn < main.npages:
-                main.dirty[pfn] = True
+                main.dirty[pfn] = 1
 
 
 def _converged(cfg, rounds, saver, devices) -> str:

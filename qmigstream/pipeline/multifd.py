@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import os
 
-import numpy as np
 
 from ..vfio import multifd as MF
 from ..wire import vfio as W
@@ -97,7 +96,7 @@ class MultifdSender:
     # -- RAM ---------------------------------------------------------------------
     def queue_pages(self, blk, indices):
         """``multifd_queue_page`` for each page (indices ascending, one block)."""
-        idx = indices.tolist() if isinstance(indices, np.ndarray) else list(indices)
+        idx = list(indices)
         pos = 0
         while pos < len(idx):
             if self.pages and (self.block is not blk or len(self.pages) == self.page_count):
@@ -114,8 +113,7 @@ class MultifdSender:
         blk, pages = self.block, self.pages
         self.block, self.pages = None, []
         ps = self.page_size
-        nz = blk.nonzero(np.asarray(sorted(pages), dtype=np.int64))
-        nonzero = dict(zip(sorted(pages), nz.tolist()))
+        nonzero = {k: not blk.page_is_zero(k) for k in pages}
         offs = list(pages)
         i, j = 0, len(offs) - 1                 # multifd_send_zero_page_detect
         while i <= j:

@@ -30,69 +30,75 @@ first each time, a simplification of the same scan.
 from __future__ import annotations
 
 import struct
-
-import numpy as np
-from numpy.lib.stride_tricks import as_strided
+import sys
+from array import array
 
 from .. import xbzrle
 from ..codec.ram_records import RamPage, RamXbzrle, RamZero
 from ..wire.ram import RamFlag
+from .guest import marked_runs
 
 F_ZERO, F_PAGE, F_XBZRLE, F_CONT = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.XBZRLE),
                                     int(RamFlag.CONTINUE))
 _U64 = struct.Struct(">Q")
-#: One ZERO|CONTINUE record (be64 word, u8 fill), as a numpy record for whole runs.
-_ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])
-#: Pages looked at together (zero detection, batching of writes).
+#: Pages looked at together (one list of pieces for the writer).
 BATCH = 4096
 
 CACHED_PAGE_LIFETIME = 2
 DEFAULT_XBZRLE_CACHE = 64 << 20
 
 
-def _run_size(n: int, n_data: int, page_size: int) -> int:
-    """Bytes of ``n`` CONTINUE records, ``n_data`` of them PAGE, the rest ZERO."""
-    return n * 9 + n_data * (page_size - 1)
+def zero_records(first: int, count: int, page_size: int) -> bytearray:
+    """The ZERO|CONTINUE records (be64 word, fill 0) of pages ``first ..
+    first+count-1``: the words made by ``array`` from a ``range``, then laid out
+    with a stride of 9 by eight strided slice copies."""
+    fl = F_ZERO | F_CONT
+    words = array("Q", range(first * page_size | fl, (first + count) * page_size | fl,
+                             page_size))
+    if sys.byteorder == "little":
+        words.byteswap()
+    wb = words.tobytes()
+    out = bytearray(9 * count)
+    for k in range(8):
+        out[k::9] = wb[k::8]
+    return out
 
 
-def _encode_run(buf, blk, idx, nz) -> None:
-    """Fill ``buf`` with the CONTINUE records of pages ``idx`` of ``blk`` (ascending):
-    ``nz`` true: PAGE (header word, the page), false: ZERO (header word, fill 0).
+def _first_word_zero(words, first: int, end: int, page_size: int) -> list:
+    """Pages of ``first .. end-1`` whose first 8 bytes are all zero; ``words``: the
+    block as a memoryview of u64, whose strided slice gathers each page's first
+    word in one go."""
+    if end <= first:
+        return []
+    step = page_size // 8
+    got = array("Q")
+    got.frombytes(words[first * step:end * step:step].tobytes())
+    out = []
+    pos = _index0(got, 0)
+    while pos >= 0:
+        out.append(first + pos)
+        pos = _index0(got, pos + 1)
+    return out
 
-    Each record's place comes from a cumulative sum of the sizes; the words,
-    fill bytes and pages are scattered there through byte-granular sliding
-    views of ``buf`` (rows of 8 and of ``page_size`` bytes starting at every
-    byte), whose rows the records never share; a run of consecutive pages is
-    copied in one go into a view with the records' stride."""
-    ps = blk.page_size
-    sizes = np.where(nz, np.int64(8 + ps), np.int64(9))
-    offs = np.cumsum(sizes) - sizes
-    total = len(buf)
-    words = idx.astype(np.uint64) * np.uint64(ps) | np.where(
-        nz, np.uint64(F_PAGE | F_CONT), np.uint64(F_ZERO | F_CONT))
-    heads = as_strided(buf, shape=(total - 7, 8), strides=(1, 1))
-    heads[offs] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
-    zeros = ~nz
-    if zeros.any():
-        buf[offs[zeros] + 8] = 0
-    dpos = np.flatnonzero(nz)
-    if not len(dpos):
-        return
-    didx = idx[dpos]
-    # runs of data records that are consecutive pages too: their pages go in with
-    # one strided copy each (no gather); many short runs: one scatter of them all
-    cut = np.flatnonzero((np.diff(dpos) != 1) | (np.diff(didx) != 1)) + 1
-    if len(cut) < len(dpos) // 16:
-        starts = np.concatenate(([0], cut)).tolist()
-        ends = np.concatenate((cut, [len(dpos)])).tolist()
-        firsts = (offs[dpos[starts]] + 8).tolist()
-        for a, b, o in zip(starts, ends, firsts):
-            i0 = int(didx[a])
-            dst = as_strided(buf[o:], shape=(b - a, ps), strides=(ps + 8, 1))
-            dst[...] = blk.pages[i0:i0 + b - a]
-    else:
-        rows = as_strided(buf, shape=(total - ps + 1, ps), strides=(1, 1))
-        rows[offs[dpos] + 8] = blk.pages[didx]
+
+def _index0(arr, start: int) -> int:
+    try:
+        return arr.index(0, start)
+    except ValueError:
+        return -1
+
+
+def _page_pieces(view, first: int, end: int, page_size: int) -> list:
+    """PAGE|CONTINUE records of pages ``first .. end-1``: header, page, header, ..."""
+    fp = F_PAGE | F_CONT
+    heads = list(map(_U64.pack, range(first * page_size | fp, end * page_size | fp,
+                                       page_size)))
+    pages = [view[o:o + page_size] for o in range(first * page_size, end * page_size,
+                                                   page_size)]
+    out = [None] * (2 * len(heads))
+    out[0::2] = heads
+    out[1::2] = pages
+    return out
 
 
 def pow2floor(n: int) -> int:
@@ -142,7 +148,7 @@ class RamSaver:
         self.counts = {"normal": 0, "zero": 0, "xbzrle": 0, "xbzrle_unchanged": 0,
                        "xbzrle_overflow": 0, "cache_miss": 0}
         for b in ram:
-            b.dirty[:] = True
+            b.dirty[:] = b"\x01" * b.npages
 
     def setup(self):
         """``ram_save_setup``: forget the last block sent and the scan position."""
@@ -153,13 +159,14 @@ class RamSaver:
         """One section's scan as QEMU 10.x runs it with multifd, at block granularity.
 
         Yields ``("pages", block, page_indices)`` (dirty pages in the order they are
-        sent; their dirty bits are cleared) and ``("wrap",)`` each time the scan
-        passes the end of the block list.  Follows ``ram_find_and_save_block``:
-        each call starts at (last_seen_block, last_page) with ``complete_round``
-        false; ``find_dirty_block`` gives up (``PAGE_ALL_CLEAN``) when, after a
-        wrap in the same call, it reaches that block at a page >= last_page.
-        After a page is sent the next call starts right after it, so every dirty
-        page of a block from that page on goes out in one batch.
+        sent, an ``array('q')``; their dirty bits are cleared) and ``("wrap",)`` each
+        time the scan passes the end of the block list.  Follows
+        ``ram_find_and_save_block``: each call starts at (last_seen_block, last_page)
+        with ``complete_round`` false; ``find_dirty_block`` gives up
+        (``PAGE_ALL_CLEAN``) when, after a wrap in the same call, it reaches that
+        block at a page >= last_page.  After a page is sent the next call starts
+        right after it, so every dirty page of a block from that page on goes out
+        in one batch.
         """
         blocks = list(self.ram)
         n = len(blocks)
@@ -170,21 +177,24 @@ class RamSaver:
             b, p, complete = lb, lp, False
             while True:
                 blk = blocks[b]
-                dirty = np.flatnonzero(blk.dirty[p:]) + p if p < blk.npages else \
-                    np.zeros(0, dtype=np.int64)
-                nd = int(dirty[0]) if len(dirty) else blk.npages
+                nd = blk.dirty.find(1, p) if p < blk.npages else -1
+                if nd < 0:
+                    nd = blk.npages
                 if complete and b == lb and nd >= lp:  # PAGE_ALL_CLEAN
                     self.scan_pos = (b, nd)
                     return
-                if not len(dirty):
+                if nd == blk.npages:
                     b, p = b + 1, 0
                     if b == n:
                         yield ("wrap",)
                         b, complete = 0, True
                     continue
-                blk.dirty[dirty] = False
+                dirty = array("q")
+                for first, count in list(marked_runs(blk.dirty, nd)):
+                    dirty.extend(range(first, first + count))
+                    blk.dirty[first:first + count] = bytes(count)
                 yield ("pages", blk, dirty)
-                lb, lp = b, int(dirty[-1]) + 1
+                lb, lp = b, dirty[-1] + 1
                 break
 
     def sync(self):
@@ -192,7 +202,7 @@ class RamSaver:
         self.sync_count += 1
 
     def dirty_bytes(self) -> int:
-        return sum(int(b.dirty.sum()) for b in self.ram) * self.page_size
+        return sum(b.dirty_count() for b in self.ram) * self.page_size
 
     def _flags(self, kind, block):
         cont = F_CONT if block == self.last_block else 0
@@ -200,25 +210,25 @@ class RamSaver:
         return kind | cont
 
     def _batches(self):
-        """(block, key base, page indices, nonzero mask) of the dirty pages, bounded batches."""
+        """(block, key base, first page, page count) of the dirty pages in bounded
+        batches; their dirty bits are cleared."""
         for bi, blk in enumerate(self.ram):
-            idx = np.flatnonzero(blk.dirty)
-            if not len(idx):
-                continue
-            blk.dirty[idx] = False
-            for k in range(0, len(idx), BATCH):
-                part = idx[k:k + BATCH]
-                yield blk, bi << 40, part, blk.nonzero(part)
+            runs = list(marked_runs(blk.dirty))
+            for first, count in runs:
+                blk.dirty[first:first + count] = bytes(count)
+            for first, count in runs:
+                for k in range(first, first + count, BATCH):
+                    yield blk, bi << 40, k, min(BATCH, first + count - k)
 
     def pass_records(self, *, last_stage: bool = False):
         """Yield the records of one pass over every dirty page (the reference path)."""
         ps = self.page_size
         counts = self.counts
-        for blk, key_base, idx, nz in self._batches():
+        for blk, key_base, first, n in self._batches():
             name = blk.name
-            for i, data_page in zip(idx.tolist(), nz.tolist()):
+            for i in range(first, first + n):
                 addr = i * ps
-                if not data_page:
+                if blk.page_is_zero(i):
                     counts["zero"] += 1
                     if self.xbzrle_enabled:
                         self.cache.insert(key_base + i, bytes(ps), self.sync_count)
@@ -237,52 +247,72 @@ class RamSaver:
         if self.xbzrle_on:
             self.xbzrle_enabled = True          # after the first complete round
 
-    def pass_bytes(self, *, last_stage: bool = False, scratch: bool = False):
-        """The same pass as :meth:`pass_records`, as encoded pieces (bytes-like objects).
-
-        The fast path of the same rules: without XBZRLE a batch of pages becomes
-        one buffer built by numpy (each record's header word and fill byte or
-        page contents scattered into place); pages that XBZRLE may touch go
-        through :meth:`pass_records`' logic.  ``scratch`` (a number N >= 1, or
-        True for 1): the buffers rotate among N reused ones, so each yielded
-        list must be written out before N more are asked for (``migrate``
-        writes one list while the next is encoded, with N = 2).
-        ``b"".join(pass_bytes()) == b"".join(r.encode() for r in pass_records())``
-        (tested).
+    def pass_bytes(self, *, last_stage: bool = False):
+        """The same pass as :meth:`pass_records`, as lists of encoded pieces (bytes,
+        and memoryviews of guest RAM for the pages: nothing is copied), a list per
+        batch; written out with one ``writev`` per 1024 pieces.  Pages never
+        written are ZERO records without being read, a run of them made at once
+        (:func:`zero_records`); a written page is read for its zero check.  The
+        pieces must be written before guest RAM changes (nothing changes it during
+        a section).  Pages that XBZRLE may touch go through :meth:`pass_records`'
+        logic.  ``b"".join(pass_bytes()) == b"".join(r.encode() for r in
+        pass_records())`` (tested).
         """
-        nbuf = int(scratch)
-        bufs = [None] * nbuf
-        turn = 0
-        for blk, key_base, idx, nz in self._batches():
+        ps = self.page_size
+        counts = self.counts
+        pack = _U64.pack
+        fz = F_ZERO | F_CONT
+        for blk, key_base, first, n in self._batches():
             if self.xbzrle_enabled:
-                yield self._pieces_xbzrle(blk, key_base, idx, nz, last_stage)
+                yield self._pieces_xbzrle(blk, key_base, first, n, last_stage)
                 continue
             out = []
             name = blk.name
-            n = len(idx)
-            nzc = int(np.count_nonzero(nz))
-            self.counts["normal"] += nzc
-            self.counts["zero"] += n - nzc
-            first = self._flags(F_PAGE if nz[0] else F_ZERO, name)
-            if not first & F_CONT:
+            end = first + n
+            if self.last_block != name:
                 # the first record after another block's: it names its block
-                out.append(self._named_record(blk, int(idx[0]), bool(nz[0]), first))
-                idx, nz = idx[1:], nz[1:]
-                if not len(idx):
-                    yield out
-                    continue
-            need = _run_size(len(idx), int(np.count_nonzero(nz)), self.page_size)
-            if nbuf:
-                b = bufs[turn]
-                if b is None or len(b) < need:
-                    b = bufs[turn] = np.empty(max(need, BATCH * (self.page_size + 8)),
-                                              np.uint8)
-                turn = (turn + 1) % nbuf
-                buf = b[:need]
-            else:
-                buf = np.empty(need, np.uint8)
-            _encode_run(buf, blk, idx, nz)
-            out.append(buf)
+                zero = blk.page_is_zero(first)
+                out.append(self._named_record(blk, first, not zero,
+                                              self._flags(F_ZERO if zero else F_PAGE, name)))
+                counts["zero" if zero else "normal"] += 1
+                first += 1
+            mem, view, zp = blk.mem, blk.view, blk.zero_page
+            words = blk.words
+            written = blk.written
+            normal = 0
+            i = first
+            while i < end:
+                w = written.find(1, i, end)
+                if w < 0:
+                    w = end
+                if w > i:                       # never written: zero, unread
+                    out.append(zero_records(i, w - i, ps))
+                    i = w
+                    if i == end:
+                        break
+                e = written.find(0, i, end)
+                if e < 0:
+                    e = end
+                # the pages whose first word is zero (found for the whole run at
+                # once) get the full check; runs of data pages in between go out
+                # as header and page pieces made by two comprehensions
+                p = i
+                for z in (_first_word_zero(words, i, e, ps) if words is not None
+                          else range(i, e)):
+                    a = z * ps
+                    if mem[a:a + ps] != zp:
+                        continue                # a data page after all
+                    if z > p:
+                        out += _page_pieces(view, p, z, ps)
+                        normal += z - p
+                    out.append(pack(a | fz) + b"\0")
+                    p = z + 1
+                if e > p:
+                    out += _page_pieces(view, p, e, ps)
+                    normal += e - p
+                i = e
+            counts["normal"] += normal
+            counts["zero"] += end - first - normal
             yield out
         if self.xbzrle_on:
             self.xbzrle_enabled = True
@@ -293,7 +323,7 @@ class RamSaver:
         head = _U64.pack(i * ps | flags) + bytes((len(nameb),)) + nameb
         return head + (bytes(blk.page(i)) if data_page else b"\0")
 
-    def _pieces_xbzrle(self, blk, key_base, idx, nz, last_stage) -> list:
+    def _pieces_xbzrle(self, blk, key_base, first, n, last_stage) -> list:
         """One batch's pieces once XBZRLE is enabled (page by page)."""
         ps = self.page_size
         counts = self.counts
@@ -301,38 +331,29 @@ class RamSaver:
         name = blk.name
         nameb = name.encode("latin-1")
         named = bytes((len(nameb),)) + nameb
-        view = memoryview(blk.mem)
+        view = blk.view
         out = []
-        n = len(idx)
-        pos = 0
-        idx_l = idx.tolist()
-        nz_l = nz.tolist()
-        while pos < n:
-            if not nz_l[pos]:
-                end = pos
-                while end < n and not nz_l[end]:
-                    end += 1
-                run = idx[pos:end]
-                counts["zero"] += end - pos
-                for i in idx_l[pos:end]:
-                    self.cache.insert(key_base + i, bytes(ps), self.sync_count)
-                first = self._flags(F_ZERO, name)
-                if not first & F_CONT:
-                    out.append(pack(idx_l[pos] * ps | first) + named + b"\0")
-                    run = run[1:]
-                if len(run):
-                    recs = np.empty(len(run), dtype=_ZERO_REC)
-                    recs["word"] = run.astype(np.uint64) * np.uint64(ps) | \
-                        np.uint64(F_ZERO | F_CONT)
-                    recs["fill"] = 0
-                    out.append(recs.tobytes())
-                pos = end
+        i, end = first, first + n
+        while i < end:
+            if blk.page_is_zero(i):
+                z = i
+                while z < end and blk.page_is_zero(z):
+                    z += 1
+                counts["zero"] += z - i
+                for k in range(i, z):
+                    self.cache.insert(key_base + k, bytes(ps), self.sync_count)
+                f = self._flags(F_ZERO, name)
+                if not f & F_CONT:
+                    out.append(pack(i * ps | f) + named + b"\0")
+                    i += 1
+                if z > i:
+                    out.append(zero_records(i, z - i, ps))
+                i = z
                 continue
-            i = idx_l[pos]
             addr = i * ps
             page = bytes(view[addr:addr + ps])
             rec = self._xbzrle(name, key_base + i, addr, page, last_stage)
-            pos += 1
+            i += 1
             if rec is False:
                 continue
             if rec is not None:
