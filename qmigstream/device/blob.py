@@ -44,6 +44,7 @@ import construct as c
 import crcmod.predefined
 
 from ..errors import DeviceError
+from .image import new_image
 
 MAGIC = b"QMDV"
 VERSION = 2
@@ -296,7 +297,7 @@ class BlobAssembler:
                 if h.kind == KIND_FULL and h.length == self.image_size:
                     # stage the payload straight into the new image
                     self._crc = CRCS[h.version](memoryview(self._buf)[:HEADER_SIZE])
-                    self._full = bytearray(self.image_size)
+                    self._full = new_image(self.image_size)
                     self._pos = 0
                     self._consume_buf()
             h = self._header

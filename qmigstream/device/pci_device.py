@@ -40,6 +40,7 @@ import construct as c
 from ..errors import DeviceError
 from .blob import (BLOB_OVERHEAD, KIND_DELTA, KIND_FULL, BlobAssembler, BlobParts,
                    Rejects, blob_parts, build_blob, build_delta_payload, delta_size)
+from .image import copy_image, is_image, new_image
 
 PAGE = 4096
 MASK64 = (1 << 64) - 1
@@ -403,7 +404,7 @@ class SizedProfile(Profile):
     def initial_image(self, seed):
         regs = SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
                                     state_size=self.state_size, ctrl=1, status=0))
-        img = bytearray(REGS_SIZE + self.state_size)
+        img = new_image(REGS_SIZE + self.state_size)
         img[:REGS_SIZE] = regs
         if self.state_size:
             sized_state(seed, self.state_size, img, REGS_SIZE)
@@ -526,7 +527,7 @@ class EmulatedPciDevice:
     def _poke(self, offset: int, data: bytes) -> None:
         if self._image_shared:
             # copy on write: the save session's FULL blob keeps the image it was given
-            self._image = bytearray(self._image)
+            self._image = copy_image(self._image)
             self._image_shared = False
         self._image[offset:offset + len(data)] = data
         self._image_version += 1
@@ -535,9 +536,9 @@ class EmulatedPciDevice:
             self._image_dirty.update(range(first, last + 1))
 
     def apply_image(self, image) -> None:
-        """Install a new image (a bytearray is taken over as it is, not copied)."""
+        """Install a new image (a bytearray or ImageBuffer is taken over as it is, not copied)."""
         self.profile.validate_image(image)
-        self._image = image if type(image) is bytearray else bytearray(image)
+        self._image = image if is_image(image) else bytearray(image)
         self._image_shared = False
         self._image_version += 1
 

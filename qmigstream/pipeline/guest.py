@@ -263,11 +263,13 @@ class RamBlock:
             self.written[i] = 1
         self.version += 1
 
-    def populate_runs(self, runs) -> None:
+    def populate_runs(self, runs, *, whole_huge: bool = False) -> None:
         """Make the pages of ``runs`` ((first, count), any order) resident ahead of
         writing them: the 2 MiB-aligned parts of each run as huge pages where the
-        kernel offers them, then one madvise(MADV_POPULATE_WRITE) per run (a hint:
-        pages the caller then leaves unwritten would only cost memory)."""
+        kernel offers them (``whole_huge``: every 2 MiB page a run touches, for
+        runs that the next ones continue), then one madvise(MADV_POPULATE_WRITE)
+        per run (a hint: pages the caller then leaves unwritten would only cost
+        memory, never more than the block's length)."""
         global _POPULATE_WRITE, _HUGEPAGE
         ps = self.page_size
         if ps % mmap.PAGESIZE:
@@ -277,9 +279,13 @@ class RamBlock:
             if count < 16:
                 continue
             off, n = first * ps, count * ps
-            if _HUGEPAGE is not None and n >= _HUGE:
-                a = -(-off // _HUGE) * _HUGE
-                b = (off + n) // _HUGE * _HUGE
+            if _HUGEPAGE is not None and (n >= _HUGE or whole_huge):
+                if whole_huge:
+                    a = off // _HUGE * _HUGE
+                    b = min(-(-(off + n) // _HUGE) * _HUGE, len(mem))
+                else:
+                    a = -(-off // _HUGE) * _HUGE
+                    b = (off + n) // _HUGE * _HUGE
                 if b > a:
                     try:
                         mem.madvise(_HUGEPAGE, a, b - a)
@@ -732,10 +738,13 @@ class RamLoader:
         n = len(words)
         first = words[0] - flags
         last = words[-1] - flags
-        if n >= 16 and last - first == (n - 1) * ps and not first % ps and \
+        if n >= 64 and last - first == (n - 1) * ps and not first % ps and \
                 last + ps <= blk.used_length and blk.written.find(1, first // ps,
                                                                   last // ps + 1) < 0:
-            blk.populate_runs(((first // ps, n),))
+            # fresh consecutive pages: the stream goes on with the pages after them
+            # (QEMU sends a block's dirty pages in ascending order), so the huge
+            # pages they touch are asked for whole
+            blk.populate_runs(((first // ps, n),), whole_huge=True)
         mem = blk.mem
         src = memoryview(rec.buf)
         written = blk.written
