@@ -533,6 +533,8 @@ FILL_GENERATION = 3
 #: starts at tape position ``i * page_size mod TAPE_LEN`` and no two pages of a
 #: 4 GiB guest start at the same place.
 TAPE_LEN = (1 << 20) + 1
+#: Uniform pages come in groups of this many with the same byte.
+UNIFORM_GROUP = 16
 #: The main block is cut into this many zones, each with one run of data pages and
 #: one of uniform pages.
 FILL_ZONES = 4
@@ -591,8 +593,9 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     (:func:`tape`) from position ``i * page_size`` on, wrapping round; so a run
     of pages is a few long copies of the tape, every page of a guest up to 4 GiB
     differs from every other, and two pages 256 apart differ by a shift of one
-    byte.  Uniform page ``k`` of the guest holds byte ``1 + (k * golden + seed) mod
-    255``."""
+    byte.  Uniform page ``k`` of the guest (counted over the zones) holds byte
+    ``1 + ((k // 16) * golden + mix(seed)) mod 255``: pages come in groups of
+    :data:`UNIFORM_GROUP` with one byte each."""
     blk = ram.main
     plan = fill_plan(blk.npages, seed=seed, fraction=fraction, uniform=uniform)
     if not plan:
@@ -607,13 +610,16 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     for first, d, u in plan:
         if d:
             copy_from_tape(mem, first * ps, tp, first * ps, d * ps)
-        for i in range(first + d, first + d + u):
-            v = 1 + ((k * 0x9E3779B97F4A7C15 + mix) & MASK64) % 255
-            page = uniform_pages.get(v)
-            if page is None:
-                page = uniform_pages[v] = bytes((v,)) * ps
-            mem[i * ps:(i + 1) * ps] = page
-            k += 1
+        i, stop = first + d, first + d + u
+        while i < stop:                      # a group of UNIFORM_GROUP pages a copy
+            v = 1 + ((k // UNIFORM_GROUP * 0x9E3779B97F4A7C15 + mix) & MASK64) % 255
+            cnt = min(stop - i, UNIFORM_GROUP - k % UNIFORM_GROUP)
+            fill = uniform_pages.get((v, cnt))
+            if fill is None:
+                fill = uniform_pages[(v, cnt)] = bytes((v,)) * (cnt * ps)
+            mem[i * ps:(i + cnt) * ps] = fill
+            i += cnt
+            k += cnt
         if d + u:
             blk.mark_written(first, d + u)
     ram.clear_dirty()
