@@ -14,7 +14,10 @@ Per page the block keeps two marks, one byte each in a ``bytearray``:
   only the pages that hold something (reading an untouched page would make the
   kernel map its zero page, about a microsecond each).  Every write goes
   through :meth:`RamBlock.write` or marks its pages with
-  :meth:`RamBlock.mark_written`; code writing ``mem`` directly must mark them.
+  :meth:`RamBlock.mark_written` (or :meth:`RamBlock.touch` for pages already
+  marked); code writing ``mem`` directly must mark them: the pages-crc32
+  digest keeps each 64 MiB region's part and makes it again only for regions
+  written since.
 * ``dirty`` — the dirty log, set by every write, read and cleared by the
   saver at each pass (QEMU's ``migration_bitmap_sync``).
 
@@ -190,6 +193,19 @@ class RamBlock:
         self.version = 0                         # grows with every write
         self.zero_page = bytes(page_size)
         self._np = {}
+        # pages-crc32 by region: writes per region, and each region's part of the
+        # digest as last computed with the count it was computed at
+        self._per_region = max(1, DIGEST_REGION // page_size)
+        self._region_writes = [0] * -(-self.npages // self._per_region)
+        self._region_parts = {}
+
+    def touch(self, first: int, count: int = 1) -> None:
+        """Pages ``first .. first+count-1`` changed (every write path calls this)."""
+        self.version += 1
+        per = self._per_region
+        rw = self._region_writes
+        for r in range(first // per, min(len(rw), (first + max(count, 1) - 1) // per + 1)):
+            rw[r] += 1
 
     # -- numpy views of the same memory (numpy imported only when asked) -------------
     def _numpy(self, key):
@@ -235,7 +251,7 @@ class RamBlock:
                 ones = _ones(end - first)
                 self.dirty[first:end] = ones
                 self.written[first:end] = ones
-        self.version += 1
+            self.touch(first, end - first)
 
     def mark_written(self, first: int, count: int = 1) -> None:
         """Pages ``first .. first+count-1`` were written (by a direct store to ``mem``)."""
@@ -243,7 +259,7 @@ class RamBlock:
             self.written[first] = 1
         else:
             self.written[first:first + count] = _ones(count)
-        self.version += 1
+        self.touch(first, count)
 
     def mark_dirty(self, first: int, count: int = 1) -> None:
         if count == 1:
@@ -261,7 +277,7 @@ class RamBlock:
         for k, i in enumerate(idx):
             mem[i * ps:(i + 1) * ps] = memoryview(data[k]).cast("B")
             self.written[i] = 1
-        self.version += 1
+            self.touch(i)
 
     def populate_runs(self, runs, *, whole_huge: bool = False) -> None:
         """Make the pages of ``runs`` ((first, count), any order) resident ahead of
@@ -358,41 +374,48 @@ class RamBlock:
         if scheme != "pages-crc32":
             raise QmigstreamError(f"unknown RAM digest {scheme!r} (one of "
                                   f"{', '.join(RAM_DIGESTS)})")
-        runs = list(self.nonzero_runs())
-        crcs = self._region_crcs(runs)
+        parts = self._region_digest_parts()
+        crcs = [crc for _, crc in parts]
         idx = array("q")
-        for first, count in runs:
-            idx.extend(range(first, first + count))
+        for runs, _ in parts:
+            for first, count in runs:
+                idx.extend(range(first, first + count))
         h = hashlib.sha256(_PAGES_CRC32_TAG)
         h.update(struct.pack("<QQQQ", self.page_size, self.used_length, len(idx), len(crcs)))
         h.update(_index_bytes(idx))
         h.update(_u32le_bytes(crcs))
         return h.hexdigest()
 
-    def _region_crcs(self, runs) -> list:
-        """CRC-32 of the contents of the pages of ``runs`` (ascending) in each 64 MiB
-        region of the block (fixed boundaries: the result does not depend on how it
-        is computed), regions computed on two threads (zlib lets go of the GIL)."""
-        ps = self.page_size
-        per = max(1, DIGEST_REGION // ps)
-        nreg = -(-self.npages // per)
-        parts = [[] for _ in range(nreg)]        # region -> (offset, length) pieces
-        for first, count in runs:
-            end = first + count
-            while first < end:
-                r = first // per
-                stop = min(end, (r + 1) * per)
-                parts[r].append((first * ps, (stop - first) * ps))
-                first = stop
+    def region_part(self, r: int):
+        """Region ``r``'s part of the pages-crc32 digest: (runs of non-zero pages,
+        CRC-32 of their contents), reused while no write touched the region since
+        it was made (safe to call from another thread while the region's
+        neighbours are written: a write to the region itself makes it stale)."""
+        writes = self._region_writes[r]
+        got = self._region_parts.get(r)
+        if got is not None and got[0] == writes:
+            return got[1]
+        per, ps = self._per_region, self.page_size
+        runs = list(self.nonzero_runs(r * per, (r + 1) * per))
         view = self.view
+        c = 0
+        for first, count in runs:
+            c = zlib.crc32(view[first * ps:(first + count) * ps], c)
+        part = (runs, c)
+        self._region_parts[r] = (writes, part)
+        return part
 
-        def crc_of(pieces):
-            c = 0
-            for off, n in pieces:
-                c = zlib.crc32(view[off:off + n], c)
-            return c
-        return run_parallel([lambda p=p: crc_of(p) for p in parts],
-                            weights=[sum(n for _, n in p) for p in parts])
+    def _region_digest_parts(self) -> list:
+        """Every region's :meth:`region_part` (fixed 64 MiB boundaries: the result
+        does not depend on how it is computed), the stale ones made on two threads
+        (zlib lets go of the GIL)."""
+        n = len(self._region_writes)
+        stale = [r for r in range(n) if (self._region_parts.get(r) or (None,))[0]
+                 != self._region_writes[r]]
+        per = self._per_region
+        run_parallel([lambda r=r: self.region_part(r) for r in stale],
+                     weights=[self.written.count(1, r * per, (r + 1) * per) for r in stale])
+        return [self.region_part(r) for r in range(n)]
 
     def close(self):
         self._np.clear()
@@ -625,6 +648,43 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     ram.clear_dirty()
 
 
+class DigestAhead:
+    """Makes :meth:`RamBlock.region_part` of the regions a load has gone past, on
+    one thread (CRC-32 lets go of the GIL), one region behind the loader."""
+
+    def __init__(self):
+        import queue
+        import threading
+        self._q = queue.SimpleQueue()
+        self._next = {}                      # block name -> first region not sent yet
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            blk, r = item
+            try:
+                blk.region_part(r)
+            except (ValueError, BufferError, OSError):   # a block closed meanwhile
+                pass
+
+    def passed(self, blk, page: int) -> None:
+        """The load is at ``page`` of ``blk``: regions before its region are done."""
+        r = page // blk._per_region
+        first = self._next.get(blk.name, 0)
+        for q in range(first, r):
+            self._q.put((blk, q))
+        if r > first:
+            self._next[blk.name] = r
+
+    def close(self):
+        self._q.put(None)
+        self._thread.join()
+
+
 class RamLoader:
     """Applies RAM records to a :class:`GuestRam` (``ram_load_precopy``).
 
@@ -635,10 +695,19 @@ class RamLoader:
     fresh pages made resident first.
     """
 
-    def __init__(self, ram: GuestRam):
+    def __init__(self, ram: GuestRam, *, digest_ahead: bool = False):
         self.ram = ram
         self.pages = 0
         self.chunks = 0                 # mapped-ram chunks applied
+        # digest_ahead: the pages-crc32 part of each 64 MiB region the runs of pages
+        # have gone past is made on a thread while the load goes on (used if the
+        # region is not written again)
+        self._ahead = DigestAhead() if digest_ahead else None
+
+    def close(self):
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     @property
     def changes(self) -> int:
@@ -661,7 +730,7 @@ class RamLoader:
         # are zero and not even read
         for first, count in list(blk.nonzero_runs(start, start + rec.count)):
             blk.mem[first * ps:(first + count) * ps] = bytes(count * ps)
-            blk.version += 1
+            blk.touch(first, count)
         self.pages += rec.count
 
     def _zero(self, rec):
@@ -674,7 +743,7 @@ class RamLoader:
             blk.mark_written(i)
         elif not blk.page_is_zero(i):
             blk.mem[i * ps:(i + 1) * ps] = blk.zero_page
-            blk.version += 1
+            blk.touch(i)
         self.pages += 1
 
     def _page(self, rec):
@@ -751,6 +820,13 @@ class RamLoader:
             # (QEMU sends a block's dirty pages in ascending order), so the huge
             # pages they touch are asked for whole
             blk.populate_runs(((first // ps, n),), whole_huge=True)
+        if last - first == (n - 1) * ps and not first % ps and last < blk.used_length:
+            blk.touch(first // ps, n)
+            if self._ahead is not None:
+                self._ahead.passed(blk, first // ps)
+        else:
+            lo, hi = min(words) - flags, max(words) - flags
+            blk.touch(lo // ps, max(0, min(hi, blk.used_length - 1)) // ps - lo // ps + 2)
         mem = blk.mem
         src = memoryview(rec.buf)
         written = blk.written
@@ -771,7 +847,6 @@ class RamLoader:
                 mem[a:a + ps] = src[o:o + ps]
                 written[a // ps] = 1
             o += stride
-        blk.version += 1
         self.pages += n
 
     _dispatch = {R.RamZeroRun: _zero_run, R.RamZero: _zero, R.RamPage: _page,

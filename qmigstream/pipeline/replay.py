@@ -336,7 +336,9 @@ def _load(path, dests, page_size, result, chans=(), ram_digest=None):
                 except QmigstreamError as e:
                     raise ReplayError(f"cannot hold the stream's RAM blocks: {e}",
                                       rec.offset) from None
-                loader = RamLoader(ram)
+                if loader is not None:
+                    loader.close()
+                loader = RamLoader(ram, digest_ahead=ram_digest == "pages-crc32" and mf is None)
                 dispatch = RamLoader._dispatch
 
             elif isinstance(rec, EndOfStream) and rec.depth == 0:
@@ -358,11 +360,14 @@ def _load(path, dests, page_size, result, chans=(), ram_digest=None):
                                                       "they have no packets for it"),
                                   None, d.idstr)
     except BaseException:
+        if loader is not None:
+            loader.close()
         if early is not None:
             early.wait()
         if ram is not None:
             ram.close()
         raise
+    loader.close()
     result.pages = loader.pages
     return ram, early
 
@@ -497,6 +502,7 @@ class _MultifdLoad:
             i = off // ps
             if off % ps or blk.written[i]:  # a page never written is zero already
                 blk.mem[off:off + ps] = bytes(ps)
+                blk.touch(i, 1 + (off % ps > 0))
         loader.pages += len(normal) + len(zero)
         ch.counts["pages"] += len(normal) + len(zero)
 
