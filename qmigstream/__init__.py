@@ -13,3 +13,7 @@ Layers, bottom up (a module imports only from layers below it):
 """
 
 __version__ = "0.1.0"
+
+# The stand-ins for modules construct (and dataclasses) import but this package
+# does not use, in place before any of them is imported (see qmigstream.wire).
+from . import wire as _wire  # noqa: E402,F401

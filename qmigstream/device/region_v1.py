@@ -100,6 +100,8 @@ def state_set_error(state: int) -> int:
 
 @dataclass(frozen=True)
 class Field:
+    """One field of the v1 migration region's info block."""
+
     name: str
     offset: int
     size: int

@@ -62,6 +62,8 @@ SIZED_OVERHEAD = 64 + 28
 
 @dataclass(frozen=True)
 class Scenario:
+    """One golden-vector scenario: name, what it shows, migrate settings, what it needs."""
+
     name: str
     what: str
     settings: dict
@@ -270,6 +272,8 @@ def load_manifest(directory) -> dict:
 
 @dataclass
 class CheckResult:
+    """What ``golden check`` found for one set."""
+
     ok: bool = True
     problems: list = field(default_factory=list)
     checked: int = 0

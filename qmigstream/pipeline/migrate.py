@@ -97,6 +97,8 @@ class DeviceSpec:
 
 @dataclass
 class MigrateConfig:
+    """Everything ``migrate`` is told: profile, machine, devices, workload, convergence."""
+
     profile: str = P.DEFAULT_PROFILE
     template: str | None = None
     devices: list = field(default_factory=lambda: [DeviceSpec()])
@@ -128,6 +130,8 @@ class MigrateConfig:
 
 @dataclass
 class MigrationResult:
+    """What ``migrate`` wrote and the source's final state (the manifest)."""
+
     path: str
     profile: str
     size: int = 0

@@ -48,6 +48,8 @@ from ..vmdesc import JSONWRITER, QJSON
 
 @dataclass(frozen=True)
 class Profile:
+    """One QEMU release family's stream layout (see the module docstring)."""
+
     name: str
     release: str                  # the QEMU release modelled
     vfio_family: str              # qmigstream.vfio.family name

@@ -73,6 +73,8 @@ class ReplayError(QmigstreamError):
 
 @dataclass
 class DeviceReport:
+    """What the load did to one destination device."""
+
     idstr: str
     interface: str
     profile: str
@@ -86,6 +88,8 @@ class DeviceReport:
 
 @dataclass
 class ReplayResult:
+    """A load's outcome: error (if any), device reports, RAM digests, verification."""
+
     ok: bool
     error: dict | None = None
     devices: list = field(default_factory=list)

@@ -33,6 +33,8 @@ class DeviceSection:
 
 @dataclass
 class Template:
+    """The non-VFIO part of a real capture: configuration, RAM, device sections, trailer."""
+
     path: str
     configuration: Configuration | None
     page_size: int

@@ -31,6 +31,8 @@ from ..wire.vfio import Marker, VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
 
 @dataclass(frozen=True)
 class Family:
+    """One release family's VFIO savevm layout: what its sections hold and in which order."""
+
     name: str
     protocol: str                 # "v1" migration region, "v2" data fd
     has_part: bool                # save_live_iterate exists (PART sections)
@@ -80,6 +82,8 @@ def get(name) -> Family:
 
 @dataclass
 class FamilyMatch:
+    """The families a stream's VFIO sections fit, and why."""
+
     family: str | None            # the best match (None: nothing to go on)
     candidates: list              # every family the layout is consistent with
     reason: str
