@@ -198,6 +198,10 @@ class Profile:
     def make_config(self) -> PciConfigSpace:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def initial_sha256(self, seed: int) -> bytes:
+        """sha256 of :meth:`initial_image` (profiles may compute it without the image)."""
+        return hashlib.sha256(self.initial_image(seed)).digest()
+
     def initial_image(self, seed: int) -> bytearray:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -334,9 +338,9 @@ SizedRegs = c.Struct(
 REGS_SIZE = SizedRegs.sizeof()   # 64
 
 
-def sized_state(seed: int, n: int, out, at: int = 0) -> None:
-    """Write the ``n`` state bytes of a :class:`SizedProfile` device of ``seed`` into
-    ``out[at:at+n]`` (content generation :data:`SIZED_CONTENT_GENERATION`)."""
+def sized_state_pieces(seed: int, n: int):
+    """The ``n`` state bytes of a :class:`SizedProfile` device of ``seed``, as pieces
+    (bytes-like, in order; content generation :data:`SIZED_CONTENT_GENERATION`)."""
     base = hashlib.shake_128(b"qmigstream sized state\0" +
                              struct.pack("<Q", seed & MASK64)).digest(min(n, _MIB))
     bv = memoryview(base)
@@ -344,25 +348,29 @@ def sized_state(seed: int, n: int, out, at: int = 0) -> None:
     for pos in range(0, n, _MIB):
         k = pos // _MIB
         m = min(_MIB, n - pos)
-        dst = at + pos
         if k == 0:
-            out[dst:dst + m] = bv[:m]
+            yield bv[:m]
             continue
-        if len(base) < _MIB:                 # cannot happen: a second MiB needs a full first
-            raise AssertionError("short base")
         r = (k * 4104) % _MIB
         t = (k >> 9) & 0xFF
         if t:
             table = tables.get(t)
             if table is None:
                 table = tables[t] = bytes(x ^ t for x in range(256))
-            rot = (base[r:] + base[:r])[:m].translate(table)
-            out[dst:dst + m] = rot
+            yield (base[r:] + base[:r])[:m].translate(table)
             continue
         first = min(m, _MIB - r)
-        out[dst:dst + first] = bv[r:r + first]
+        yield bv[r:r + first]
         if m > first:
-            out[dst + first:dst + m] = bv[:m - first]
+            yield bv[:m - first]
+
+
+def sized_state(seed: int, n: int, out, at: int = 0) -> None:
+    """Write :func:`sized_state_pieces` into ``out[at:at+n]``."""
+    for piece in sized_state_pieces(seed, n):
+        k = len(piece)
+        out[at:at + k] = piece
+        at += k
 
 
 class SizedProfile(Profile):
@@ -402,13 +410,22 @@ class SizedProfile(Profile):
                               msix_bar=2)
 
     def initial_image(self, seed):
-        regs = SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
-                                    state_size=self.state_size, ctrl=1, status=0))
+        regs = self._regs(seed)
         img = new_image(REGS_SIZE + self.state_size)
         img[:REGS_SIZE] = regs
         if self.state_size:
             sized_state(seed, self.state_size, img, REGS_SIZE)
         return img
+
+    def _regs(self, seed) -> bytes:
+        return SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed & MASK64,
+                                    state_size=self.state_size, ctrl=1, status=0))
+
+    def initial_sha256(self, seed):
+        h = hashlib.sha256(self._regs(seed))
+        for piece in sized_state_pieces(seed, self.state_size):
+            h.update(piece)
+        return h.digest()
 
     def validate_image(self, image):
         if len(image) < REGS_SIZE:
@@ -507,7 +524,7 @@ class EmulatedPciDevice:
         self.chunk_size = chunk_size
         self.config = self.profile.make_config()
         self.msix_table = bytearray(16 * getattr(self.profile, "msix_vectors", 0))
-        self._image = self.profile.initial_image(seed)
+        self._img = None                  # the image; None: still the initial one, unmade
         self._image_version = 0           # bumped by every change of the image
         self._image_hash = None           # (version, sha256 digest) last computed
         self._image_shared = False        # a save session holds the image as its FULL blob
@@ -518,6 +535,20 @@ class EmulatedPciDevice:
         self.running = True
 
     # -- image -------------------------------------------------------------
+    @property
+    def _image(self):
+        """The image, made from the seed the first time it is needed: a destination
+        whose load installs a new image never makes its initial one (its digest
+        comes from the profile without it)."""
+        img = self._img
+        if img is None:
+            img = self._img = self.profile.initial_image(self.seed)
+        return img
+
+    @_image.setter
+    def _image(self, value):
+        self._img = value
+
     def image(self) -> bytes:
         return bytes(self._image)
 
@@ -542,12 +573,21 @@ class EmulatedPciDevice:
         self._image_shared = False
         self._image_version += 1
 
+    def restore_initial_image(self) -> None:
+        """Go back to the image the device started with (made from the seed again
+        when it is next needed)."""
+        self._img = None
+        self._image_shared = False
+        self._image_version += 1
+
     def _image_sha256(self) -> bytes:
         """sha256 of the image, computed once per image state (every change of the
         image goes through :meth:`_poke` or :meth:`apply_image`)."""
         c = self._image_hash
         if c is None or c[0] != self._image_version:
-            c = self._image_hash = (self._image_version, hashlib.sha256(self._image).digest())
+            digest = self.profile.initial_sha256(self.seed) if self._img is None else \
+                hashlib.sha256(self._img).digest()
+            c = self._image_hash = (self._image_version, digest)
         return c[1]
 
     def image_digest(self) -> str:
@@ -570,23 +610,32 @@ class EmulatedPciDevice:
         """A function that returns :meth:`state_digest` as it is now, whatever the
         device does meanwhile; the image's sha256 is computed on another thread
         in the meantime (hashlib lets go of the GIL)."""
-        version, image = self._image_version, self._image
+        version, image = self._image_version, self._img
         config, msix = bytes(self.config.data), bytes(self.msix_table)
         c = self._image_hash
-        if c is not None and c[0] == version or len(image) < (1 << 20):
+        if c is not None and c[0] == version or \
+                self.profile.image_size < (1 << 20):
             digest = self._state_digest(self._image_sha256(), config, msix)
             return lambda: digest
         import threading
-        self._image_shared = True         # the thread reads it: copy on the next change
+        if image is None:                 # the initial image, never made: from the seed
+            profile, seed = self.profile, self.seed
+
+            def make():
+                return profile.initial_sha256(seed)
+        else:
+            self._image_shared = True     # the thread reads it: copy on the next change
+
+            def make():
+                return hashlib.sha256(image).digest()
         box = []
-        t = threading.Thread(target=lambda: box.append(hashlib.sha256(image).digest()),
-                             daemon=True)
+        t = threading.Thread(target=lambda: box.append(make()), daemon=True)
         t.start()
 
         def result():
             t.join()
             if not box:                   # the thread failed: do it here
-                box.append(hashlib.sha256(image).digest())
+                box.append(make())
             if self._image_version == version:
                 self._image_hash = (version, box[0])
             return self._state_digest(box[0], config, msix)

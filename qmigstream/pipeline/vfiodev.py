@@ -170,13 +170,17 @@ class SourceV2:
 def _saved(device: EmulatedPciDevice):
     """What a destination device holds before a load.  The image is kept by
     reference: a load never changes it in place (``apply_image`` installs a new
-    image) and a resuming device does no DMA, so no copy of it is needed."""
-    return (device._image, device.config_space(), bytes(device.msix_table))
+    image) and a resuming device does no DMA, so no copy of it is needed; an
+    initial image never made (None) stays unmade."""
+    return (device._img, device.config_space(), bytes(device.msix_table))
 
 
 def _restore(device: EmulatedPciDevice, saved):
     image, config, msix = saved
-    device.apply_image(image)
+    if image is None:
+        device.restore_initial_image()
+    else:
+        device.apply_image(image)
     device.load_config_space(config)
     device.msix_table[:] = msix
 
