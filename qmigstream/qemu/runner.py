@@ -521,27 +521,37 @@ class UnixSink:
     def _recv_loop(self, conn, buf):
         conn.settimeout(0.2)
         pongs = []
+        resolved = 0           # the stream is parsed up to here (PINGs before it answered)
         while True:
+            idle = False
             try:
                 chunk = conn.recv(1 << 20)
             except socket.timeout:
                 if self._closing:
                     return
-                continue
+                idle, chunk = True, None
             except OSError:
                 return
-            if not chunk:
-                return
-            buf += chunk
-            if self.return_path and buf[:4] == b"QEVM":
-                # a destination answers each PING with a PONG of the same value
-                # (10.x waits for the first before it completes, 11.x for those of
-                # the postcopy package before it runs)
-                for value in stream_pings(buf)[len(pongs):]:
+            if chunk is not None:
+                if not chunk:
+                    return
+                buf += chunk
+            if not self.return_path or buf[:4] != b"QEVM":
+                continue
+            # a destination answers each PING with a PONG of the same value (10.x
+            # waits for the first before it completes, 11.x for those of the
+            # postcopy package before it runs).  The stream is parsed again only
+            # when a PING's bytes appear past where the last parse got to.
+            if buf.find(_PING_BYTES, resolved) >= 0:
+                values, resolved = stream_pings(buf, with_end=True)
+                for value in values[len(pongs):]:
                     conn.sendall(struct.pack(">HHI", MIG_RP_MSG_PONG, 4, value))
                     pongs.append(value)
-            if self.return_path and not self.shut_sent and buf[:4] == b"QEVM" and \
-                    (trailer_complete(buf) or ends_at_eof(buf)):
+            # the end: a whole trailer, or (looked for when the sender pauses or
+            # sends little: it parses the whole stream) a stream ending at its EOF
+            if not self.shut_sent and (
+                    trailer_complete(buf) or
+                    ((idle or len(chunk) < 65536) and ends_at_eof(buf))):
                 conn.sendall(struct.pack(">HHI", MIG_RP_MSG_SHUT, 4, 0))
                 self.shut_sent = True
 
@@ -580,19 +590,27 @@ class UnixSink:
         self.close()
 
 
-def stream_pings(buf) -> list:
+#: A PING command's first bytes: QEMU_VM_COMMAND, be16 MIG_CMD_PING, be16 length 4.
+_PING_BYTES = struct.pack(">BHH", 0x08, 2, 4)
+
+
+def stream_pings(buf, *, with_end: bool = False):
     """Values of the PING commands in a (partial) stream, nested ones (PACKAGED)
-    included, in stream order."""
+    included, in stream order.  ``with_end``: also where the last top-level record
+    parsed starts (every PING before it is in the list)."""
     from ..codec.reader import read_records
     from ..errors import QmigstreamError
     values = []
+    end = 0
     try:
         for rec in read_records(bytes(buf)):
+            if rec.depth == 0 and rec.offset is not None:
+                end = rec.offset
             if rec.kind == "command" and rec.name == "PING":
                 values.append(rec.args["value"])
     except QmigstreamError:
         pass
-    return values
+    return (values, end) if with_end else values
 
 
 def trailer_complete(buf) -> bool:
