@@ -10,7 +10,6 @@ rebuilt from the stream's pages must hash to QEMU's ``pmemsave`` dumps.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import lzma
@@ -19,7 +18,7 @@ import zlib
 
 import pytest
 
-from conftest import CAPTURES, ROOT, capture_names
+from conftest import CAPTURES, capture_names, load_tool
 from qmigstream import xbzrle
 from qmigstream.codec import ram_records as R
 from qmigstream.codec.reader import StreamReader, read_records
@@ -55,14 +54,7 @@ QEMU_VERSIONS = {"5.2": (5, 2, 0), "7.2": (7, 2, 22), "10.0": (10, 0, 13), "11.1
 NAMES = capture_names()
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("capture_tool", ROOT / "tools" / "capture.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-capture_tool = _load_tool()
+capture_tool = load_tool("capture.py")
 
 
 def meta_of(name):
