@@ -10,6 +10,7 @@ and compares QEMU's verdict with ``qmigstream check``'s.
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 
 from .codec.reader import read_records
@@ -376,22 +377,31 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
     def add(mname, what, new, caps=None):
         out.append(Mutation(mname, name, what, new, caps))
 
-    if name == "pc-7.2-noconfig":
-        conf = b"\x07" + _U32.pack(13) + b"pc-i440fx-7.2"
-        add("configuration-inserted", "a configuration record (pc-i440fx-7.2) inserted at 8 "
-            "(the destination runs with send-configuration=off)", data[:8] + conf + data[8:])
-    if name == "q35-7.2-paused":
+    # captures are named MACHINE-RELEASE-SCENARIO (tools/capture.py): the cases go by
+    # the scenario, whichever release made the capture
+    m = re.match(r"(pc|q35)-(\d+\.\d+)-(.+)$", name)
+    machine, release, scen = m.groups() if m else (None, None, name)
+    if machine == "pc" and scen == "noconfig":
+        mname = f"pc-i440fx-{release}".encode()
+        conf = b"\x07" + _U32.pack(len(mname)) + mname
+        add("configuration-inserted", f"a configuration record ({mname.decode()}) inserted "
+            "at 8 (the destination runs with send-configuration=off)",
+            data[:8] + conf + data[8:])
+    if machine == "q35" and scen == "paused" and ix.config is not None:
         c = ix.config
+        other = b"0" if c.machine.endswith(b"1") else b"1"
+        wrong = (c.machine[:-1] + other).decode()
         add("machine-name", f"machine name at {c.offset + 5}: {c.machine.decode()!r} -> "
-            f"'pc-q35-7.1'", _put(data, c.offset + 5 + len(c.machine) - 1, b"1"))
-    if name == "pc-7.2-devices":
-        sec, st = next((sec, st) for sec, st in ix.payloads
-                       if sec.idstr.endswith("/virtio-rng"))
+            f"{wrong!r}", _put(data, c.offset + 5 + len(c.machine) - 1, other))
+    rng = next(((sec, st) for sec, st in ix.payloads if sec.idstr.endswith("/virtio-rng")),
+               None) if machine == "pc" and scen == "devices" else None
+    if rng is not None:
+        sec, st = rng
         off = st.offset + 4 + 2       # the virtio field: be32 PCIDevice version, config
         add("virtio-pci-config", f"{sec.idstr}: PCI device id byte at {off} (config byte 2 "
             f"inside the virtio field at {st.offset}) xor 1",
             _put(data, off, bytes([data[off] ^ 1])))
-    if name == "pc-7.2-compress":
+    if machine == "pc" and scen == "compress" and ix.compressed:
         r = ix.compressed[0]
         lo = r.offset + (8 if r.flags & 0x20 else 9 + len(r.block))
         add("compress-length", f"COMPRESS_PAGE record at {r.offset}: be32 length at {lo} -> "
@@ -404,7 +414,9 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             _put(data, mid, bytes([data[mid] ^ 0x55])))
         add("compress-without-capability", "unchanged; the destination does not have the "
             "compress capability", data, {})
-    if name == "pc-7.2-postcopy-advised":
+    names = {c.name for c in ix.commands}
+    if machine == "pc" and scen == "postcopy-advised" and \
+            {"OPEN_RETURN_PATH", "POSTCOPY_ADVISE"} <= names:
         rp = _cmd(ix, "OPEN_RETURN_PATH")
         adv = _cmd(ix, "POSTCOPY_ADVISE")
         add("listen-before-advise", f"command at {rp.offset}: OPEN_RETURN_PATH (1) -> "
@@ -425,7 +437,7 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             data[:rp.offset] + b"\x08\x00\x03\x00\x00" + data[rp.offset:])
         add("advise-without-capability", "unchanged; the destination does not have the "
             "postcopy-ram capability", data, {})
-    if name == "pc-7.2-ignore-shared-uuid":
+    if machine == "pc" and scen == "ignore-shared-uuid":
         u = ix.config.subsection("configuration/uuid")
         uo = u.offset + 2 + len(u.name) + 4
         add("uuid", f"configuration/uuid at {uo}: last byte +1",
@@ -441,9 +453,11 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             p += 1 + len(blk.name) + 8 + 8
         add("ignore-shared-without-capability", "unchanged; the destination does not have "
             "the x-ignore-shared capability", data, {"validate-uuid": True})
-    if name == "pc-7.2-dirty-bitmaps":
-        first = next(r for r in ix.bitmaps if r.node is not None and r.granularity)
-        second = next(r for r in ix.bitmaps if r.granularity and r is not first)
+    first = next((r for r in ix.bitmaps if r.node is not None and r.granularity), None) \
+        if machine == "pc" and scen == "dirty-bitmaps" else None
+    second = next((r for r in ix.bitmaps if r.granularity and r is not first), None) \
+        if first is not None else None
+    if second is not None:
         np_ = first.offset + 2                       # flags byte, u8 length, node name
         bp = np_ + len(first.node) + 1               # bitmap name
         gp = bp + len(first.bitmap)                  # be32 granularity, u8 start flags
@@ -463,8 +477,9 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
         add("bitmap-extra-flags", f"dirty-bitmap START at {first.offset}: flags byte "
             f"0x{data[first.offset]:02x} -> 0x80 followed by it (QEMU keeps a uint8_t)",
             data[:first.offset] + b"\x80" + data[first.offset:])
-        bits = next(r for r in ix.bitmaps if r.buf is not None)
-        so = bits.offset + 2 + len(bits.bitmap) + 12
+        bits = next((r for r in ix.bitmaps if r.buf is not None), None)
+        so = bits.offset + 2 + len(bits.bitmap) + 12 if bits is not None else None
+    if second is not None and bits is not None:
         add("bitmap-buffer-size", f"dirty-bitmap BITS at {bits.offset}: buffer size at {so} "
             f"{len(bits.buf)} -> 20480 (above 10 * CHUNK_SIZE)",
             _put(data, so, _U64.pack(20480)))
@@ -482,9 +497,10 @@ def capture_mutations(name: str, data: bytes, ix: Index | None = None) -> list:
             _put(data, e.offset + 6, b"x"))
         add("mapped-ram-cut-pages", f"cut at {pages_end - 4096} (inside the page area of "
             f"pc.ram)", data[:pages_end - 4096])
-    if name == "pc-7.2-block":
-        dev = next(b for b in ix.blocks if b.device is not None)
-        eos = next(b for b in ix.blocks if b.flags == 0x02)
+    dev = next((b for b in ix.blocks if b.device is not None), None) \
+        if machine == "pc" and scen == "block" else None
+    eos = next((b for b in ix.blocks if b.flags == 0x02), None) if dev is not None else None
+    if eos is not None:
         add("block-device-name", f"block record at {dev.offset}: device name at "
             f"{dev.offset + 9} {dev.device!r} -> 'x'",
             _put(data, dev.offset + 9, b"x" * len(dev.device)))
