@@ -822,41 +822,46 @@ class RamLoader:
             blk.populate_runs(((first // ps, n),), whole_huge=True)
         if last - first == (n - 1) * ps and not first % ps and last + ps <= blk.used_length:
             # consecutive whole pages inside the block: marked at once, copied in a
-            # loop that does nothing else
-            blk.touch(first // ps, n)
+            # loop that does nothing else; touched after the copy (a digest being
+            # made of the region meanwhile is then seen to be stale)
             if self._ahead is not None:
                 self._ahead.passed(blk, first // ps)
             blk.written[first // ps:first // ps + n] = _ones(n)
             mem = blk.mem
             src = memoryview(rec.buf)
             o = rec.start + 8
-            for a, b in zip(range(first, last + 1, ps), range(o, o + n * (ps + 8), ps + 8)):
-                mem[a:a + ps] = src[b:b + ps]
+            try:
+                for a, b in zip(range(first, last + 1, ps),
+                                range(o, o + n * (ps + 8), ps + 8)):
+                    mem[a:a + ps] = src[b:b + ps]
+            finally:
+                blk.touch(first // ps, n)
             self.pages += n
             return
-        else:
-            lo, hi = min(words) - flags, max(words) - flags
-            blk.touch(lo // ps, max(0, min(hi, blk.used_length - 1)) // ps - lo // ps + 2)
+        lo, hi = min(words) - flags, max(words) - flags
         mem = blk.mem
         src = memoryview(rec.buf)
         written = blk.written
         size = blk.used_length
         o = rec.start + 8
         stride = ps + 8
-        for w in words:
-            a = w - flags
-            if a % ps or a + ps > size:
-                if a >= size:
-                    at = None if rec.offset is None else rec.offset + o - rec.start - 8
-                    raise StreamError(f"page offset beyond the end of RAM block "
-                                      f"{blk.name!r}", at,
-                                      section="ram", expected=f"< 0x{size:x}", found=a)
-                mem[a:a + ps] = src[o:o + ps]
-                blk.mark_written(a // ps, 2 if a % ps else 1)
-            else:
-                mem[a:a + ps] = src[o:o + ps]
-                written[a // ps] = 1
-            o += stride
+        try:
+            for w in words:
+                a = w - flags
+                if a % ps or a + ps > size:
+                    if a >= size:
+                        at = None if rec.offset is None else rec.offset + o - rec.start - 8
+                        raise StreamError(f"page offset beyond the end of RAM block "
+                                          f"{blk.name!r}", at,
+                                          section="ram", expected=f"< 0x{size:x}", found=a)
+                    mem[a:a + ps] = src[o:o + ps]
+                    blk.mark_written(a // ps, 2 if a % ps else 1)
+                else:
+                    mem[a:a + ps] = src[o:o + ps]
+                    written[a // ps] = 1
+                o += stride
+        finally:
+            blk.touch(lo // ps, max(0, min(hi, size - 1)) // ps - lo // ps + 2)
         self.pages += n
 
     _dispatch = {R.RamZeroRun: _zero_run, R.RamZero: _zero, R.RamPage: _page,
