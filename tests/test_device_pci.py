@@ -470,3 +470,54 @@ def test_initial_image_is_made_only_when_needed_and_digests_the_same():
         b.restore_initial_image()
         assert b.state_digest() == before
         assert b.image() == a.image()
+
+
+def test_fast_forms_of_the_device_schemas_equal_the_schemas():
+    """The blob header's and the sized registers' struct forms (used so that a sized
+    device never needs construct) build and parse what their construct schemas do."""
+    import struct
+    from qmigstream.device import blob as B
+    from qmigstream.device import pci_device as PD
+    from qmigstream.wire import vfio as WV
+    assert B.HEADER_SIZE == B.BlobHeader.sizeof() and PD.REGS_SIZE == PD.SizedRegs.sizeof()
+    for fields in (dict(version=2, kind=1, flags=1, profile=0x535A4431, seq=0, length=64),
+                   dict(version=1, kind=2, flags=0, profile=7, seq=2**32 - 1, length=2**63),
+                   dict(magic=b"XXXX", version=65535, kind=255, flags=255, profile=0, seq=9,
+                        length=0)):
+        raw = B.pack_header(**fields)
+        assert raw == B.BlobHeader.build(dict(dict(magic=B.MAGIC), **fields))
+        fast, slow = B.parse_header(raw + b"tail"), B.BlobHeader.parse(raw)
+        assert all(getattr(fast, k) == slow[k] for k in B.BlobHead._fields)
+    for seed, size in ((0, 0), (2**64 - 1, 64 << 20), (12345, 7)):
+        regs = PD.SizedProfile(size)._regs(seed)
+        assert regs == PD.SizedRegs.build(dict(dma_count=0, last_gpa=0, seed=seed, ctrl=1,
+                                               state_size=size, status=0))
+    assert WV.DISPLAY_HEADER == WV.SubsectionHeader.build(
+        dict(name=WV.VFIO_DISPLAY_SUBSECTION, version_id=WV.VFIO_DISPLAY_VERSION))
+    assert struct.unpack_from("<Q", PD.SizedProfile(8).initial_image(3), 16)[0] == 3
+
+
+def test_replay_of_a_sized_device_needs_no_construct(tmp_path):
+    """Loading a stream with a sized VFIO device imports no construct (its import is
+    20 ms of every start)."""
+    import subprocess
+    import sys
+    out = tmp_path / "s.mig"
+    res = migrate_for_test(out)
+    code = ("import sys, json\n"
+            "from qmigstream.pipeline.replay import replay\n"
+            f"r = replay({str(out)!r}, expect=json.load(open({str(out) + '.json'!r})))\n"
+            "assert r.ok and r.verified, r\n"
+            "print('construct' in sys.modules)\n")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == "False"
+    assert res.devices[0]["profile"].startswith("sized")
+
+
+def migrate_for_test(out):
+    from qmigstream.pipeline.migrate import DeviceSpec, MigrateConfig, migrate, write_manifest
+    res = migrate(out, MigrateConfig(profile="qemu-8.2", ram_size=4 << 20, iterations=1,
+                                     devices=[DeviceSpec("sized:2M", seed=1)]))
+    write_manifest(res, str(out) + ".json")
+    return res

@@ -40,10 +40,10 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-import construct as c
 import crcmod.predefined
 
 from ..errors import DeviceError
+from ..wire import schemas_on_first_use
 from .image import new_image
 
 MAGIC = b"QMDV"
@@ -56,26 +56,65 @@ crc32c = crcmod.predefined.mkCrcFun("crc-32c")
 #: The checksum of each blob version: ``fn(data, crc=0) -> crc`` (chainable).
 CRCS = {1: crc32c, 2: zlib.crc32}
 
-#: The blob header, described once.
-BlobHeader = c.Struct(
-    "magic" / c.Bytes(4),
-    "version" / c.Int16ul,
-    "kind" / c.Int8ul,
-    "flags" / c.Int8ul,
-    "profile" / c.Int32ul,
-    "seq" / c.Int32ul,
-    "length" / c.Int64ul,
-)
-HEADER_SIZE = BlobHeader.sizeof()  # 24
+
+
+def _schemas():
+    """The blob's construct schemas (made the first time one is asked for)."""
+    import construct as c
+
+    #: The blob header, described once (:func:`pack_header` / :func:`parse_header`
+    #: are its fast form, tested equal).
+    BlobHeader = c.Struct(
+        "magic" / c.Bytes(4),
+        "version" / c.Int16ul,
+        "kind" / c.Int8ul,
+        "flags" / c.Int8ul,
+        "profile" / c.Int32ul,
+        "seq" / c.Int32ul,
+        "length" / c.Int64ul,
+    )
+    #: A DELTA payload, described once.
+    DeltaPatch = c.Struct("offset" / c.Int64ul, "length" / c.Int32ul,
+                          "data" / c.Bytes(c.this.length))
+    DeltaPayload = c.Struct("count" / c.Int32ul,
+                            "patches" / c.Array(c.this.count, DeltaPatch))
+    return locals()
+
+
+__getattr__ = schemas_on_first_use(__name__, _schemas)
+
+HEADER_SIZE = 24                   # BlobHeader.sizeof() (tested)
 CRC_SIZE = 4
 BLOB_OVERHEAD = HEADER_SIZE + CRC_SIZE
-
-#: A DELTA payload, described once.
-DeltaPatch = c.Struct("offset" / c.Int64ul, "length" / c.Int32ul,
-                      "data" / c.Bytes(c.this.length))
-DeltaPayload = c.Struct("count" / c.Int32ul, "patches" / c.Array(c.this.count, DeltaPatch))
 PATCH_OVERHEAD = 12
 _PATCH_HEAD = struct.Struct("<QI")
+_HEADER = struct.Struct("<4sHBBIIQ")
+
+
+class BlobHead(tuple):
+    """A parsed blob header: ``magic``, ``version``, ``kind``, ``flags``, ``profile``,
+    ``seq``, ``length`` (what ``BlobHeader.parse`` gives, as attributes)."""
+
+    __slots__ = ()
+    _fields = ("magic", "version", "kind", "flags", "profile", "seq", "length")
+
+    magic = property(lambda self: self[0])
+    version = property(lambda self: self[1])
+    kind = property(lambda self: self[2])
+    flags = property(lambda self: self[3])
+    profile = property(lambda self: self[4])
+    seq = property(lambda self: self[5])
+    length = property(lambda self: self[6])
+
+
+def pack_header(*, magic=MAGIC, version, kind, flags, profile, seq, length) -> bytes:
+    """``BlobHeader.build`` of these fields."""
+    return _HEADER.pack(magic, version, kind, flags, profile, seq, length)
+
+
+def parse_header(raw) -> BlobHead:
+    """``BlobHeader.parse`` of the first 24 bytes of ``raw``."""
+    return BlobHead(_HEADER.unpack_from(raw, 0))
 
 
 @dataclass(frozen=True)
@@ -98,9 +137,8 @@ class Rejects:
 def build_blob(kind: int, payload, *, profile: int, seq: int, last: bool,
                version: int = VERSION) -> bytes:
     """One blob around ``payload`` (any bytes-like object; copied once, into the blob)."""
-    head = BlobHeader.build(dict(magic=MAGIC, version=version, kind=kind,
-                                 flags=FLAG_LAST if last else 0, profile=profile,
-                                 seq=seq, length=len(payload)))
+    head = pack_header(version=version, kind=kind, flags=FLAG_LAST if last else 0,
+                       profile=profile, seq=seq, length=len(payload))
     crcf = CRCS[version]
     crc = crcf(payload, crcf(head))
     return b"".join((head, payload, struct.pack("<I", crc)))
@@ -156,9 +194,8 @@ def blob_parts(kind: int, payload, *, profile: int, seq: int, last: bool,
                version: int = VERSION) -> BlobParts:
     """:func:`build_blob` without the copy: the payload object itself is a part
     (the caller must not change it while the blob is in use)."""
-    head = BlobHeader.build(dict(magic=MAGIC, version=version, kind=kind,
-                                 flags=FLAG_LAST if last else 0, profile=profile,
-                                 seq=seq, length=len(payload)))
+    head = pack_header(version=version, kind=kind, flags=FLAG_LAST if last else 0,
+                       profile=profile, seq=seq, length=len(payload))
     crcf = CRCS[version]
     crc = crcf(payload, crcf(head))
     return BlobParts((head, payload, struct.pack("<I", crc)))
@@ -189,7 +226,7 @@ def parse_blobs(data: bytes) -> list:
     while pos < len(data):
         if len(data) - pos < HEADER_SIZE:
             raise DeviceError(f"blob header truncated at {pos}", _errno.EINVAL)
-        h = BlobHeader.parse(bytes(mv[pos:pos + HEADER_SIZE]))
+        h = parse_header(mv[pos:pos + HEADER_SIZE])
         end = pos + HEADER_SIZE + h.length + CRC_SIZE
         if end > len(data):
             raise DeviceError(f"blob at {pos} truncated", _errno.EINVAL)
@@ -338,7 +375,7 @@ class BlobAssembler:
                 return
 
     def _check_header(self, raw: bytes):
-        h = BlobHeader.parse(raw)
+        h = parse_header(raw)
         r = self.rejects
         if h.magic != MAGIC:
             raise DeviceError(f"bad blob magic {h.magic!r}", r.bad_header)

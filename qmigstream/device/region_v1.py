@@ -63,7 +63,6 @@ from __future__ import annotations
 import errno as _errno
 from dataclasses import dataclass
 
-import construct as c
 
 from ..errors import DeviceError
 from .pci_device import PAGE, EmulatedPciDevice
@@ -130,6 +129,7 @@ def layout_size(layout) -> int:
 
 def info_struct(layout, byteorder: str = "little") -> c.Struct:
     """The construct Struct of ``struct vfio_device_migration_info`` for a layout."""
+    import construct as c
     ints = {4: (c.Int32ul, c.Int32ub), 8: (c.Int64ul, c.Int64ub)}
     pos = 0
     fields = []

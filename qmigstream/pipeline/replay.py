@@ -155,7 +155,7 @@ def _profile_from_blob(data: bytes) -> str | None:
     """The device profile a saving device of this data had (from its first blob)."""
     if len(data) < B.HEADER_SIZE or data[:4] != B.MAGIC:
         return None
-    h = B.BlobHeader.parse(data[:B.HEADER_SIZE])
+    h = B.parse_header(data)
     if h.kind != B.KIND_FULL:
         return None
     for spec in ("mtty", "mtty2"):

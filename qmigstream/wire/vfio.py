@@ -118,6 +118,10 @@ END_OF_STATE_BYTES = _BE64.pack(Marker.END_OF_STATE)
 CONFIG_STATE_BYTES = _BE64.pack(Marker.DEV_CONFIG_STATE)
 #: Length of the display subsection's header (u8 0x05, u8 length, name, be32 version).
 _DISPLAY_HEADER_SIZE = 2 + len(VFIO_DISPLAY_SUBSECTION) + 4
+#: The display subsection's header bytes (SubsectionHeader's fast form; the schemas
+#: check they are the same).
+DISPLAY_HEADER = bytes((QEMU_VM_SUBSECTION, len(VFIO_DISPLAY_SUBSECTION))) + \
+    VFIO_DISPLAY_SUBSECTION.encode("latin-1") + _struct.pack(">I", VFIO_DISPLAY_VERSION)
 
 PCI_CAP_ID_MSI = 0x05
 PCI_CAP_ID_EXP = 0x10
@@ -279,7 +283,7 @@ def parse_config_state(buf, pos: int = 0, *, base: int = 0, end: int | None = No
             p += n * PCI_MSIX_ENTRY_SIZE + (n + 7) // 8
         disp_at = None
         if p + _DISPLAY_HEADER_SIZE <= end and \
-                bytes(buf[p:p + _DISPLAY_HEADER_SIZE - 4]) == _W._DISPLAY_HEADER[:-4]:
+                bytes(buf[p:p + _DISPLAY_HEADER_SIZE - 4]) == DISPLAY_HEADER[:-4]:
             disp_at = p
             p += _DISPLAY_HEADER_SIZE + RAMFB_CFG_SIZE
         if need_first is None:
@@ -396,7 +400,7 @@ def _schemas():
 
     _DISPLAY_HEADER = SubsectionHeader.build(dict(name=VFIO_DISPLAY_SUBSECTION,
                                                   version_id=VFIO_DISPLAY_VERSION))
-    assert len(_DISPLAY_HEADER) == _DISPLAY_HEADER_SIZE
+    assert _DISPLAY_HEADER == DISPLAY_HEADER and len(_DISPLAY_HEADER) == _DISPLAY_HEADER_SIZE
     return locals()
 
 
