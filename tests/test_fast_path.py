@@ -429,3 +429,40 @@ def test_schemas_are_built_on_first_use(tmp_path):
             "else:\n    raise SystemExit('missing name did not raise')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_record_encoders_fast_forms_equal_the_schemas():
+    """The struct forms the encoders use (file header, section headers and footer,
+    configuration name, MEM_SIZE entries, VFIO data chunk header) build what the
+    construct schemas build, and a stream writer needs no construct for them."""
+    from qmigstream.codec import ram_records as RR
+    from qmigstream.codec.records import Configuration, FileHeader, SectionFooter, SectionHeader
+    from qmigstream.wire import header as H
+    from qmigstream.wire import ram as WR
+    from qmigstream.wire import vfio as WV
+    from qmigstream.wire.header import SectionType as T
+    for magic, version in ((0x5145564D, 3), (0, 0), (0xFFFFFFFF, 0xFFFFFFFF)):
+        assert FileHeader(magic, version).encode() == H.FileHeader.build(
+            dict(magic=magic, version=version))
+    for sid, idstr, inst, ver in ((2, "ram", 0, 4), (0xFFFFFFFF, "x" * 255, 7, 0xFFFFFFFF),
+                                  (1, "0000:00:10.0/vfio", 0, 1), (9, "é", 1, 2)):
+        for t in (T.SECTION_START, T.SECTION_FULL):
+            assert SectionHeader(t, sid, idstr, inst, ver).encode() == bytes([t]) + \
+                H.FullSectionHeader.build(dict(section_id=sid, idstr=idstr,
+                                               instance_id=inst, version_id=ver))
+        for t in (T.SECTION_PART, T.SECTION_END):
+            assert SectionHeader(t, sid).encode() == bytes([t]) + \
+                H.ShortSectionHeader.build(dict(section_id=sid))
+        assert SectionFooter(sid).encode() == H.SectionFooter.build(dict(section_id=sid))
+    for machine in (b"pc-i440fx-7.2", b"", b"pc-q35-11.1"):
+        assert Configuration(machine).encode() == bytes([T.CONFIGURATION]) + \
+            H.ConfigurationName.build(dict(name=list(machine)))
+    for name, used, ps, mr in (("pc.ram", 1 << 30, None, None), ("x" * 255, 2**64 - 1, 4096, 0),
+                               ("mem", 32 << 20, None, 0x100000), ("rom", 4096, 2 << 20, None)):
+        b = RR.RamBlockInfo(name, used, page_size=ps, mr_addr=mr)
+        d = dict(name=name, used_length=used, **({"page_size": ps} if ps is not None else {}),
+                 **({"mr_addr": mr} if mr is not None else {}))
+        assert RR._block_entry_bytes(b) == WR.mem_size_block(ps is not None, mr is not None,
+                                                              False).build(d)
+    for n in (0, 1, 1 << 20, 2**64 - 1):
+        assert WV.data_chunk_header(n) == WV.DataChunkHeader.build(dict(size=n))

@@ -17,6 +17,9 @@ from ..wire import header as H
 from ..wire import commands as C
 
 _U8 = struct.Struct(">B")
+_BE32 = struct.Struct(">I")
+_BE32X2 = struct.Struct(">II")
+_U8_BE32 = struct.Struct(">BI")
 _U64 = struct.Struct(">Q")
 _ZERO_CONT = struct.Struct(">QB")
 
@@ -63,6 +66,9 @@ class FileHeader(Record):
         self.magic, self.version, self.offset, self.depth = magic, version, offset, 0
 
     def encode(self):
+        # H.FileHeader's fast form (tests/test_fast_path.py checks them equal)
+        if 0 <= self.magic <= 0xFFFFFFFF and 0 <= self.version <= 0xFFFFFFFF:
+            return _BE32X2.pack(self.magic, self.version)
         return H.FileHeader.build(dict(magic=self.magic, version=self.version))
 
     size = 8
@@ -117,7 +123,7 @@ class Configuration(Record):
 
     def encode(self):
         out = [bytes([H.SectionType.CONFIGURATION]),
-               H.ConfigurationName.build(dict(name=list(self.machine)))]
+               _BE32.pack(len(self.machine)) + self.machine]   # H.ConfigurationName
         out += [s.encode() for s in self.subsections]
         return b"".join(out)
 
@@ -172,6 +178,18 @@ class SectionHeader(Record):
         return SECTION_TYPE_NAMES[self.type]
 
     def encode(self):
+        # the fast forms of H.FullSectionHeader / H.ShortSectionHeader (tested equal);
+        # the schemas for what they would refuse
+        try:
+            if self.full:
+                name = self.idstr.encode("latin-1")
+                if len(name) < 256:
+                    return (_U8_BE32.pack(self.type, self.section_id) + bytes((len(name),)) +
+                            name + _BE32X2.pack(self.instance_id, self.version_id))
+            else:
+                return _U8_BE32.pack(self.type, self.section_id)
+        except (struct.error, UnicodeError, AttributeError, TypeError):
+            pass
         if self.full:
             return bytes([self.type]) + H.FullSectionHeader.build(dict(
                 section_id=self.section_id, idstr=self.idstr,
@@ -200,7 +218,10 @@ class SectionFooter(Record):
         self.section_id, self.offset, self.depth = section_id, offset, depth
 
     def encode(self):
-        return H.SectionFooter.build(dict(section_id=self.section_id))
+        try:                                  # H.SectionFooter's fast form (tested equal)
+            return _U8_BE32.pack(H.SectionType.SECTION_FOOTER, self.section_id)
+        except struct.error:
+            return H.SectionFooter.build(dict(section_id=self.section_id))
 
     size = 5
 

@@ -54,7 +54,7 @@ from ..vfio import multifd as MF
 from ..wire.commands import MigCmd
 from ..wire.header import SectionType as T
 from ..codec.sections.vfio import VfioDataChunk
-from ..wire.vfio import DataChunkHeader, PciConfigState
+from ..wire.vfio import PciConfigState, data_chunk_header
 from . import profiles as P
 from .guest import (DEFAULT_RAM_DIGEST, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial,
                     run_parallel)
@@ -262,7 +262,7 @@ class _Out:
         r.offset = self.offset
         if type(r) is VfioDataChunk and len(r.data) > 4096:
             # what r.encode() gives, without copying the data (a view of the device's blob)
-            return self.raw((DataChunkHeader.build(dict(size=len(r.data))), r.data))
+            return self.raw((data_chunk_header(len(r.data)), r.data))
         return self.raw((r.encode(),))
 
     def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1,

@@ -74,7 +74,7 @@ class VfioDataChunk(Record):
         return None if self.offset is None else self.offset + 16
 
     def encode(self):
-        return W.DataChunkHeader.build(dict(size=len(self.data))) + bytes(self.data)
+        return W.data_chunk_header(len(self.data)) + bytes(self.data)
 
     @property
     def size(self):
