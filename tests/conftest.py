@@ -120,3 +120,26 @@ def differential_for(release, monkeypatch):
 def fatal_message(rep):
     """The message of a check report's fatal problem, or None."""
     return rep.fatal.message if rep.fatal else None
+
+
+def assert_loads_with_profile(path, profile_name):
+    """``check`` with the release's profile finds the capture loads, alone and
+    against itself as the reference."""
+    from qmigstream.check import check
+    for kw in ({}, {"reference": str(path)}):
+        rep = check(str(path), profile_name=profile_name, **kw)
+        assert rep.loads, fatal_message(rep)
+
+
+def assert_cli_picks_profile(path, release, machine, capsys):
+    """``qmigstream check`` on a stream of ``machine`` picks the ``release`` profile by
+    itself and says so; with the 7.2 profile it refuses the 10.0+ command."""
+    from qmigstream.check import profile_for_stream
+    from qmigstream.cli import main
+    assert profile_for_stream(str(path)) == (f"qemu-{release}", machine)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"profile qemu-{release} (the stream's machine type is {machine}" in out
+    assert f"QEMU {release} would load this stream" in out
+    assert main(["check", "--profile", "qemu-7.2", str(path)]) == 1
+    assert "MIG_CMD 0xb unknown (len 0x0)" in capsys.readouterr().out

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from conftest import differential_for, release_names, unpack_release
+from conftest import (assert_cli_picks_profile, assert_loads_with_profile, differential_for,
+                      release_names, unpack_release)
 from conftest import fatal_message as _fatal
 from qmigstream.check import check, profile, profile_for_stream
-from qmigstream.cli import main
 from qmigstream.mutate import Index, capture_mutations, mutations
 
 NAMES_100 = release_names("10.0")
@@ -57,23 +57,13 @@ def test_profile_data():
 @pytest.mark.parametrize("name", NAMES_100)
 def test_committed_10_0_captures_load(streams, name):
     path = str(streams[name])
-    rep = check(path, profile_name="qemu-10.0")
-    assert rep.loads, _fatal(rep)
-    rep = check(path, profile_name="qemu-10.0", reference=path)
-    assert rep.loads, _fatal(rep)
+    assert_loads_with_profile(path, "qemu-10.0")
     # 7.2 does not know SWITCHOVER_START (nor mapped-ram, MULTIFD_FLUSH)
     assert not check(path, profile_name="qemu-7.2").loads
 
 
 def test_the_cli_follows_the_stream(streams, capsys):
-    path = str(streams["pc-10.0-paused"])
-    assert profile_for_stream(path) == ("qemu-10.0", "pc-i440fx-10.0")
-    assert main(["check", path]) == 0
-    out = capsys.readouterr().out
-    assert "profile qemu-10.0 (the stream's machine type is pc-i440fx-10.0" in out
-    assert "QEMU 10.0 would load this stream" in out
-    assert main(["check", "--profile", "qemu-7.2", path]) == 1
-    assert "MIG_CMD 0xb unknown (len 0x0)" in capsys.readouterr().out
+    assert_cli_picks_profile(streams["pc-10.0-paused"], "10.0", "pc-i440fx-10.0", capsys)
 
 
 def test_q35_10_0_picks_the_profile(tmp_path):

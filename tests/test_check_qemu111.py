@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from conftest import differential_for, release_names, unpack_release
+from conftest import (assert_cli_picks_profile, assert_loads_with_profile, differential_for,
+                      release_names, unpack_release)
 from conftest import fatal_message as _fatal
 from qmigstream.check import PROFILES, check, profile, profile_for_stream
-from qmigstream.cli import main
 from qmigstream.mutate import Index, mutations
 
 NAMES_111 = release_names("11.1")
@@ -56,10 +56,7 @@ def test_profile_data():
 @pytest.mark.parametrize("name", NAMES_111)
 def test_committed_11_1_captures_load(streams, name):
     path = streams[name]
-    rep = check(str(path), profile_name="qemu-11.1")
-    assert rep.loads, _fatal(rep)
-    rep = check(str(path), profile_name="qemu-11.1", reference=str(path))
-    assert rep.loads, _fatal(rep)
+    assert_loads_with_profile(path, "qemu-11.1")
     # 7.2 refuses every one but the savevm snapshot (no SWITCHOVER_START there)
     old = check(str(path), profile_name="qemu-7.2")
     if name != "pc-11.1-savevm":
@@ -70,15 +67,8 @@ def test_committed_11_1_captures_load(streams, name):
 
 
 def test_the_cli_follows_the_stream(streams, capsys):
-    path = str(streams["pc-11.1-paused"])
-    assert profile_for_stream(path) == ("qemu-11.1", "pc-i440fx-11.1")
+    assert_cli_picks_profile(streams["pc-11.1-paused"], "11.1", "pc-i440fx-11.1", capsys)
     assert profile_for_stream(str(streams["q35-11.1-paused"])) == ("qemu-11.1", "pc-q35-11.1")
-    assert main(["check", path]) == 0
-    out = capsys.readouterr().out
-    assert "profile qemu-11.1 (the stream's machine type is pc-i440fx-11.1" in out
-    assert "QEMU 11.1 would load this stream" in out
-    assert main(["check", "--profile", "qemu-7.2", path]) == 1
-    assert "MIG_CMD 0xb unknown (len 0x0)" in capsys.readouterr().out
 
 
 def test_other_machines_keep_the_7_2_default(tmp_path):

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import CAPTURES, differential_for, release_names, unpack_release
+from conftest import (CAPTURES, assert_loads_with_profile, differential_for, release_names,
+                      unpack_release)
 from conftest import fatal_message as _fatal
 from qmigstream.check import check, profile, profile_for_stream
 from qmigstream.cli import main
@@ -47,11 +48,7 @@ def test_profile_data():
 
 @pytest.mark.parametrize("name", NAMES_52)
 def test_committed_5_2_captures_load(streams, name):
-    path = str(streams[name])
-    rep = check(path, profile_name="qemu-5.2")
-    assert rep.loads, _fatal(rep)
-    rep = check(path, profile_name="qemu-5.2", reference=path)
-    assert rep.loads, _fatal(rep)
+    assert_loads_with_profile(streams[name], "qemu-5.2")
 
 
 def test_the_cli_asks_for_5_2_explicitly(streams, capsys):

@@ -228,8 +228,7 @@ def test_cli_migrate_then_replay(tmp_path, capsys):
     ("q35-7.2-paused", ["-machine", "q35", "-m", "32"]),
 ])
 def test_qemu_loads_template_output_with_the_pipelines_memory(name, args, capture, tmp_path):
-    from qmigstream.pipeline.guest import GuestRam, RamLoader
-    from qmigstream.codec import ram_records as R
+    from qmigstream.pipeline.guest import load_stream_ram
     from qmigstream.qemu.runner import load_incoming
     if name not in capture_names():
         pytest.skip(f"{name} not committed")
@@ -246,13 +245,7 @@ def test_qemu_loads_template_output_with_the_pipelines_memory(name, args, captur
     r = load_incoming(args, str(out), pmemsave=[(0, 0xA0000, str(m0)),
                                                (0x100000, ram_size - 0x100000, str(m1))])
     assert r.loaded, r.stderr
-    ram = None
-    for rec in read_records(str(out)):
-        if isinstance(rec, R.RamMemSize):
-            ram = GuestRam([(b.name, b.used_length) for b in rec.blocks])
-            loader = RamLoader(ram)
-        elif ram is not None:
-            loader.feed(rec)
+    ram = load_stream_ram(out)
     pc = ram.block("pc.ram")
     assert pc.digest() == res.ram["pc.ram"]
     assert m0.read_bytes() == pc.mem[:0xA0000]

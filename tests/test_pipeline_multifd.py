@@ -393,7 +393,8 @@ def test_scan_pass_follows_find_dirty_block():
     assert run() == [("a", list(range(16))), ("b", list(range(8))), ("c", list(range(8))),
                      ("wrap",)]
     assert s.scan_pos == (2, 8)
-    ram.block("a").dirty_np[[3, 5]] = True
+    for i in (3, 5):
+        ram.block("a").mark_dirty(i)
     ram.block("b").mark_dirty(1)
     # from the end of "c": wrap at once, then the dirty pages, then the final wrap
     assert run() == [("wrap",), ("a", [3, 5]), ("b", [1]), ("wrap",)]

@@ -24,11 +24,10 @@ from conftest import ROOT, capture_names, chroot_missing
 from test_captures import meta_of
 from test_qemu_live import machine_args_from
 from qmigstream import vmdesc
-from qmigstream.codec import ram_records as R
 from qmigstream.codec.reader import read_records
 from qmigstream.codec.records import Command, Configuration, VmDescription
 from qmigstream.pipeline import profiles as P
-from qmigstream.pipeline.guest import GuestRam, RamLoader
+from qmigstream.pipeline.guest import load_stream_ram
 from qmigstream.pipeline.migrate import MigrateConfig, migrate
 
 #: release -> (the profile that writes its streams, Debian suite of its chroot)
@@ -79,18 +78,6 @@ def release_qemu(release) -> str:
     return qemu
 
 
-def pipeline_ram(path) -> GuestRam:
-    """Guest RAM as the stream at ``path`` leaves it (the pipeline's own loader)."""
-    ram = loader = None
-    for rec in read_records(str(path)):
-        if isinstance(rec, R.RamMemSize):
-            ram = GuestRam([(b.name, b.used_length) for b in rec.blocks])
-            loader = RamLoader(ram)
-        elif loader is not None:
-            loader.feed(rec)
-    return ram
-
-
 def machine_of(path) -> str:
     for rec in read_records(str(path)):
         if isinstance(rec, Configuration):
@@ -116,7 +103,7 @@ def _load_and_compare(qemu, template, name, profile, variant, tmp_path, machine=
     r = load_incoming(args, str(out), 20, binary=qemu,
                       pmemsave=[(a, s, str(f)) for a, s, f in dumps])
     assert r.loaded, r.stderr
-    pc = pipeline_ram(out).block("pc.ram")
+    pc = load_stream_ram(out).block("pc.ram")
     assert pc.digest() == res.ram["pc.ram"]
     for addr, size, f in dumps:
         assert f.read_bytes() == bytes(pc.mem[addr:addr + size]), f"memory at {addr:#x} differs"

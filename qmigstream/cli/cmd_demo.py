@@ -174,9 +174,7 @@ def _story(work, args) -> int:
 
 
 def _qemu_step(work) -> bool:
-    from ..pipeline.guest import GuestRam, RamLoader
-    from ..codec import ram_records as R
-    from ..codec.reader import read_records
+    from ..pipeline.guest import load_stream_ram
     from ..qemu.runner import load_incoming
     tpl = _unpack(PAUSED, os.path.join(work, "pc-7.2-paused.mig"))
     out = os.path.join(work, "template-7.2.mig")
@@ -190,13 +188,7 @@ def _qemu_step(work) -> bool:
     if not r.loaded:
         _say(f"   QEMU did not load it: {r.status}: {r.stderr.strip()[-300:]}")
         return False
-    ram = loader = None
-    for rec in read_records(out):
-        if isinstance(rec, R.RamMemSize):
-            ram = GuestRam([(b.name, b.used_length) for b in rec.blocks])
-            loader = RamLoader(ram)
-        elif loader is not None:
-            loader.feed(rec)
+    ram = load_stream_ram(out)
     pc = ram.block("pc.ram").mem
     same = open(m0, "rb").read() == pc[:0xA0000] and open(m1, "rb").read() == pc[0x100000:size]
     _say(f"   QEMU 7.2 -incoming loaded a {res.size:,}-byte stream ({res.pages['xbzrle']} "

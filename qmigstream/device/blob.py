@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno as _errno
 import struct
 import zlib
+from collections import namedtuple
 from dataclasses import dataclass
 
 import crcmod.predefined
@@ -91,20 +92,8 @@ _PATCH_HEAD = struct.Struct("<QI")
 _HEADER = struct.Struct("<4sHBBIIQ")
 
 
-class BlobHead(tuple):
-    """A parsed blob header: ``magic``, ``version``, ``kind``, ``flags``, ``profile``,
-    ``seq``, ``length`` (what ``BlobHeader.parse`` gives, as attributes)."""
-
-    __slots__ = ()
-    _fields = ("magic", "version", "kind", "flags", "profile", "seq", "length")
-
-    magic = property(lambda self: self[0])
-    version = property(lambda self: self[1])
-    kind = property(lambda self: self[2])
-    flags = property(lambda self: self[3])
-    profile = property(lambda self: self[4])
-    seq = property(lambda self: self[5])
-    length = property(lambda self: self[6])
+#: A parsed blob header: the fields ``BlobHeader.parse`` gives, as attributes.
+BlobHead = namedtuple("BlobHead", "magic version kind flags profile seq length")
 
 
 def pack_header(*, magic=MAGIC, version, kind, flags, profile, seq, length) -> bytes:
@@ -114,7 +103,7 @@ def pack_header(*, magic=MAGIC, version, kind, flags, profile, seq, length) -> b
 
 def parse_header(raw) -> BlobHead:
     """``BlobHeader.parse`` of the first 24 bytes of ``raw``."""
-    return BlobHead(_HEADER.unpack_from(raw, 0))
+    return BlobHead._make(_HEADER.unpack_from(raw, 0))
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,7 @@ Per page the block keeps two marks, one byte each in a ``bytearray``:
   saver at each pass (QEMU's ``migration_bitmap_sync``).
 
 Runs of marked pages are found with ``bytearray.find`` (a C scan), so the
-model needs no array library; :attr:`RamBlock.pages` and friends give numpy
-views of the same memory for code that wants them (numpy is imported only
-then).  ``version`` counts the writes: work done on a snapshot of the model
+model needs no array library.  ``version`` counts the writes: work done on a snapshot of the model
 (a digest on another thread) checks it to know whether the memory moved.
 
 RAM digests (:meth:`RamBlock.digest`): ``pages-crc32`` (the default) covers
@@ -192,7 +190,6 @@ class RamBlock:
         self.written = bytearray(self.npages)    # 1: ever written
         self.version = 0                         # grows with every write
         self.zero_page = bytes(page_size)
-        self._np = {}
         # pages-crc32 by region: writes per region, and each region's part of the
         # digest as last computed with the count it was computed at
         self._per_region = max(1, DIGEST_REGION // page_size)
@@ -206,34 +203,6 @@ class RamBlock:
         rw = self._region_writes
         for r in range(first // per, min(len(rw), (first + max(count, 1) - 1) // per + 1)):
             rw[r] += 1
-
-    # -- numpy views of the same memory (numpy imported only when asked) -------------
-    def _numpy(self, key):
-        v = self._np.get(key)
-        if v is None:
-            import numpy as np
-            if key == "pages":
-                v = np.frombuffer(self.mem, dtype=np.uint8, count=self.used_length).reshape(
-                    self.npages, self.page_size) if self.used_length else \
-                    np.zeros((0, self.page_size), np.uint8)
-            else:
-                v = np.frombuffer(getattr(self, key), dtype=bool)
-            self._np[key] = v
-        return v
-
-    @property
-    def pages(self):
-        """The block as a numpy ``pages x page_size`` uint8 array (a view)."""
-        return self._numpy("pages")
-
-    @property
-    def dirty_np(self):
-        """``dirty`` as numpy bools (a view: writes go through)."""
-        return self._numpy("dirty")
-
-    @property
-    def written_np(self):
-        return self._numpy("written")
 
     # -- writing ---------------------------------------------------------------------
     def write(self, offset: int, data) -> None:
@@ -312,10 +281,6 @@ class RamBlock:
                     mem.madvise(_POPULATE_WRITE, off, n)
                 except OSError:              # an older kernel: fault them one by one
                     _POPULATE_WRITE = None
-
-    def populate(self, indexes) -> None:
-        """:meth:`populate_runs` for page indexes (any order)."""
-        self.populate_runs(_index_runs(sorted(int(i) for i in indexes)))
 
     # -- reading ---------------------------------------------------------------------
     def page(self, index: int) -> memoryview:
@@ -418,7 +383,6 @@ class RamBlock:
         return [self.region_part(r) for r in range(n)]
 
     def close(self):
-        self._np.clear()
         try:
             if self.words is not None:
                 self.words.release()
@@ -874,3 +838,20 @@ class RamLoader:
             raise StreamError(f"page offset beyond the end of RAM block {blk.name!r}",
                               rec.offset, section="ram", expected=f"< 0x{blk.used_length:x}",
                               found=addr)
+
+
+def load_stream_ram(path, page_size=None) -> GuestRam | None:
+    """The guest RAM a stream leaves behind, loaded with :class:`RamLoader` (None: the
+    stream has no RAM block list).  For streams known to be good: nothing is
+    checked beyond what the reader and the loader check."""
+    from ..codec.reader import read_records
+    ram = loader = None
+    for rec in read_records(str(path), page_runs=True):
+        if isinstance(rec, R.RamMemSize):
+            if ram is not None:
+                ram.close()
+            ram = GuestRam([(b.name, b.used_length) for b in rec.blocks], page_size or 4096)
+            loader = RamLoader(ram)
+        elif loader is not None:
+            loader.feed(rec)
+    return ram
