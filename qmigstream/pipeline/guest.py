@@ -22,8 +22,9 @@ Per page the block keeps two marks, one byte each in a ``bytearray``:
   saver at each pass (QEMU's ``migration_bitmap_sync``).
 
 Runs of marked pages are found with ``bytearray.find`` (a C scan), so the
-model needs no array library.  ``version`` counts the writes: work done on a snapshot of the model
-(a digest on another thread) checks it to know whether the memory moved.
+model needs no array library.  :meth:`RamBlock.touch` counts the writes per
+64 MiB region: a region's digest part made on another thread is reused only
+while its count stays the same.
 
 RAM digests (:meth:`RamBlock.digest`): ``pages-crc32`` (the default) covers
 the pages holding a non-zero byte — sha256 over the page size, the block
@@ -188,7 +189,6 @@ class RamBlock:
         self.words = self.view.cast("Q") if page_size % 8 == 0 else None
         self.dirty = bytearray(self.npages)      # 1: dirty since the last pass
         self.written = bytearray(self.npages)    # 1: ever written
-        self.version = 0                         # grows with every write
         self.zero_page = bytes(page_size)
         # pages-crc32 by region: writes per region, and each region's part of the
         # digest as last computed with the count it was computed at
@@ -198,7 +198,6 @@ class RamBlock:
 
     def touch(self, first: int, count: int = 1) -> None:
         """Pages ``first .. first+count-1`` changed (every write path calls this)."""
-        self.version += 1
         per = self._per_region
         rw = self._region_writes
         for r in range(first // per, min(len(rw), (first + max(count, 1) - 1) // per + 1)):
@@ -443,11 +442,6 @@ class GuestRam:
     @property
     def total(self) -> int:
         return sum(b.used_length for b in self)
-
-    @property
-    def version(self) -> int:
-        """Grows with every write to any block."""
-        return sum(b.version for b in self)
 
     def digests(self, scheme: str = DEFAULT_RAM_DIGEST) -> dict:
         return {b.name: b.digest(scheme) for b in self}

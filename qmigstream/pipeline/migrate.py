@@ -396,9 +396,9 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         early = None
         if not cfg.dirty_rate and not any(s.dma_rate for s in cfg.devices):
             # Nothing writes guest RAM from here on: its digests are made now, on
-            # another thread beside the pre-copy passes, and used if RAM's write
-            # count is still the same at the stop.
-            early_version = ram.version
+            # another thread beside the pre-copy passes; pages-crc32 keeps each
+            # region's part, so the digests at the stop redo only regions written
+            # since (none, unless something wrote RAM after all).
             early = _Later(lambda: ram.digests(cfg.ram_digest))
         rounds = 0
         reason = ""
@@ -451,17 +451,12 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         _merge_device_dirty(devices, ram, total_pfns)
         # The VM and the devices are stopped: RAM and device images are final.  Their
         # digests are made on other threads while the rest is written.
-        if early is not None and ram.version != early_version:
-            early.result()                   # RAM changed after all: made again below
-            early = None
-        if early is None:
-            digests = _Later(lambda: run_parallel(
-                [lambda: ram.digests(cfg.ram_digest),
-                 lambda: [d.device.image_digest() for d in devices]],
-                weights=[ram.total // 3, sum(d.device.profile.image_size for d in devices)]))
-        else:
-            digests = _Later(lambda: (early.result(),
-                                      [d.device.image_digest() for d in devices]))
+        if early is not None:
+            early.result()                   # its region parts are what is reused below
+        digests = _Later(lambda: run_parallel(
+            [lambda: ram.digests(cfg.ram_digest),
+             lambda: [d.device.image_digest() for d in devices]],
+            weights=[ram.total // 3, sum(d.device.profile.image_size for d in devices)]))
         out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True),
                     background=True)
         fulls = {}
