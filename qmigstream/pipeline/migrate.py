@@ -451,11 +451,13 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         _merge_device_dirty(devices, ram, total_pfns)
         # The VM and the devices are stopped: RAM and device images are final.  Their
         # digests are made on other threads while the rest is written.
-        if early is not None:
-            early.result()                   # its region parts are what is reused below
+
+        def ram_digests():
+            if early is not None:
+                early.result()               # its region parts are what is reused here
+            return ram.digests(cfg.ram_digest)
         digests = _Later(lambda: run_parallel(
-            [lambda: ram.digests(cfg.ram_digest),
-             lambda: [d.device.image_digest() for d in devices]],
+            [ram_digests, lambda: [d.device.image_digest() for d in devices]],
             weights=[ram.total // 3, sum(d.device.profile.image_size for d in devices)]))
         out.section(T.SECTION_END, ram_sid, _ram_pass(saver, sender, last_stage=True),
                     background=True)
