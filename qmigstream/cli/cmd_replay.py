@@ -17,6 +17,10 @@ def register(sub):
                    help="a multifd channel file (repeat per channel; default: the ones "
                         "the --expect manifest lists)")
     p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--no-map", action="store_true",
+                   help="read the stream file instead of mapping it (mapped, the RAM "
+                        "model's pages stay where they lie in the file, which must not "
+                        "shrink during the load)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -31,7 +35,8 @@ def run(args) -> int:
             base = os.path.dirname(args.expect)
             channels = [c if os.path.exists(c) else os.path.join(base, os.path.basename(c))
                         for c in channels]
-    res = replay(args.file, expect=expect, page_size=args.page_size, channels=channels)
+    res = replay(args.file, expect=expect, page_size=args.page_size, channels=channels,
+                 map_file=not args.no_map)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
     else:

@@ -156,8 +156,9 @@ def scan_for_end(src, section_id: int, footers: bool | None, known_ids, depth: i
     while True:
         have = src.fill(want)
         buf, pos = src.window()
-        view = buf[pos:pos + have]
+        # a bounded view (a mapped source's window is the whole rest of the file)
         at_end = have < want
+        view = buf[pos:pos + (have if at_end else max(want, 1 << 20))]
         if footers is not False:
             pat = b"\x7e" + _BE32.pack(section_id)
             i = view.find(pat, start_scan)

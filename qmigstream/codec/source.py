@@ -9,7 +9,9 @@ missing.
 from __future__ import annotations
 
 import io
+import mmap
 import os
+import stat
 import struct
 
 from ..errors import Truncated
@@ -34,7 +36,13 @@ class Source:
 
     def __init__(self, fileobj, *, base: int = 0, size: int | None = None,
                  name: str | None = None, chunk: int = CHUNK):
-        if isinstance(fileobj, (bytes, bytearray, memoryview)):
+        if isinstance(fileobj, mmap.mmap):
+            # a mapped file: the whole of it is the window (nothing is copied)
+            self._f = None
+            self._buf = fileobj
+            self.size = base + len(fileobj) if size is None else size
+            self.seekable = True
+        elif isinstance(fileobj, (bytes, bytearray, memoryview)):
             data = bytes(fileobj)
             self._f = None
             self._buf = data
@@ -246,7 +254,6 @@ def _file_size(f, base: int) -> int | None:
         if not f.seekable():
             return None
         st = os.fstat(f.fileno())
-        import stat
         if not stat.S_ISREG(st.st_mode):
             return None
         return base + st.st_size - f.tell()
@@ -258,6 +265,31 @@ def _file_size(f, base: int) -> int | None:
             return base + end - here
         except Exception:
             return None
+
+
+def open_mapped(path, **kw) -> Source | None:
+    """A :class:`Source` over a read-only mapping of the regular file ``path`` (its
+    window is the whole file, read as the kernel's page cache holds it), or None
+    when ``path`` is not a non-empty regular file that can be mapped.
+
+    Slices of the window are bytes like those of any source; records that keep
+    a view of it (runs of pages) keep the mapping alive.  The file must not
+    shrink while it is mapped: reading a page past a new end of the file ends
+    the process (SIGBUS), so only callers that ask for it map (``replay``, which
+    ``--no-map`` makes read instead)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None
+            m = mmap.mmap(f.fileno(), st.st_size, prot=mmap.PROT_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
+    try:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+    return Source(m, name=str(path), **kw)
 
 
 def open_source(path_or_file, **kw) -> Source:

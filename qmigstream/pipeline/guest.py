@@ -62,6 +62,9 @@ from ..device.pci_device import MASK64, splitmix64
 from ..errors import QmigstreamError, StreamError
 
 _Z8 = bytes(8)
+#: A placed page's ``where`` entry: backing id above this bit, offset below.
+_BID_SHIFT = 44
+_OFF_MASK = (1 << _BID_SHIFT) - 1
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -177,24 +180,213 @@ class RamBlock:
         try:
             # private anonymous memory: untouched pages read as the shared zero page
             # and cost nothing; only written pages become resident
-            self.mem = mmap.mmap(-1, max(used_length, page_size),
-                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.anon = mmap.mmap(-1, max(used_length, page_size),
+                                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError) as e:
             # A length from the stream the host cannot map (ENOMEM, or beyond ssize_t).
             why = e.strerror if isinstance(e, OSError) else "beyond the largest mapping"
             raise QmigstreamError(f"RAM block {name!r}: cannot map {used_length:#x} bytes: "
                                   f"{why}") from None
-        self.view = memoryview(self.mem)
-        #: the block as u64 words (the page size is a multiple of 8)
-        self.words = self.view.cast("Q") if page_size % 8 == 0 else None
+        self.anon_view = memoryview(self.anon)
+        #: the anonymous memory as u64 words (the page size is a multiple of 8)
+        self.anon_words = self.anon_view.cast("Q") if page_size % 8 == 0 else None
         self.dirty = bytearray(self.npages)      # 1: dirty since the last pass
         self.written = bytearray(self.npages)    # 1: ever written
         self.zero_page = bytes(page_size)
+        # pages placed on a backing (see place()): onback[i] = 1 and where[i] =
+        # backing id << _BID_SHIFT | offset of the page's bytes in that backing
+        self.onback = None
+        self._where = None
+        self._backings = []
+        self._backing_ids = {}
+        self.placed = 0                          # pages on a backing now
         # pages-crc32 by region: writes per region, and each region's part of the
         # digest as last computed with the count it was computed at
         self._per_region = max(1, DIGEST_REGION // page_size)
         self._region_writes = [0] * -(-self.npages // self._per_region)
         self._region_parts = {}
+
+    # -- the whole block as memory -----------------------------------------------------
+    @property
+    def mem(self):
+        """The block as one writable buffer (pages on a backing are copied in
+        first: code that reads or stores ``mem`` directly sees every page)."""
+        if self.placed:
+            self.materialize()
+        return self.anon
+
+    @property
+    def view(self) -> memoryview:
+        if self.placed:
+            self.materialize()
+        return self.anon_view
+
+    @property
+    def words(self):
+        if self.placed:
+            self.materialize()
+        return self.anon_words
+
+    # -- pages on a backing ------------------------------------------------------------
+    def backing_id(self, buf) -> int:
+        """The id of read-only buffer ``buf`` as a backing of this block (added once)."""
+        bid = self._backing_ids.get(id(buf))
+        if bid is None or self._backings[bid][0] is not buf:
+            bid = len(self._backings)
+            if bid >= 1 << (63 - _BID_SHIFT):
+                raise QmigstreamError(f"RAM block {self.name!r}: too many backings")
+            self._backings.append((buf, memoryview(buf).cast("B")))
+            self._backing_ids[id(buf)] = bid
+        return bid
+
+    def place(self, first: int, count: int, buf, offset: int, stride: int) -> None:
+        """Pages ``first .. first+count-1`` now hold the bytes of ``buf`` (read-only,
+        kept alive while pages use it) at ``offset``, ``offset + stride``, ...,
+        without copying them: a page is read where it lies until something
+        writes it (then it is copied into the block's own memory first).  The
+        pages count as written (not as dirty)."""
+        ps = self.page_size
+        if count <= 0:
+            return
+        if first < 0 or first + count > self.npages:
+            raise QmigstreamError(f"pages {first}..{first + count - 1} outside RAM block "
+                                  f"{self.name!r} ({self.npages} pages)")
+        bid = self.backing_id(buf)
+        size = len(self._backings[bid][1])
+        if offset < 0 or stride < 0 or offset + (count - 1) * stride + ps > size or \
+                size > _OFF_MASK:
+            raise QmigstreamError(f"RAM block {self.name!r}: placed pages beyond their "
+                                  f"backing ({size} bytes)")
+        if self.onback is None:
+            self.onback = bytearray(self.npages)
+            self._where = array("q", bytes(8 * self.npages))
+        ob = self.onback
+        end = first + count
+        already = ob.count(1, first, end) if self.placed else 0
+        ones = _ones(count)
+        ob[first:end] = ones
+        self.placed += count - already
+        base = bid << _BID_SHIFT | offset
+        self._where[first:end] = (array("q", range(base, base + count * stride, stride))
+                                  if stride else array("q", (base,)) * count)
+        self.written[first:end] = ones
+        self.touch(first, count)
+
+    def _unplace(self, first: int, end: int, keep: bool) -> None:
+        """Pages of ``[first, end)`` leave their backing: into the block's own memory
+        (``keep``: their bytes copied there first; else the caller overwrites
+        them whole)."""
+        ob = self.onback
+        if not self.placed or ob.find(1, first, end) < 0:
+            return
+        runs = list(marked_runs(ob, first, end))
+        if keep:
+            self.populate_runs(runs)
+        ps = self.page_size
+        anon = self.anon
+        where = self._where
+        bk = self._backings
+        mask = _OFF_MASK
+        for a, n in runs:
+            if keep:
+                for i in range(a, a + n):
+                    w = where[i]
+                    o = w & mask
+                    anon[i * ps:(i + 1) * ps] = bk[w >> _BID_SHIFT][1][o:o + ps]
+            ob[a:a + n] = bytes(n)
+            self.placed -= n
+        if not self.placed:
+            self._drop_backings()
+
+    def _drop_backings(self):
+        self.onback = self._where = None
+        for _, v in self._backings:
+            v.release()
+        self._backings, self._backing_ids = [], {}
+
+    def materialize(self) -> None:
+        """Copy every page on a backing into the block's own memory."""
+        self._unplace(0, self.npages, True)
+
+    def _page_at(self, i: int):
+        """(buffer, offset) of page ``i``'s bytes: a backing's view, or the block's
+        own memory."""
+        if self.placed and self.onback[i]:
+            w = self._where[i]
+            return self._backings[w >> _BID_SHIFT][1], w & _OFF_MASK
+        return self.anon_view, i * self.page_size
+
+    def groups(self, first: int, end: int):
+        """Pages ``first .. end-1`` in order as ``(start, count, view, offset,
+        stride)``: page ``start + k`` is ``view[offset + k*stride:][:page_size]``
+        (``view`` is None for the block's own memory, where the stride is the page
+        size); consecutive pages of one backing at evenly spaced places are one
+        group."""
+        ps = self.page_size
+        if end <= first:
+            return
+        ob = self.onback
+        if not self.placed or ob.find(1, first, end) < 0:
+            yield first, end - first, None, first * ps, ps
+            return
+        where, bk = self._where, self._backings
+        i = first
+        while i < end:
+            if not ob[i]:
+                j = ob.find(1, i, end)
+                j = end if j < 0 else j
+                yield i, j - i, None, i * ps, ps
+                i = j
+                continue
+            j = ob.find(0, i, end)
+            j = end if j < 0 else j
+            while i < j:                     # the placed run [i, j)
+                w0 = where[i]
+                bid = w0 >> _BID_SHIFT
+                stride = where[i + 1] - w0 if j - i > 1 else -1
+                if stride < 0 or where[i + 1] >> _BID_SHIFT != bid:
+                    stride = ps                  # a page alone
+                    k = i + 1
+                elif where[j - 1] >> _BID_SHIFT == bid and where[i:j] == array(
+                        "q", range(w0, w0 + (j - i) * stride, stride) if stride
+                        else (w0,) * (j - i)):
+                    k = j
+                else:
+                    k = i + 2
+                    while k < j and where[k] - where[k - 1] == stride and \
+                            where[k] >> _BID_SHIFT == bid:
+                        k += 1
+                yield i, k - i, bk[bid][1], w0 & _OFF_MASK, stride
+                i = k
+
+    def page_pieces(self, first: int, end: int) -> list:
+        """Memoryviews of pages ``first .. end-1`` in order, where each lies (no copy):
+        consecutive pages lying one after the other are one view."""
+        ps = self.page_size
+        out = []
+        av = self.anon_view
+        for start, n, v, o, stride in self.groups(first, end):
+            if v is None:
+                v = av
+            if stride == ps:
+                out.append(v[o:o + n * ps])
+            else:
+                out.extend(v[p:p + ps] for p in range(o, o + n * stride, stride)) \
+                    if stride else out.extend([v[o:o + ps]] * n)
+        return out
+
+    def read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` of the block."""
+        if offset < 0 or offset + n > self.used_length:
+            raise QmigstreamError(f"read of {n} bytes at 0x{offset:x} outside RAM block "
+                                  f"{self.name!r} ({self.used_length} bytes)")
+        ps = self.page_size
+        first, end = offset // ps, -(-(offset + n) // ps)
+        if not self.placed or self.onback.find(1, first, end) < 0:
+            return bytes(self.anon[offset:offset + n])
+        whole = b"".join(self.page_pieces(first, end))
+        a = offset - first * ps
+        return whole[a:a + n]
 
     def touch(self, first: int, count: int = 1) -> None:
         """Pages ``first .. first+count-1`` changed (every write path calls this)."""
@@ -204,22 +396,36 @@ class RamBlock:
             rw[r] += 1
 
     # -- writing ---------------------------------------------------------------------
-    def write(self, offset: int, data) -> None:
+    def write(self, offset: int, data, *, dirty: bool = True) -> None:
+        """Store ``data`` at ``offset``: its pages are marked written (and dirty,
+        as a guest store or DMA makes them; a load from a stream does not)."""
         n = len(data)
         if offset < 0 or offset + n > self.used_length:
             raise QmigstreamError(f"write of {n} bytes at 0x{offset:x} outside RAM block "
                                   f"{self.name!r} ({self.used_length} bytes)")
-        self.mem[offset:offset + n] = data
-        if n:
-            ps = self.page_size
-            first, end = offset // ps, (offset + n - 1) // ps + 1
-            if end - first == 1:
-                self.dirty[first] = self.written[first] = 1
-            else:
-                ones = _ones(end - first)
+        if not n:
+            return
+        ps = self.page_size
+        first, end = offset // ps, (offset + n - 1) // ps + 1
+        if self.placed:
+            # pages this write covers whole leave their backing; the rest keep
+            # their bytes (copied in first)
+            if offset % ps:
+                self._unplace(first, first + 1, True)
+            if (offset + n) % ps:
+                self._unplace(end - 1, end, True)
+            self._unplace(first, end, False)
+        self.anon[offset:offset + n] = data
+        if end - first == 1:
+            self.written[first] = 1
+            if dirty:
+                self.dirty[first] = 1
+        else:
+            ones = _ones(end - first)
+            self.written[first:end] = ones
+            if dirty:
                 self.dirty[first:end] = ones
-                self.written[first:end] = ones
-            self.touch(first, end - first)
+        self.touch(first, end - first)
 
     def mark_written(self, first: int, count: int = 1) -> None:
         """Pages ``first .. first+count-1`` were written (by a direct store to ``mem``)."""
@@ -238,11 +444,13 @@ class RamBlock:
     def store_pages(self, indexes, data) -> None:
         """Whole pages at once: ``data[k]`` (``page_size`` bytes) to page ``indexes[k]``."""
         ps = self.page_size
-        mem = self.mem
+        mem = self.anon
         idx = [int(i) for i in indexes]
         if len(idx) >= 16:
             self.populate_runs(_index_runs(sorted(i for i in idx if not self.written[i])))
         for k, i in enumerate(idx):
+            if self.placed:
+                self._unplace(i, i + 1, False)
             mem[i * ps:(i + 1) * ps] = memoryview(data[k]).cast("B")
             self.written[i] = 1
             self.touch(i)
@@ -258,7 +466,7 @@ class RamBlock:
         ps = self.page_size
         if ps % mmap.PAGESIZE:
             return
-        mem = self.mem
+        mem = self.anon
         for first, count in runs:
             if count < 16:
                 continue
@@ -283,29 +491,33 @@ class RamBlock:
 
     # -- reading ---------------------------------------------------------------------
     def page(self, index: int) -> memoryview:
-        ps = self.page_size
-        return self.view[index * ps:(index + 1) * ps]
+        """Page ``index``'s bytes where they lie (read-only if on a backing)."""
+        v, o = self._page_at(index)
+        return v[o:o + self.page_size]
 
     def page_is_zero(self, index: int) -> bool:
         """Whether page ``index`` holds only zeros (a page never written is, unread)."""
         if not self.written[index]:
             return True
         ps = self.page_size
-        a = index * ps
-        mem = self.mem
-        return mem[a:a + 8] == _Z8 and mem[a:a + ps] == self.zero_page
+        v, a = self._page_at(index)
+        return v[a:a + 8] == _Z8 and v[a:a + ps] == self.zero_page
 
     def nonzero_runs(self, start: int = 0, end: int | None = None):
         """``(first, count)`` of each run of pages holding a non-zero byte in
         ``[start, end)`` (only written pages are read)."""
         ps = self.page_size
-        mem = self.mem
+        mem = self.anon
         zp = self.zero_page
+        page_at = self._page_at if self.placed else None
         for first, count in marked_runs(self.written, start, end):
             run = None
             for i in range(first, first + count):
-                a = i * ps
-                if mem[a:a + 8] != _Z8 or mem[a:a + ps] != zp:
+                if page_at is None:
+                    v, a = mem, i * ps
+                else:
+                    v, a = page_at(i)
+                if v[a:a + 8] != _Z8 or v[a:a + ps] != zp:
                     if run is None:
                         run = i
                 elif run is not None:
@@ -331,9 +543,10 @@ class RamBlock:
     def digest(self, scheme: str = DEFAULT_RAM_DIGEST) -> str:
         if scheme == "sha256":
             h = hashlib.sha256()
-            view = self.view
-            for pos in range(0, self.used_length, 64 << 20):
-                h.update(view[pos:min(self.used_length, pos + (64 << 20))])
+            per = max(1, (64 << 20) // self.page_size)
+            for first in range(0, self.npages, per):
+                for piece in self.page_pieces(first, min(self.npages, first + per)):
+                    h.update(piece)
             return h.hexdigest()
         if scheme != "pages-crc32":
             raise QmigstreamError(f"unknown RAM digest {scheme!r} (one of "
@@ -361,10 +574,11 @@ class RamBlock:
             return got[1]
         per, ps = self._per_region, self.page_size
         runs = list(self.nonzero_runs(r * per, (r + 1) * per))
-        view = self.view
         c = 0
+        crc = zlib.crc32
         for first, count in runs:
-            c = zlib.crc32(view[first * ps:(first + count) * ps], c)
+            for piece in self.page_pieces(first, first + count):
+                c = crc(piece, c)
         part = (runs, c)
         self._region_parts[r] = (writes, part)
         return part
@@ -383,10 +597,13 @@ class RamBlock:
 
     def close(self):
         try:
-            if self.words is not None:
-                self.words.release()
-            self.view.release()
-            self.mem.close()
+            if self.placed:
+                self.placed = 0
+                self._drop_backings()
+            if self.anon_words is not None:
+                self.anon_words.release()
+            self.anon_view.release()
+            self.anon.close()
         except BufferError:                   # a view someone still holds: freed with it
             pass
 
@@ -437,7 +654,7 @@ class GuestRam:
         self.main.write(gpa, data)
 
     def read(self, gpa: int, n: int) -> bytes:
-        return bytes(self.main.mem[gpa:gpa + n])
+        return self.main.read(gpa, n)
 
     @property
     def total(self) -> int:
@@ -527,20 +744,6 @@ def tape(seed: int, tag: bytes = b"ram") -> bytes:
                              struct.pack("<Q", seed & MASK64)).digest(TAPE_LEN)
 
 
-def copy_from_tape(dst, dst_off: int, tp: bytes, pos: int, n: int) -> None:
-    """``dst[dst_off:dst_off+n]`` = ``n`` bytes of the endless repetition of the tape
-    ``tp``, from position ``pos`` (a slice copy per tape length)."""
-    L = len(tp)
-    tv = memoryview(tp)
-    pos %= L
-    while n:
-        k = min(n, L - pos)
-        dst[dst_off:dst_off + k] = tv[pos:pos + k]
-        dst_off += k
-        n -= k
-        pos = 0
-
-
 def fill_plan(npages: int, *, seed: int, fraction: float = 0.25, uniform: float = 0.05):
     """Where :func:`fill_initial` puts its pages: ``[(data_first, data_count,
     uniform_count)]``, one per zone; the uniform run follows the data run."""
@@ -582,27 +785,32 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
     if not plan:
         return
     ps = blk.page_size
-    blk.populate_runs([(first, d + u) for first, d, u in plan])
     tp = tape(seed)
-    mem = blk.mem
+    L = len(tp)
+    # The pages are placed (RamBlock.place), not copied: a data page lies in the
+    # tape followed by its first page (any page is then one slice of it), a
+    # uniform page in one page of its byte.
+    tape2 = tp + tp[:ps]
     uniform_pages = {}
     k = 0
     mix = splitmix64(seed ^ 0x0F11)
     for first, d, u in plan:
-        if d:
-            copy_from_tape(mem, first * ps, tp, first * ps, d * ps)
+        i, stop = first, first + d
+        while i < stop:                      # as far as the tape goes without wrapping
+            pos = i * ps % L
+            n = min(stop - i, (L - pos) // ps + 1)
+            blk.place(i, n, tape2, pos, ps)
+            i += n
         i, stop = first + d, first + d + u
-        while i < stop:                      # a group of UNIFORM_GROUP pages a copy
+        while i < stop:                      # a group of UNIFORM_GROUP pages
             v = 1 + ((k // UNIFORM_GROUP * 0x9E3779B97F4A7C15 + mix) & MASK64) % 255
             cnt = min(stop - i, UNIFORM_GROUP - k % UNIFORM_GROUP)
-            fill = uniform_pages.get((v, cnt))
+            fill = uniform_pages.get(v)
             if fill is None:
-                fill = uniform_pages[(v, cnt)] = bytes((v,)) * (cnt * ps)
-            mem[i * ps:(i + cnt) * ps] = fill
+                fill = uniform_pages[v] = bytes((v,)) * ps
+            blk.place(i, cnt, fill, 0, 0)
             i += cnt
             k += cnt
-        if d + u:
-            blk.mark_written(first, d + u)
     ram.clear_dirty()
 
 
@@ -653,8 +861,11 @@ class RamLoader:
     fresh pages made resident first.
     """
 
-    def __init__(self, ram: GuestRam, *, digest_ahead: bool = False):
+    def __init__(self, ram: GuestRam, *, digest_ahead: bool = False, place: bool = True):
         self.ram = ram
+        # place: runs of pages read from a mapped stream file (a read-only mmap)
+        # are placed on it (RamBlock.place), not copied
+        self.place = place
         self.pages = 0
         self.chunks = 0                 # mapped-ram chunks applied
         # digest_ahead: the pages-crc32 part of each 64 MiB region the runs of pages
@@ -687,8 +898,7 @@ class RamLoader:
         # page stays untouched, so the model stays sparse); pages never written
         # are zero and not even read
         for first, count in list(blk.nonzero_runs(start, start + rec.count)):
-            blk.mem[first * ps:(first + count) * ps] = bytes(count * ps)
-            blk.touch(first, count)
+            blk.write(first * ps, bytes(count * ps), dirty=False)
         self.pages += rec.count
 
     def _zero(self, rec):
@@ -697,11 +907,9 @@ class RamLoader:
         ps = blk.page_size
         i = rec.addr // ps
         if rec.fill:
-            blk.mem[i * ps:(i + 1) * ps] = bytes((rec.fill,)) * ps
-            blk.mark_written(i)
+            blk.write(i * ps, bytes((rec.fill,)) * ps, dirty=False)
         elif not blk.page_is_zero(i):
-            blk.mem[i * ps:(i + 1) * ps] = blk.zero_page
-            blk.touch(i)
+            blk.write(i * ps, blk.zero_page, dirty=False)
         self.pages += 1
 
     def _page(self, rec):
@@ -709,9 +917,12 @@ class RamLoader:
         a = rec.addr
         if a >= blk.used_length:
             self._bounds(blk, a, rec)
-        ps = blk.page_size
-        blk.mem[a:a + ps] = rec.data
-        blk.mark_written(a // ps, 2 if a % ps else 1)   # not page-aligned: two pages
+        if blk.placed:
+            blk.write(a, rec.data, dirty=False)
+        else:
+            ps = blk.page_size
+            blk.anon[a:a + ps] = rec.data
+            blk.mark_written(a // ps, 2 if a % ps else 1)   # not page-aligned: two pages
         self.pages += 1
 
     def pages_run(self, block: str, indexes, data) -> None:
@@ -730,18 +941,16 @@ class RamLoader:
     def _xbzrle(self, rec):
         blk = self.ram.block(rec.block)
         self._bounds(blk, rec.addr, rec)
-        old = bytes(blk.page(rec.addr // blk.page_size))
-        blk.mem[rec.addr:rec.addr + blk.page_size] = xbzrle.decode(
-            bytes(rec.data), old, offset=rec.offset)
-        blk.mark_written(rec.addr // blk.page_size, 1 + (rec.addr % blk.page_size > 0))
+        old = blk.read(rec.addr, blk.page_size)
+        blk.write(rec.addr, xbzrle.decode(bytes(rec.data), old, offset=rec.offset),
+                  dirty=False)
         self.pages += 1
 
     def _compressed(self, rec):
         blk = self.ram.block(rec.block)
         self._bounds(blk, rec.addr, rec)
         out = rec.inflate(blk.page_size)    # a short output leaves the rest of the page
-        blk.mem[rec.addr:rec.addr + len(out)] = out
-        blk.mark_written(rec.addr // blk.page_size, 1 + (rec.addr % blk.page_size > 0))
+        blk.write(rec.addr, out, dirty=False)
         self.pages += 1
 
     def _mapped(self, rec):
@@ -749,12 +958,8 @@ class RamLoader:
             blk = self.ram.block(rec.block)
             if rec.start + rec.length > blk.used_length:
                 self._bounds(blk, rec.start + rec.length, rec)
-            blk.mem[rec.start:rec.start + rec.length] = rec.data
+            blk.write(rec.start, rec.data, dirty=False)
             self.chunks += 1
-            if rec.length:
-                ps = blk.page_size
-                first = rec.start // ps
-                blk.mark_written(first, (rec.start + rec.length - 1) // ps + 1 - first)
 
     def _page_run(self, rec):
         """A :class:`~qmigstream.codec.ram_records.RamPageRun`: its pages copied in
@@ -771,21 +976,31 @@ class RamLoader:
         n = len(words)
         first = words[0] - flags
         last = words[-1] - flags
-        if n >= 64 and last - first == (n - 1) * ps and not first % ps and \
-                last + ps <= blk.used_length and blk.written.find(1, first // ps,
-                                                                  last // ps + 1) < 0:
+        consecutive = (last - first == (n - 1) * ps and not first % ps and
+                       last + ps <= blk.used_length)
+        if consecutive and self.place and type(rec.buf) is mmap.mmap:
+            # the stream file is mapped: the pages stay where they lie in it
+            if self._ahead is not None:
+                self._ahead.passed(blk, first // ps)
+            blk.place(first // ps, n, rec.buf, rec.start + 8, ps + 8)
+            self.pages += n
+            return
+        if n >= 64 and consecutive and blk.written.find(1, first // ps,
+                                                        last // ps + 1) < 0:
             # fresh consecutive pages: the stream goes on with the pages after them
             # (QEMU sends a block's dirty pages in ascending order), so the huge
             # pages they touch are asked for whole
             blk.populate_runs(((first // ps, n),), whole_huge=True)
-        if last - first == (n - 1) * ps and not first % ps and last + ps <= blk.used_length:
+        if consecutive:
             # consecutive whole pages inside the block: marked at once, copied in a
             # loop that does nothing else; touched after the copy (a digest being
             # made of the region meanwhile is then seen to be stale)
             if self._ahead is not None:
                 self._ahead.passed(blk, first // ps)
+            if blk.placed:
+                blk._unplace(first // ps, first // ps + n, False)
             blk.written[first // ps:first // ps + n] = _ones(n)
-            mem = blk.mem
+            mem = blk.anon
             src = memoryview(rec.buf)
             o = rec.start + 8
             try:
@@ -797,7 +1012,11 @@ class RamLoader:
             self.pages += n
             return
         lo, hi = min(words) - flags, max(words) - flags
-        mem = blk.mem
+        if blk.placed:                       # the general case, page by page
+            for r in rec.expand():
+                self._page(r)
+            return
+        mem = blk.anon
         src = memoryview(rec.buf)
         written = blk.written
         size = blk.used_length

@@ -130,8 +130,7 @@ class MultifdSender:
                                     zero=[k * ps for k in zero], page_size=ps)
         self.packet_num += 1
         ch = self._pick()
-        view = memoryview(blk.mem)
-        ch.write(head, *(view[k * ps:(k + 1) * ps] for k in normal))
+        ch.write(head, *(blk.page(k) for k in normal))
         ch.packets["ram"] += 1
         self.bytes += len(head) + len(normal) * ps
 

@@ -88,17 +88,81 @@ def _index0(arr, start: int) -> int:
         return -1
 
 
-def _page_pieces(view, first: int, end: int, page_size: int) -> list:
-    """PAGE|CONTINUE records of pages ``first .. end-1``: header, page, header, ..."""
+def _page_pieces(view, first: int, end: int, page_size: int, base: int = 0) -> list:
+    """PAGE|CONTINUE records of pages ``first .. end-1``: header, page, header, ...
+    (page ``i`` lies at ``view[base + i * page_size:]``)."""
     fp = F_PAGE | F_CONT
     heads = list(map(_U64.pack, range(first * page_size | fp, end * page_size | fp,
                                        page_size)))
-    pages = [view[o:o + page_size] for o in range(first * page_size, end * page_size,
-                                                   page_size)]
+    pages = [view[o:o + page_size] for o in range(base + first * page_size,
+                                                   base + end * page_size, page_size)]
     out = [None] * (2 * len(heads))
     out[0::2] = heads
     out[1::2] = pages
     return out
+
+
+def _group_pieces(blk, group, out) -> int:
+    """Append the records of a group of written pages (:meth:`RamBlock.groups`) to
+    ``out``; returns how many are PAGE records (the rest are ZERO).
+
+    Pages lying one after the other (the block's own memory, a run placed on a
+    tape) have their first words gathered by one strided slice: the pages whose
+    first word is zero get the full check, the runs of data pages in between go
+    out as header and page pieces made by two comprehensions."""
+    ps = blk.page_size
+    start, n, view, off, stride = group
+    if view is None:
+        view = blk.anon_view
+    end = start + n
+    fz = F_ZERO | F_CONT
+    zp = blk.zero_page
+    if stride == ps:
+        base = off - start * ps                 # page i lies at base + i * ps
+        words = view[off:off + n * ps].cast("Q") if ps % 8 == 0 else None
+        normal = 0
+        p = start
+        for z in (_first_word_zero(words, 0, n, ps) if words is not None
+                  else range(n)):
+            a = base + (start + z) * ps
+            if view[a:a + ps] != zp:
+                continue                        # a data page after all
+            z += start
+            if z > p:
+                out += _page_pieces(view, p, z, ps, base)
+                normal += z - p
+            out.append(_U64.pack(z * ps | fz) + b"\0")
+            p = z + 1
+        if end > p:
+            out += _page_pieces(view, p, end, ps, base)
+            normal += end - p
+        if words is not None:
+            words.release()
+        return normal
+    if stride == 0:                             # one page's bytes for every page
+        page = view[off:off + ps]
+        if page == zp:
+            out.append(zero_records(start, n, ps))
+            return 0
+        fp = F_PAGE | F_CONT
+        heads = list(map(_U64.pack, range(start * ps | fp, end * ps | fp, ps)))
+        pieces = [None] * (2 * n)
+        pieces[0::2] = heads
+        pieces[1::2] = [page] * n
+        out += pieces
+        return n
+    normal = 0
+    for k in range(n):
+        a = off + k * stride
+        page = view[a:a + ps]
+        i = start + k
+        if page == zp:
+            out.append(_U64.pack(i * ps | fz) + b"\0")
+        else:
+            out.append(_U64.pack(i * ps | F_PAGE | F_CONT))
+            out.append(page)
+            normal += 1
+    return normal
 
 
 def pow2floor(n: int) -> int:
@@ -276,8 +340,6 @@ class RamSaver:
                                               self._flags(F_ZERO if zero else F_PAGE, name)))
                 counts["zero" if zero else "normal"] += 1
                 first += 1
-            mem, view, zp = blk.mem, blk.view, blk.zero_page
-            words = blk.words
             written = blk.written
             normal = 0
             i = first
@@ -293,23 +355,8 @@ class RamSaver:
                 e = written.find(0, i, end)
                 if e < 0:
                     e = end
-                # the pages whose first word is zero (found for the whole run at
-                # once) get the full check; runs of data pages in between go out
-                # as header and page pieces made by two comprehensions
-                p = i
-                for z in (_first_word_zero(words, i, e, ps) if words is not None
-                          else range(i, e)):
-                    a = z * ps
-                    if mem[a:a + ps] != zp:
-                        continue                # a data page after all
-                    if z > p:
-                        out += _page_pieces(view, p, z, ps)
-                        normal += z - p
-                    out.append(pack(a | fz) + b"\0")
-                    p = z + 1
-                if e > p:
-                    out += _page_pieces(view, p, e, ps)
-                    normal += e - p
+                for g in blk.groups(i, e):
+                    normal += _group_pieces(blk, g, out)
                 i = e
             counts["normal"] += normal
             counts["zero"] += end - first - normal
@@ -331,7 +378,6 @@ class RamSaver:
         name = blk.name
         nameb = name.encode("latin-1")
         named = bytes((len(nameb),)) + nameb
-        view = blk.view
         out = []
         i, end = first, first + n
         while i < end:
@@ -351,7 +397,8 @@ class RamSaver:
                 i = z
                 continue
             addr = i * ps
-            page = bytes(view[addr:addr + ps])
+            pv = blk.page(i)
+            page = bytes(pv)
             rec = self._xbzrle(name, key_base + i, addr, page, last_stage)
             i += 1
             if rec is False:
@@ -362,7 +409,7 @@ class RamSaver:
             counts["normal"] += 1
             flags = self._flags(F_PAGE, name)
             out.append(pack(addr | flags) if flags & F_CONT else pack(addr | flags) + named)
-            out.append(view[addr:addr + ps])
+            out.append(pv)
         return out
 
     def _xbzrle(self, name, key, addr, page, last_stage):

@@ -441,7 +441,8 @@ def _zero_run_bulk(buf, pos, n, limit, word, ps) -> int:
             want = full
         else:
             want = zero_group_bytes(ps, flags, page, k)
-        if not buf.startswith(want, pos + 9 * i):
+        q = pos + 9 * i
+        if buf[q:q + len(want)] != want:
             # Find the first differing record: bisect on equal prefixes.
             got = buf[pos + 9 * i:pos + 9 * (i + k)]
             want = bytes(want)
