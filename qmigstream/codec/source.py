@@ -267,6 +267,16 @@ def _file_size(f, base: int) -> int | None:
             return None
 
 
+class MappedFile(mmap.mmap):
+    """A read-only mapping of a whole file that keeps the file open (``file``), so
+    that its bytes can also be read with ``preadv`` while the mapping lives."""
+
+    file = None
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+
 def open_mapped(path, **kw) -> Source | None:
     """A :class:`Source` over a read-only mapping of the regular file ``path`` (its
     window is the whole file, read as the kernel's page cache holds it), or None
@@ -277,14 +287,19 @@ def open_mapped(path, **kw) -> Source | None:
     shrink while it is mapped: reading a page past a new end of the file ends
     the process (SIGBUS), so only callers that ask for it map (``replay``, which
     ``--no-map`` makes read instead)."""
+    f = None
     try:
-        with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                return None
-            m = mmap.mmap(f.fileno(), st.st_size, prot=mmap.PROT_READ)
+        f = open(path, "rb", buffering=0)
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            f.close()
+            return None
+        m = MappedFile(f.fileno(), st.st_size, prot=mmap.PROT_READ)
     except (OSError, ValueError, OverflowError):
+        if f is not None:
+            f.close()
         return None
+    m.file = f
     try:
         m.madvise(mmap.MADV_SEQUENTIAL)
     except (AttributeError, OSError):

@@ -58,13 +58,11 @@ from array import array
 
 from .. import xbzrle
 from ..codec import ram_records as R
+from ..codec.source import MappedFile
 from ..device.pci_device import MASK64, splitmix64
 from ..errors import QmigstreamError, StreamError
 
 _Z8 = bytes(8)
-#: A placed page's ``where`` entry: backing id above this bit, offset below.
-_BID_SHIFT = 44
-_OFF_MASK = (1 << _BID_SHIFT) - 1
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -122,6 +120,49 @@ def run_parallel(fns, weights=None) -> list:
     if errors:
         raise errors[0]
     return out
+
+
+_HAVE_PREADV = hasattr(os, "preadv")
+_GATHER_PAGES = 256
+_gather = None
+
+
+def _gathered_crc32(fd: int, offset: int, n: int, ps: int, stride: int, crc: int) -> int:
+    """CRC-32 of ``n`` pages of file ``fd`` at ``offset``, ``offset + stride``, ...:
+    up to :data:`_GATHER_PAGES` pages a ``preadv`` into a buffer of this thread
+    (the gaps into a scratch buffer), then one CRC call; neither holds the GIL."""
+    global _gather
+    if _gather is None:
+        import threading
+        _gather = threading.local()
+    key = (ps, stride)
+    got = getattr(_gather, "bufs", None)
+    if got is None or got[0] != key:
+        buf = bytearray(_GATHER_PAGES * ps)
+        bv = memoryview(buf)
+        gap = memoryview(bytearray(stride - ps))
+        iov = []
+        for k in range(_GATHER_PAGES):
+            iov.append(bv[k * ps:(k + 1) * ps])
+            iov.append(gap)
+        got = _gather.bufs = (key, bv, iov)
+    _, bv, iov = got
+    while n:
+        m = min(n, _GATHER_PAGES)
+        want = m * ps + (m - 1) * (stride - ps)
+        if os.preadv(fd, iov[:2 * m - 1], offset) != want:
+            raise QmigstreamError("a mapped stream file changed while it was read")
+        crc = zlib.crc32(bv[:m * ps], crc)
+        offset += m * stride
+        n -= m
+    return crc
+
+
+def _index0(arr, start: int) -> int:
+    try:
+        return arr.index(0, start)
+    except ValueError:
+        return -1
 
 
 def marked_runs(marks, start: int = 0, end: int | None = None):
@@ -193,10 +234,12 @@ class RamBlock:
         self.dirty = bytearray(self.npages)      # 1: dirty since the last pass
         self.written = bytearray(self.npages)    # 1: ever written
         self.zero_page = bytes(page_size)
-        # pages placed on a backing (see place()): onback[i] = 1 and where[i] =
-        # backing id << _BID_SHIFT | offset of the page's bytes in that backing
+        # pages placed on a backing (see place()): onback[i] = 1, and the run of
+        # pages placed together that page i is in starts at the last 1 of
+        # _starts[:i + 1]
         self.onback = None
-        self._where = None
+        self._starts = None                      # 1: a placed run starts here
+        self._runs = {}                          # start page -> (backing, offset, stride)
         self._backings = []
         self._backing_ids = {}
         self.placed = 0                          # pages on a backing now
@@ -229,13 +272,14 @@ class RamBlock:
 
     # -- pages on a backing ------------------------------------------------------------
     def backing_id(self, buf) -> int:
-        """The id of read-only buffer ``buf`` as a backing of this block (added once)."""
+        """The id of read-only buffer ``buf`` as a backing of this block (added once).
+        A :class:`~qmigstream.codec.source.MappedFile` is also read through its
+        file (``preadv`` gathers its pages without holding the GIL)."""
         bid = self._backing_ids.get(id(buf))
         if bid is None or self._backings[bid][0] is not buf:
             bid = len(self._backings)
-            if bid >= 1 << (63 - _BID_SHIFT):
-                raise QmigstreamError(f"RAM block {self.name!r}: too many backings")
-            self._backings.append((buf, memoryview(buf).cast("B")))
+            fd = buf.fileno() if isinstance(buf, MappedFile) else None
+            self._backings.append((buf, memoryview(buf).cast("B"), fd))
             self._backing_ids[id(buf)] = bid
         return bid
 
@@ -253,24 +297,40 @@ class RamBlock:
                                   f"{self.name!r} ({self.npages} pages)")
         bid = self.backing_id(buf)
         size = len(self._backings[bid][1])
-        if offset < 0 or stride < 0 or offset + (count - 1) * stride + ps > size or \
-                size > _OFF_MASK:
+        if offset < 0 or stride < 0 or offset + (count - 1) * stride + ps > size:
             raise QmigstreamError(f"RAM block {self.name!r}: placed pages beyond their "
                                   f"backing ({size} bytes)")
         if self.onback is None:
             self.onback = bytearray(self.npages)
-            self._where = array("q", bytes(8 * self.npages))
-        ob = self.onback
+            self._starts = bytearray(self.npages)
+        ob, st, runs = self.onback, self._starts, self._runs
         end = first + count
-        already = ob.count(1, first, end) if self.placed else 0
+        if end < self.npages and ob[end] and not st[end]:
+            # the page after this run goes on with an older run: it starts its rest
+            runs[end] = self._run_at(end)
+            st[end] = 1
+        if self.placed:
+            k = st.find(1, first, end)
+            while k >= 0:                    # runs this one covers from their start
+                del runs[k]
+                k = st.find(1, k + 1, end)
+            st[first:end] = bytes(count)
+            already = ob.count(1, first, end)
+        else:
+            already = 0
+        st[first] = 1
+        runs[first] = (bid, offset, stride)
         ones = _ones(count)
         ob[first:end] = ones
         self.placed += count - already
-        base = bid << _BID_SHIFT | offset
-        self._where[first:end] = (array("q", range(base, base + count * stride, stride))
-                                  if stride else array("q", (base,)) * count)
         self.written[first:end] = ones
         self.touch(first, count)
+
+    def _run_at(self, i: int):
+        """(backing id, offset, stride) of the placed run as seen from page ``i`` on."""
+        r = self._starts.rfind(1, 0, i + 1)
+        bid, off, stride = self._runs[r]
+        return bid, off + (i - r) * stride, stride
 
     def _unplace(self, first: int, end: int, keep: bool) -> None:
         """Pages of ``[first, end)`` leave their backing: into the block's own memory
@@ -284,23 +344,22 @@ class RamBlock:
             self.populate_runs(runs)
         ps = self.page_size
         anon = self.anon
-        where = self._where
         bk = self._backings
-        mask = _OFF_MASK
         for a, n in runs:
             if keep:
-                for i in range(a, a + n):
-                    w = where[i]
-                    o = w & mask
-                    anon[i * ps:(i + 1) * ps] = bk[w >> _BID_SHIFT][1][o:o + ps]
+                for start, k, v, o, stride in self.groups(a, a + n):
+                    for i in range(start, start + k):
+                        anon[i * ps:(i + 1) * ps] = v[o:o + ps]
+                        o += stride
             ob[a:a + n] = bytes(n)
             self.placed -= n
         if not self.placed:
             self._drop_backings()
 
     def _drop_backings(self):
-        self.onback = self._where = None
-        for _, v in self._backings:
+        self.onback = self._starts = None
+        self._runs = {}
+        for _, v, _ in self._backings:
             v.release()
         self._backings, self._backing_ids = [], {}
 
@@ -312,52 +371,66 @@ class RamBlock:
         """(buffer, offset) of page ``i``'s bytes: a backing's view, or the block's
         own memory."""
         if self.placed and self.onback[i]:
-            w = self._where[i]
-            return self._backings[w >> _BID_SHIFT][1], w & _OFF_MASK
+            bid, off, _ = self._run_at(i)
+            return self._backings[bid][1], off
         return self.anon_view, i * self.page_size
 
-    def groups(self, first: int, end: int):
+    def groups(self, first: int, end: int, *, fds: bool = False):
         """Pages ``first .. end-1`` in order as ``(start, count, view, offset,
         stride)``: page ``start + k`` is ``view[offset + k*stride:][:page_size]``
         (``view`` is None for the block's own memory, where the stride is the page
-        size); consecutive pages of one backing at evenly spaced places are one
-        group."""
+        size); the pages of one placed run are one group.  ``fds``: the tuples
+        have the backing's file descriptor (or None) as a sixth item."""
         ps = self.page_size
         if end <= first:
             return
         ob = self.onback
         if not self.placed or ob.find(1, first, end) < 0:
-            yield first, end - first, None, first * ps, ps
+            yield (first, end - first, None, first * ps, ps) + ((None,) if fds else ())
             return
-        where, bk = self._where, self._backings
+        st, bk = self._starts, self._backings
         i = first
         while i < end:
             if not ob[i]:
                 j = ob.find(1, i, end)
                 j = end if j < 0 else j
-                yield i, j - i, None, i * ps, ps
+                yield (i, j - i, None, i * ps, ps) + ((None,) if fds else ())
                 i = j
                 continue
             j = ob.find(0, i, end)
             j = end if j < 0 else j
-            while i < j:                     # the placed run [i, j)
-                w0 = where[i]
-                bid = w0 >> _BID_SHIFT
-                stride = where[i + 1] - w0 if j - i > 1 else -1
-                if stride < 0 or where[i + 1] >> _BID_SHIFT != bid:
-                    stride = ps                  # a page alone
-                    k = i + 1
-                elif where[j - 1] >> _BID_SHIFT == bid and where[i:j] == array(
-                        "q", range(w0, w0 + (j - i) * stride, stride) if stride
-                        else (w0,) * (j - i)):
-                    k = j
-                else:
-                    k = i + 2
-                    while k < j and where[k] - where[k - 1] == stride and \
-                            where[k] >> _BID_SHIFT == bid:
-                        k += 1
-                yield i, k - i, bk[bid][1], w0 & _OFF_MASK, stride
+            while i < j:                     # the placed pages [i, j), run by run
+                k = st.find(1, i + 1, j)
+                k = j if k < 0 else k
+                bid, off, stride = self._run_at(i)
+                b = bk[bid]
+                yield (i, k - i, b[1], off, stride) + ((b[2],) if fds else ())
                 i = k
+
+    def crc32(self, first: int, end: int, crc: int = 0) -> int:
+        """zlib's CRC-32 of pages ``first .. end-1`` in order, going on from ``crc``.
+        Long pieces, so that zlib lets go of the GIL (it keeps it for pieces
+        under 5 KiB): pages lying one after the other in one call; the pages of
+        a mapped file at a stride gathered by ``preadv`` into a buffer first."""
+        ps = self.page_size
+        for start, n, v, o, stride, fd in self.groups(first, end, fds=True):
+            if v is None:
+                v = self.anon_view
+            if stride == ps:
+                crc = zlib.crc32(v[o:o + n * ps], crc)
+            elif stride == 0:
+                rep = bytes(v[o:o + ps]) * min(n, max(1, (64 << 10) // ps))
+                per = len(rep) // ps
+                for _ in range(n // per):
+                    crc = zlib.crc32(rep, crc)
+                if n % per:
+                    crc = zlib.crc32(memoryview(rep)[:n % per * ps], crc)
+            elif fd is not None and stride > ps and _HAVE_PREADV:
+                crc = _gathered_crc32(fd, o, n, ps, stride, crc)
+            else:
+                for p in range(o, o + n * stride, stride):
+                    crc = zlib.crc32(v[p:p + ps], crc)
+        return crc
 
     def page_pieces(self, first: int, end: int) -> list:
         """Memoryviews of pages ``first .. end-1`` in order, where each lies (no copy):
@@ -503,28 +576,50 @@ class RamBlock:
         v, a = self._page_at(index)
         return v[a:a + 8] == _Z8 and v[a:a + ps] == self.zero_page
 
+    def zero_pages(self, first: int, end: int) -> list:
+        """The pages of ``first .. end-1`` that hold only zeros, ascending (pages
+        never written among them; the caller usually asks about written ones).
+        Each group of pages (:meth:`groups`) has its first words gathered by one
+        strided slice; only pages whose first word is zero are compared whole."""
+        ps = self.page_size
+        zp = self.zero_page
+        out = []
+        for start, n, v, o, stride in self.groups(first, end):
+            if v is None:
+                v = self.anon_view
+            if stride == 0:
+                if v[o:o + ps] == zp:
+                    out.extend(range(start, start + n))
+                continue
+            if stride % 8 or ps % 8:
+                cand = range(n)
+            else:
+                fw = v[o:o + (n - 1) * stride + 8].cast("Q")
+                got = array("Q")
+                got.frombytes(fw[::stride // 8].tobytes())
+                fw.release()
+                cand = []
+                k = _index0(got, 0)
+                while k >= 0:
+                    cand.append(k)
+                    k = _index0(got, k + 1)
+            for k in cand:
+                p = o + k * stride
+                if v[p:p + ps] == zp:
+                    out.append(start + k)
+        return out
+
     def nonzero_runs(self, start: int = 0, end: int | None = None):
         """``(first, count)`` of each run of pages holding a non-zero byte in
         ``[start, end)`` (only written pages are read)."""
-        ps = self.page_size
-        mem = self.anon
-        zp = self.zero_page
-        page_at = self._page_at if self.placed else None
         for first, count in marked_runs(self.written, start, end):
-            run = None
-            for i in range(first, first + count):
-                if page_at is None:
-                    v, a = mem, i * ps
-                else:
-                    v, a = page_at(i)
-                if v[a:a + 8] != _Z8 or v[a:a + ps] != zp:
-                    if run is None:
-                        run = i
-                elif run is not None:
-                    yield run, i - run
-                    run = None
-            if run is not None:
-                yield run, first + count - run
+            p = first
+            for z in self.zero_pages(first, first + count):
+                if z > p:
+                    yield p, z - p
+                p = z + 1
+            if first + count > p:
+                yield p, first + count - p
 
     def nonzero(self, indices) -> list:
         """For each page index, whether the page has a non-zero byte."""
@@ -575,10 +670,8 @@ class RamBlock:
         per, ps = self._per_region, self.page_size
         runs = list(self.nonzero_runs(r * per, (r + 1) * per))
         c = 0
-        crc = zlib.crc32
         for first, count in runs:
-            for piece in self.page_pieces(first, first + count):
-                c = crc(piece, c)
+            c = self.crc32(first, first + count, c)
         part = (runs, c)
         self._region_parts[r] = (writes, part)
         return part
@@ -978,7 +1071,7 @@ class RamLoader:
         last = words[-1] - flags
         consecutive = (last - first == (n - 1) * ps and not first % ps and
                        last + ps <= blk.used_length)
-        if consecutive and self.place and type(rec.buf) is mmap.mmap:
+        if consecutive and self.place and isinstance(rec.buf, MappedFile):
             # the stream file is mapped: the pages stay where they lie in it
             if self._ahead is not None:
                 self._ahead.passed(blk, first // ps)

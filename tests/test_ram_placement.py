@@ -1,0 +1,158 @@
+"""Pages placed on a backing (RamBlock.place): read where they lie, the same as
+copied pages for every reader, copied in on the first write; a mapped stream
+file as the window of the reader and the backing of replay's RAM."""
+
+import os
+import random
+import zlib
+
+import pytest
+
+from qmigstream.codec.reader import read_records
+from qmigstream.codec.source import MappedFile, open_mapped
+from qmigstream.pipeline.guest import (RAM_DIGESTS, GuestRam, fill_initial, load_stream_ram,
+                                       tape)
+from qmigstream.pipeline.migrate import MigrateConfig, migrate
+from qmigstream.pipeline.ramsave import RamSaver
+from qmigstream.pipeline.replay import replay
+
+PS = 4096
+
+
+def _copied_twin(blk):
+    """A block of the same size holding blk's bytes, all copied (nothing placed)."""
+    twin = GuestRam([(blk.name, blk.used_length)]).main
+    for first, count in blk.nonzero_runs():
+        twin.write(first * PS, blk.read(first * PS, count * PS), dirty=False)
+    return twin
+
+
+def _same_everywhere(blk, twin):
+    """Every way of reading the block agrees with its copied twin."""
+    assert list(blk.nonzero_runs()) == list(twin.nonzero_runs())
+    for scheme in RAM_DIGESTS:
+        assert blk.digest(scheme) == twin.digest(scheme), scheme
+    for i in range(0, blk.npages, 7):
+        assert bytes(blk.page(i)) == bytes(twin.page(i)), i
+        assert blk.page_is_zero(i) == twin.page_is_zero(i)
+    assert blk.read(PS - 3, 2 * PS + 6) == twin.read(PS - 3, 2 * PS + 6)
+    assert b"".join(blk.page_pieces(0, blk.npages)) == bytes(twin.anon)
+    assert blk.crc32(0, blk.npages) == zlib.crc32(twin.anon)
+
+
+def test_placed_pages_read_like_copied_ones():
+    ram = GuestRam([("pc.ram", 512 * PS)])
+    blk = ram.main
+    rnd = random.Random(7)
+    backing = bytes(rnd.getrandbits(8) for _ in range(64 * PS + 123))
+    uniform = b"\x5a" * PS
+    zero = bytes(PS)
+    blk.place(10, 40, backing, 5, PS)                  # contiguous, unaligned offset
+    blk.place(60, 30, backing, 0, PS + 8)              # strided, like a stream's pages
+    blk.place(100, 16, uniform, 0, 0)                  # one page for all
+    blk.place(120, 3, zero, 0, 0)                      # placed zero pages
+    blk.place(30, 40, backing, 1000, PS + 16)          # over the ends of two runs
+    assert blk.placed == 80 + 16 + 3                  # pages 10..89, 100..115, 120..122
+    assert blk.placed == blk.onback.count(1)
+    twin = GuestRam([("pc.ram", 512 * PS)]).main
+    # the same bytes, copied
+    for first, count, off, stride in ((10, 40, 5, PS), (60, 30, 0, PS + 8)):
+        for k in range(count):
+            o = off + k * stride
+            twin.write((first + k) * PS, backing[o:o + PS], dirty=False)
+    for k in range(16):
+        twin.write((100 + k) * PS, uniform, dirty=False)
+    for k in range(3):
+        twin.write((120 + k) * PS, zero, dirty=False)
+    for k in range(40):
+        o = 1000 + k * (PS + 16)
+        twin.write((30 + k) * PS, backing[o:o + PS], dirty=False)
+    _same_everywhere(blk, twin)
+    assert blk.zero_pages(0, 512) == twin.zero_pages(0, 512)
+
+
+def test_writes_copy_a_placed_page_in_first():
+    ram = GuestRam([("pc.ram", 64 * PS)])
+    blk = ram.main
+    backing = os.urandom(32 * PS)
+    blk.place(0, 32, backing, 0, PS)
+    twin = _copied_twin(blk)
+    before = blk.placed
+    for r in (blk, twin):
+        r.write(3 * PS + 100, b"hello")                # partial: the rest is kept
+        r.write(5 * PS, b"\x01" * PS)                  # whole page
+        r.write(7 * PS - 2, b"abcd")                   # across two pages
+    assert blk.placed == before - 4
+    assert not blk.onback[3] and not blk.onback[5] and not blk.onback[6]
+    assert blk.dirty[3] and blk.dirty[6]               # guest stores make pages dirty
+    _same_everywhere(blk, twin)
+    # the whole-memory views copy every placed page in first
+    m = bytes(blk.mem)
+    assert blk.placed == 0 and m == bytes(twin.anon)
+
+
+def test_fill_initial_places_the_tape_and_saves_the_same_bytes():
+    """The initial fill costs no memory (pages placed on the tape) and saves as the
+    same records as the same pages copied."""
+    a = GuestRam([("pc.ram", 16 << 20)])
+    fill_initial(a, seed=5)
+    assert a.main.placed > 0 and a.main.placed == a.main.written.count(1)
+    b = GuestRam([("pc.ram", 16 << 20)])
+    fill_initial(b, seed=5)
+    b.main.materialize()
+    assert b.main.placed == 0
+    _same_everywhere(a.main, b.main)
+    tp = tape(5)
+    first = next(a.main.nonzero_runs())[0]
+    pos = first * PS % len(tp)
+    assert bytes(a.main.page(first)) == (tp + tp)[pos:pos + PS]
+    sa, sb = RamSaver(a), RamSaver(b)
+    assert b"".join(b"".join(p) for p in sa.pass_bytes()) == \
+        b"".join(b"".join(p) for p in sb.pass_bytes())
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory):
+    d = tmp_path_factory.mktemp("placement")
+    path = d / "s.mig"
+    res = migrate(path, MigrateConfig(profile="qemu-8.2", ram_size=16 << 20, iterations=2,
+                                      dirty_rate=30000, seed=4, stream_sha256=True))
+    return path, res.to_json()
+
+
+def test_a_mapped_file_reads_as_the_same_records(stream):
+    stream, _ = stream
+    src = open_mapped(stream)
+    assert isinstance(src._buf, MappedFile)
+    plain = [(type(r).__name__, r.offset) for r in read_records(str(stream))]
+    mapped = [(type(r).__name__, r.offset) for r in read_records(src)]
+    assert plain == mapped and len(plain) > 100
+    assert open_mapped(stream.parent / "absent.mig") is None
+    empty = stream.parent / "empty.mig"
+    empty.write_bytes(b"")
+    assert open_mapped(empty) is None
+
+
+def test_replay_places_the_pages_of_a_mapped_stream(stream):
+    """Mapped or read, replay restores the same RAM and verifies it; mapped, the
+    RAM model's pages lie in the file."""
+    stream, expect = stream
+    a = replay(str(stream), expect=expect)
+    b = replay(str(stream), expect=expect, map_file=False)
+    assert a.ok and b.ok and a.verified and b.verified
+    assert a.ram == b.ram and a.pages == b.pages
+    from qmigstream.codec.ram_records import RamMemSize, RamPageRun
+    from qmigstream.pipeline.guest import RamLoader
+    ram = loader = None
+    runs = 0
+    for rec in read_records(open_mapped(stream), page_runs=True):
+        if isinstance(rec, RamMemSize):
+            ram = GuestRam([(b.name, b.used_length) for b in rec.blocks])
+            loader = RamLoader(ram)
+        elif loader is not None:
+            loader.feed(rec)
+            runs += isinstance(rec, RamPageRun)
+    assert runs and ram.main.placed > 0
+    copied = load_stream_ram(stream)
+    assert ram.digests() == copied.digests()
+    assert ram.digests("sha256") == copied.digests("sha256")
