@@ -156,3 +156,24 @@ def test_replay_places_the_pages_of_a_mapped_stream(stream):
     copied = load_stream_ram(stream)
     assert ram.digests() == copied.digests()
     assert ram.digests("sha256") == copied.digests("sha256")
+
+
+def test_a_run_placed_inside_another_keeps_the_older_run_after_it():
+    """A later run over part of an older one, with a page written (copied in) right
+    after it: the older run's pages past the gap still read from their place."""
+    backing = os.urandom(128 * PS)
+    for gap in (0, 1, 3):
+        ram = GuestRam([("pc.ram", 128 * PS)])
+        blk = ram.main
+        blk.place(10, 60, backing, 0, PS)
+        for k in range(gap):                             # copied in: no longer placed
+            blk.write((22 + k) * PS, b"\x02" * PS, dirty=False)
+        blk.place(20, 2, backing, 90 * PS, PS + 8)
+        twin = GuestRam([("pc.ram", 128 * PS)]).main
+        twin.write(10 * PS, backing[:60 * PS], dirty=False)
+        for k in range(gap):
+            twin.write((22 + k) * PS, b"\x02" * PS, dirty=False)
+        for k in range(2):
+            o = 90 * PS + k * (PS + 8)
+            twin.write((20 + k) * PS, backing[o:o + PS], dirty=False)
+        _same_everywhere(blk, twin)

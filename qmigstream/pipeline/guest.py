@@ -7,6 +7,14 @@ grows with the pages actually written.  Long runs of pages written at once
 (the initial fill, runs of PAGE records) are made resident ahead of the
 copy, as transparent huge pages where the kernel offers them (``madvise``).
 
+Pages can also be *placed* (:meth:`RamBlock.place`): a run of pages holds the
+bytes of a read-only buffer (the fill's tape, a mapped stream file) at an
+offset and a stride, read where they lie, costing no memory of the block's
+own.  A write copies a placed page in first; ``mem``, ``view`` and ``words``
+(the block as one buffer) copy every placed page in before they are handed
+out.  Readers that know about placement (:meth:`RamBlock.groups`, pages,
+zero checks, digests, the saver) go group by group.
+
 Per page the block keeps two marks, one byte each in a ``bytearray``:
 
 * ``written`` — the page was ever written.  A page not marked is zero and is
@@ -40,7 +48,7 @@ writes) map onto the first block (``pc.ram`` on pc/q35) one to one, which is
 how QEMU lays out RAM below the PCI hole; the pipeline keeps DMA there.
 
 :func:`fill_initial` gives a synthetic guest its data: a few long runs of
-pages cut from a SHAKE-128 tape (see there).
+pages placed on a SHAKE-128 tape (see there).
 
 :class:`RamLoader` applies the RAM records of a stream to the model, the way
 ``ram_load_precopy`` (migration/ram.c) applies them to guest memory.
@@ -305,10 +313,12 @@ class RamBlock:
             self._starts = bytearray(self.npages)
         ob, st, runs = self.onback, self._starts, self._runs
         end = first + count
-        if end < self.npages and ob[end] and not st[end]:
-            # the page after this run goes on with an older run: it starts its rest
-            runs[end] = self._run_at(end)
-            st[end] = 1
+        nxt = ob.find(1, end) if self.placed else -1
+        if nxt >= 0 and st.find(1, end, nxt + 1) < 0:
+            # the next placed page goes on with a run that starts before this
+            # one ends: it starts the rest of that run
+            runs[nxt] = self._run_at(nxt)
+            st[nxt] = 1
         if self.placed:
             k = st.find(1, first, end)
             while k >= 0:                    # runs this one covers from their start

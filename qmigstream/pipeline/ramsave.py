@@ -36,7 +36,7 @@ from array import array
 from .. import xbzrle
 from ..codec.ram_records import RamPage, RamXbzrle, RamZero
 from ..wire.ram import RamFlag
-from .guest import marked_runs
+from .guest import _index0, marked_runs
 
 F_ZERO, F_PAGE, F_XBZRLE, F_CONT = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.XBZRLE),
                                     int(RamFlag.CONTINUE))
@@ -79,13 +79,6 @@ def _first_word_zero(words, first: int, end: int, page_size: int) -> list:
         out.append(first + pos)
         pos = _index0(got, pos + 1)
     return out
-
-
-def _index0(arr, start: int) -> int:
-    try:
-        return arr.index(0, start)
-    except ValueError:
-        return -1
 
 
 def _page_pieces(view, first: int, end: int, page_size: int, base: int = 0) -> list:
