@@ -36,7 +36,7 @@ from array import array
 from .. import xbzrle
 from ..codec.ram_records import RamPage, RamXbzrle, RamZero
 from ..wire.ram import RamFlag
-from .guest import _index0, marked_runs
+from .guest import marked_runs
 
 F_ZERO, F_PAGE, F_XBZRLE, F_CONT = (int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.XBZRLE),
                                     int(RamFlag.CONTINUE))
@@ -64,31 +64,20 @@ def zero_records(first: int, count: int, page_size: int) -> bytearray:
     return out
 
 
-def _first_word_zero(words, first: int, end: int, page_size: int) -> list:
-    """Pages of ``first .. end-1`` whose first 8 bytes are all zero; ``words``: the
-    block as a memoryview of u64, whose strided slice gathers each page's first
-    word in one go."""
-    if end <= first:
-        return []
-    step = page_size // 8
-    got = array("Q")
-    got.frombytes(words[first * step:end * step:step].tobytes())
-    out = []
-    pos = _index0(got, 0)
-    while pos >= 0:
-        out.append(first + pos)
-        pos = _index0(got, pos + 1)
-    return out
-
-
-def _page_pieces(view, first: int, end: int, page_size: int, base: int = 0) -> list:
+def _page_pieces(view, first: int, end: int, page_size: int, base: int = 0,
+                 stride: int | None = None) -> list:
     """PAGE|CONTINUE records of pages ``first .. end-1``: header, page, header, ...
-    (page ``i`` lies at ``view[base + i * page_size:]``)."""
+    (page ``i`` lies at ``view[base + i * stride:]``; ``stride`` defaults to the
+    page size, 0 is one page's bytes for every page)."""
     fp = F_PAGE | F_CONT
+    stride = page_size if stride is None else stride
     heads = list(map(_U64.pack, range(first * page_size | fp, end * page_size | fp,
                                        page_size)))
-    pages = [view[o:o + page_size] for o in range(base + first * page_size,
-                                                   base + end * page_size, page_size)]
+    if stride:
+        pages = [view[o:o + page_size] for o in range(base + first * stride,
+                                                       base + end * stride, stride)]
+    else:
+        pages = [view[base:base + page_size]] * (end - first)
     out = [None] * (2 * len(heads))
     out[0::2] = heads
     out[1::2] = pages
@@ -97,64 +86,26 @@ def _page_pieces(view, first: int, end: int, page_size: int, base: int = 0) -> l
 
 def _group_pieces(blk, group, out) -> int:
     """Append the records of a group of written pages (:meth:`RamBlock.groups`) to
-    ``out``; returns how many are PAGE records (the rest are ZERO).
-
-    Pages lying one after the other (the block's own memory, a run placed on a
-    tape) have their first words gathered by one strided slice: the pages whose
-    first word is zero get the full check, the runs of data pages in between go
-    out as header and page pieces made by two comprehensions."""
+    ``out``; returns how many are PAGE records (the rest are ZERO).  The zero
+    pages come from :meth:`RamBlock.zero_pages` (first words gathered at once);
+    the runs of data pages between them go out as header and page pieces made
+    by two comprehensions."""
     ps = blk.page_size
     start, n, view, off, stride = group
     if view is None:
         view = blk.anon_view
     end = start + n
+    base = off - start * stride                 # page i lies at base + i * stride
     fz = F_ZERO | F_CONT
-    zp = blk.zero_page
-    if stride == ps:
-        base = off - start * ps                 # page i lies at base + i * ps
-        words = view[off:off + n * ps].cast("Q") if ps % 8 == 0 else None
-        normal = 0
-        p = start
-        for z in (_first_word_zero(words, 0, n, ps) if words is not None
-                  else range(n)):
-            a = base + (start + z) * ps
-            if view[a:a + ps] != zp:
-                continue                        # a data page after all
-            z += start
-            if z > p:
-                out += _page_pieces(view, p, z, ps, base)
-                normal += z - p
-            out.append(_U64.pack(z * ps | fz) + b"\0")
-            p = z + 1
-        if end > p:
-            out += _page_pieces(view, p, end, ps, base)
-            normal += end - p
-        if words is not None:
-            words.release()
-        return normal
-    if stride == 0:                             # one page's bytes for every page
-        page = view[off:off + ps]
-        if page == zp:
-            out.append(zero_records(start, n, ps))
-            return 0
-        fp = F_PAGE | F_CONT
-        heads = list(map(_U64.pack, range(start * ps | fp, end * ps | fp, ps)))
-        pieces = [None] * (2 * n)
-        pieces[0::2] = heads
-        pieces[1::2] = [page] * n
-        out += pieces
-        return n
     normal = 0
-    for k in range(n):
-        a = off + k * stride
-        page = view[a:a + ps]
-        i = start + k
-        if page == zp:
-            out.append(_U64.pack(i * ps | fz) + b"\0")
-        else:
-            out.append(_U64.pack(i * ps | F_PAGE | F_CONT))
-            out.append(page)
-            normal += 1
+    p = start
+    for z in blk.zero_pages(start, end) + [end]:
+        if z > p:
+            out += _page_pieces(view, p, z, ps, base, stride)
+            normal += z - p
+        if z < end:
+            out.append(_U64.pack(z * ps | fz) + b"\0")
+        p = z + 1
     return normal
 
 
