@@ -964,11 +964,8 @@ class RamLoader:
     fresh pages made resident first.
     """
 
-    def __init__(self, ram: GuestRam, *, digest_ahead: bool = False, place: bool = True):
+    def __init__(self, ram: GuestRam, *, digest_ahead: bool = False):
         self.ram = ram
-        # place: runs of pages read from a mapped stream file (a read-only mmap)
-        # are placed on it (RamBlock.place), not copied
-        self.place = place
         self.pages = 0
         self.chunks = 0                 # mapped-ram chunks applied
         # digest_ahead: the pages-crc32 part of each 64 MiB region the runs of pages
@@ -1081,8 +1078,9 @@ class RamLoader:
         last = words[-1] - flags
         consecutive = (last - first == (n - 1) * ps and not first % ps and
                        last + ps <= blk.used_length)
-        if consecutive and self.place and isinstance(rec.buf, MappedFile):
-            # the stream file is mapped: the pages stay where they lie in it
+        if consecutive and isinstance(rec.buf, MappedFile):
+            # read from a mapped stream file (the caller chose to map it): the
+            # pages are placed where they lie in it, not copied
             if self._ahead is not None:
                 self._ahead.passed(blk, first // ps)
             blk.place(first // ps, n, rec.buf, rec.start + 8, ps + 8)
