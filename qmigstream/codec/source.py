@@ -269,9 +269,12 @@ def _file_size(f, base: int) -> int | None:
 
 class MappedFile(mmap.mmap):
     """A read-only mapping of a whole file that keeps the file open (``file``), so
-    that its bytes can also be read with ``preadv`` while the mapping lives."""
+    that its bytes can also be read with ``preadv`` while the mapping lives.
+    Its bytes count as not changing while it lives (``stable_bytes``: views of it
+    may be kept instead of copies), as long as the file is not written meanwhile."""
 
     file = None
+    stable_bytes = True
 
     def fileno(self) -> int:
         return self.file.fileno()

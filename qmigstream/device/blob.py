@@ -43,9 +43,11 @@ from dataclasses import dataclass
 
 import crcmod.predefined
 
+from ..crc32 import combine
 from ..errors import DeviceError
+from ..pieces import Pieces
 from ..wire import schemas_on_first_use
-from .image import new_image
+from .image import copy_image, new_image
 
 MAGIC = b"QMDV"
 VERSION = 2
@@ -145,6 +147,15 @@ def byte_view(data) -> memoryview:
         return memoryview(mv.tobytes())
 
 
+def stable(mv: memoryview) -> bool:
+    """Whether the bytes behind ``mv`` cannot change while it lives: a view of a
+    ``bytes`` object or of a buffer that says so (``stable_bytes``, e.g. a
+    read-only mapping of a stream file), so that keeping the view is as good as
+    keeping a copy."""
+    obj = mv.obj
+    return type(obj) is bytes or getattr(obj, "stable_bytes", False)
+
+
 class BlobParts:
     """A blob held as header, payload and CRC without copying the payload (what
     :func:`blob_parts` makes); ``len()`` is the blob's size, :meth:`view` reads it."""
@@ -158,8 +169,9 @@ class BlobParts:
     def __len__(self):
         return self.size
 
-    def view(self, pos: int, n: int):
-        """Bytes ``pos .. pos+n``: a view of one part, or a copy when they span two."""
+    def view(self, pos: int, n: int, *, gather: bool = False):
+        """Bytes ``pos .. pos+n``: a view of one part; when they span parts, a copy
+        (``gather=True``: a :class:`~qmigstream.pieces.Pieces` of views instead)."""
         out = []
         for p in self.parts:
             if pos >= len(p):
@@ -173,21 +185,33 @@ class BlobParts:
             pos = 0
             if not n:
                 break
-        return b"".join(out)
+        return Pieces(out) if gather else b"".join(out)
 
     def tobytes(self) -> bytes:
         return b"".join(self.parts)
 
 
 def blob_parts(kind: int, payload, *, profile: int, seq: int, last: bool,
-               version: int = VERSION) -> BlobParts:
+               version: int = VERSION, payload_crc: int | None = None) -> BlobParts:
     """:func:`build_blob` without the copy: the payload object itself is a part
-    (the caller must not change it while the blob is in use)."""
+    (the caller must not change it while the blob is in use).  ``payload`` may
+    also be a list of pieces or a :class:`~qmigstream.pieces.Pieces`.
+    ``payload_crc``: zlib's CRC-32 of the payload, if the caller has it (version
+    2 then combines it with the header's instead of reading the payload)."""
+    if isinstance(payload, Pieces):
+        payload = payload.parts
+    pieces = payload if isinstance(payload, list) else [payload]
+    length = sum(len(p) for p in pieces)
     head = pack_header(version=version, kind=kind, flags=FLAG_LAST if last else 0,
-                       profile=profile, seq=seq, length=len(payload))
-    crcf = CRCS[version]
-    crc = crcf(payload, crcf(head))
-    return BlobParts((head, payload, struct.pack("<I", crc)))
+                       profile=profile, seq=seq, length=length)
+    if version == 2 and payload_crc is not None:
+        crc = combine(zlib.crc32(head), payload_crc, length)
+    else:
+        crcf = CRCS[version]
+        crc = crcf(head)
+        for p in pieces:
+            crc = crcf(p, crc)
+    return BlobParts([head] + pieces + [struct.pack("<I", crc)])
 
 
 def build_delta_payload(patches) -> bytes:
@@ -255,9 +279,13 @@ class BlobAssembler:
         self.max_payload = max(image_size, 4 + image_size + PATCH_OVERHEAD * pages)
         self._buf = bytearray()
         self._header = None
-        self._full = None           # the FULL blob's image while its payload arrives
+        self._full = None           # the FULL blob's image (or list of pieces) while it arrives
         self._pos = 0               # payload bytes staged into _full
-        self._crc = 0               # running CRC over header and staged payload
+        self._crc = 0               # running CRC over the staged payload (version 1: and header)
+        self._head_crc = 0          # version 2: the header's CRC, combined at the end
+        #: zlib's CRC-32 of the finished image when the session was one FULL blob
+        #: (version 2), else None
+        self.image_crc = None
         self._image = None
         self._seq = 0
         self._undo = None
@@ -279,7 +307,9 @@ class BlobAssembler:
         # _buf is only appended to until a blob of this write completes; then
         # its bytes from earlier writes are kept (_pre_bytes) and it is replaced.
         saved = (self._header, self._full, self._pos, self._crc, self._image, self._seq,
-                 self.done, self.blobs)
+                 self.done, self.blobs, self.image_crc)
+        saved_parts = len(self._full) if type(self._full) is list else 0
+        self._keep = stable(mv)
         self._pre = len(self._buf)
         self._pre_bytes = None
         self._undo = []
@@ -293,7 +323,9 @@ class BlobAssembler:
             else:
                 self._buf = bytearray(self._pre_bytes)
             (self._header, self._full, self._pos, self._crc, self._image, self._seq,
-             self.done, self.blobs) = saved
+             self.done, self.blobs, self.image_crc) = saved
+            if type(self._full) is list:
+                del self._full[saved_parts:]
             raise
         finally:
             self._undo = None
@@ -321,9 +353,13 @@ class BlobAssembler:
                     return
                 self._header = h = self._check_header(bytes(self._buf[:HEADER_SIZE]))
                 if h.kind == KIND_FULL and h.length == self.image_size:
-                    # stage the payload straight into the new image
-                    self._crc = CRCS[h.version](memoryview(self._buf)[:HEADER_SIZE])
-                    self._full = new_image(self.image_size)
+                    # stage the payload straight into the new image; bytes that do not
+                    # change (stable()) are kept as views instead (the image is then
+                    # Pieces, copied only if the device writes it)
+                    head_crc = CRCS[h.version](memoryview(self._buf)[:HEADER_SIZE])
+                    self._head_crc = head_crc
+                    self._crc = 0 if h.version == 2 else head_crc
+                    self._full = [] if self._keep else new_image(self.image_size)
                     self._pos = 0
                     self._consume_buf()
             h = self._header
@@ -332,7 +368,10 @@ class BlobAssembler:
                     k = min(len(mv), h.length - self._pos)
                     if k:
                         piece = mv[:k]
-                        self._full[self._pos:self._pos + k] = piece
+                        if type(self._full) is list:
+                            self._full.append(piece if self._keep else bytes(piece))
+                        else:
+                            self._full[self._pos:self._pos + k] = piece
                         self._crc = CRCS[h.version](piece, self._crc)
                         self._pos += k
                         mv = mv[k:]
@@ -342,9 +381,14 @@ class BlobAssembler:
                 if len(self._buf) < CRC_SIZE:
                     return
                 (crc,) = struct.unpack_from("<I", self._buf, 0)
-                if crc != self._crc:
+                want = combine(self._head_crc, self._crc, h.length) if h.version == 2 \
+                    else self._crc
+                if crc != want:
                     raise DeviceError(f"blob {h.seq} CRC mismatch", self.rejects.corrupt)
                 image, self._full = self._full, None
+                if type(image) is list:
+                    image = Pieces(image)
+                self.image_crc = self._crc if h.version == 2 else None
                 if self.validate_image is not None:
                     self.validate_image(image)
                 self._image = image
@@ -398,6 +442,10 @@ class BlobAssembler:
                               f"{self.image_size}",
                               r.oversized if h.length > self.image_size else r.short)
         patches = self._parse_delta(payload)
+        if patches and type(self._image) is Pieces:
+            self._image = copy_image(self._image)      # patched: a writable copy
+        if patches:
+            self.image_crc = None
         for off, data in patches:
             if self._undo is not None:
                 self._undo.append((off, bytes(self._image[off:off + len(data)])))

@@ -70,11 +70,14 @@ class MigrationFile:
 
         In PRE_COPY(_P2P) with nothing to send now: ``DeviceError(ENOMSG)``.
         """
-        return bytes(self.read_view(n))
+        out = self.read_view(n)
+        return out if type(out) is bytes else bytes(out)
 
     def read_view(self, n: int = 1 << 20):
         """:meth:`read`, as a read-only ``memoryview`` of the device's queued data
-        (no copy; the pipeline's source keeps chunks this way), or ``b""``.
+        (no copy; the pipeline's source keeps chunks this way), a
+        :class:`~qmigstream.pieces.Pieces` of such views when the bytes span two
+        parts of it, or ``b""``.
 
         In PRE_COPY(_P2P) with nothing to send now: ``DeviceError(ENOMSG)``.
         """
@@ -85,7 +88,7 @@ class MigrationFile:
             raise DeviceError("negative read size", _errno.EINVAL)
         if n == 0:
             return b""
-        out = self.session.read(n)
+        out = self.session.read(n, gather=True)
         if out is None:
             raise DeviceError("no pre-copy data available now", _errno.ENOMSG)
         return out
@@ -186,7 +189,7 @@ class VfioDeviceV2:
             asm, f = self._resume
             try:
                 image = asm.finish()
-                dev.apply_image(image)
+                dev.apply_image(image, crc=asm.image_crc)
             except DeviceError:
                 dev.running = False            # still RESUMING: stopped
                 raise

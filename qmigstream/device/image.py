@@ -12,6 +12,9 @@ buffer protocol, ``len`` and ``==`` by contents.
 from __future__ import annotations
 
 import mmap
+import zlib
+
+from ..pieces import Pieces
 
 #: Images of at least this many bytes are ImageBuffers.
 LARGE = 1 << 20
@@ -60,12 +63,23 @@ def new_image(n: int):
 
 
 def copy_image(image):
-    """A private copy of ``image`` of the same kind."""
+    """A private, writable copy of ``image`` (an ImageBuffer when large)."""
     if isinstance(image, ImageBuffer):
         return image.copy()
+    if type(image) is Pieces:
+        out = new_image(len(image))
+        image.copy_into(out)
+        return out
     return bytearray(image)
 
 
 def is_image(obj) -> bool:
-    """Whether ``obj`` can be installed as an image as it is (not copied)."""
-    return type(obj) is bytearray or isinstance(obj, ImageBuffer)
+    """Whether ``obj`` can be installed as an image as it is (not copied): a
+    bytearray, an ImageBuffer, or :class:`~qmigstream.pieces.Pieces` (read-only
+    views, made a writable image when first needed as one)."""
+    return type(obj) is bytearray or isinstance(obj, ImageBuffer) or type(obj) is Pieces
+
+
+def image_crc32(image) -> int:
+    """zlib's CRC-32 of an image of any of those kinds."""
+    return image.crc32() if type(image) is Pieces else zlib.crc32(image)

@@ -35,12 +35,15 @@ import errno as _errno
 import hashlib
 import struct
 import sys
+import zlib
 
+from ..crc32 import combine, remove_prefix
 from ..errors import DeviceError
+from ..pieces import Pieces
 from ..wire import schemas_on_first_use
 from .blob import (BLOB_OVERHEAD, KIND_DELTA, KIND_FULL, BlobAssembler, BlobParts,
                    Rejects, blob_parts, build_blob, build_delta_payload, delta_size)
-from .image import copy_image, is_image, new_image
+from .image import copy_image, image_crc32, is_image, new_image
 
 
 def _schemas():
@@ -246,9 +249,14 @@ class Profile:
     def make_config(self) -> PciConfigSpace:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def initial_sha256(self, seed: int) -> bytes:
-        """sha256 of :meth:`initial_image` (profiles may compute it without the image)."""
-        return hashlib.sha256(self.initial_image(seed)).digest()
+    def initial_crc32(self, seed: int) -> int:
+        """CRC-32 of :meth:`initial_image` (profiles may compute it without the image)."""
+        return zlib.crc32(self.initial_image(seed))
+
+    def initial_pieces(self, seed: int):
+        """:meth:`initial_image` as a list of read-only pieces that need not be
+        copied into an image, or None (the image is made then)."""
+        return None
 
     def initial_image(self, seed: int) -> bytearray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -345,6 +353,9 @@ class MttyProfile(Profile):
                            for k, v in p.items() if not k.startswith("_")} for p in ports]}
 
 
+#: What :meth:`EmulatedPciDevice.image_digest` is (and what ``state_digest`` covers).
+IMAGE_DIGEST = "crc32"
+
 #: Generation of the SizedProfile state generator (3: a SHAKE-128 MiB, rotated for
 #: each further MiB; 2: a PCG64 MiB XOR a word per MiB; 1: PCG64 over the whole state).
 SIZED_CONTENT_GENERATION = 3
@@ -356,18 +367,20 @@ REGS_SIZE = 64
 _SIZED_REGS = struct.Struct("<QQQQII24x")
 
 
-def sized_state_pieces(seed: int, n: int):
-    """The ``n`` state bytes of a :class:`SizedProfile` device of ``seed``, as pieces
-    (bytes-like, in order; content generation :data:`SIZED_CONTENT_GENERATION`)."""
-    base = hashlib.shake_128(b"qmigstream sized state\0" +
+def _sized_base(seed: int, n: int) -> bytes:
+    return hashlib.shake_128(b"qmigstream sized state\0" +
                              struct.pack("<Q", seed & MASK64)).digest(min(n, _MIB))
-    bv = memoryview(base)
+
+
+def _sized_segments(base: bytes, n: int):
+    """The state of :func:`sized_state_pieces` as segments: ``(a, b)`` for the
+    bytes ``base[a:b]``, or a bytes object (the XORed MiBs from 512 on)."""
     tables = {}
     for pos in range(0, n, _MIB):
         k = pos // _MIB
         m = min(_MIB, n - pos)
         if k == 0:
-            yield bv[:m]
+            yield (0, m)
             continue
         r = (k * 4104) % _MIB
         t = (k >> 9) & 0xFF
@@ -378,9 +391,41 @@ def sized_state_pieces(seed: int, n: int):
             yield (base[r:] + base[:r])[:m].translate(table)
             continue
         first = min(m, _MIB - r)
-        yield bv[r:r + first]
+        yield (r, r + first)
         if m > first:
-            yield bv[:m - first]
+            yield (0, m - first)
+
+
+def sized_state_pieces(seed: int, n: int):
+    """The ``n`` state bytes of a :class:`SizedProfile` device of ``seed``, as pieces
+    (bytes-like, in order; content generation :data:`SIZED_CONTENT_GENERATION`)."""
+    base = _sized_base(seed, n)
+    bv = memoryview(base)
+    for seg in _sized_segments(base, n):
+        yield bv[seg[0]:seg[1]] if type(seg) is tuple else seg
+
+
+def sized_state_crc32(seed: int, n: int) -> int:
+    """zlib's CRC-32 of the ``n`` state bytes, from the CRCs of the first MiB's
+    prefixes (one pass over that MiB) combined arithmetically (:mod:`..crc32`):
+    the rotated MiBs are not read again."""
+    base = _sized_base(seed, n)
+    bv = memoryview(base)
+    segs = list(_sized_segments(base, n))
+    prefix = {0: 0}
+    crc = last = 0
+    for cut in sorted({x for s in segs if type(s) is tuple for x in s} - {0}):
+        crc = prefix[cut] = zlib.crc32(bv[last:cut], crc)
+        last = cut
+    out = 0
+    for s in segs:
+        if type(s) is tuple:
+            a, b = s
+            piece, length = remove_prefix(prefix[b], prefix[a], b - a), b - a
+        else:
+            piece, length = zlib.crc32(s), len(s)
+        out = combine(out, piece, length)
+    return out
 
 
 def sized_state(seed: int, n: int, out, at: int = 0) -> None:
@@ -438,16 +483,17 @@ class SizedProfile(Profile):
     def _regs(self, seed) -> bytes:
         return _SIZED_REGS.pack(0, 0, seed & MASK64, self.state_size, 1, 0)
 
-    def initial_sha256(self, seed):
-        h = hashlib.sha256(self._regs(seed))
-        for piece in sized_state_pieces(seed, self.state_size):
-            h.update(piece)
-        return h.digest()
+    def initial_crc32(self, seed):
+        return combine(zlib.crc32(self._regs(seed)), sized_state_crc32(seed, self.state_size),
+                       self.state_size)
+
+    def initial_pieces(self, seed):
+        return [self._regs(seed)] + list(sized_state_pieces(seed, self.state_size))
 
     def validate_image(self, image):
         if len(image) < REGS_SIZE:
             raise DeviceError("device image shorter than its registers", _errno.EINVAL)
-        (size,) = struct.unpack_from("<Q", image, 24)
+        (size,) = struct.unpack("<Q", image[24:32])
         if size != self.state_size or len(image) != self.image_size:
             raise DeviceError(f"device image for {size} state bytes, this device has "
                               f"{self.state_size}", _errno.EINVAL)
@@ -543,7 +589,7 @@ class EmulatedPciDevice:
         self.msix_table = bytearray(16 * getattr(self.profile, "msix_vectors", 0))
         self._img = None                  # the image; None: still the initial one, unmade
         self._image_version = 0           # bumped by every change of the image
-        self._image_hash = None           # (version, sha256 digest) last computed
+        self._image_hash = None           # (version, CRC-32) last computed
         self._image_shared = False        # a save session holds the image as its FULL blob
         self._image_dirty = None          # set of image pages while a save session runs
         self._rng = splitmix64(seed ^ 0x51D3A)
@@ -560,6 +606,8 @@ class EmulatedPciDevice:
         img = self._img
         if img is None:
             img = self._img = self.profile.initial_image(self.seed)
+        elif type(img) is Pieces:         # loaded as views: a writable image from here on
+            img = self._img = copy_image(img)
         return img
 
     @_image.setter
@@ -573,22 +621,24 @@ class EmulatedPciDevice:
         return self.profile.describe(self._image)
 
     def _poke(self, offset: int, data: bytes) -> None:
-        if self._image_shared:
+        if self._image_shared and self._img is not None:
             # copy on write: the save session's FULL blob keeps the image it was given
-            self._image = copy_image(self._image)
-            self._image_shared = False
+            self._img = copy_image(self._img)
+        self._image_shared = False
         self._image[offset:offset + len(data)] = data
         self._image_version += 1
         if self._image_dirty is not None and data:
             first, last = offset // PAGE, (offset + len(data) - 1) // PAGE
             self._image_dirty.update(range(first, last + 1))
 
-    def apply_image(self, image) -> None:
-        """Install a new image (a bytearray or ImageBuffer is taken over as it is, not copied)."""
+    def apply_image(self, image, crc: int | None = None) -> None:
+        """Install a new image (a bytearray, ImageBuffer or Pieces is taken over as it
+        is, not copied); ``crc``: its CRC-32, if the caller knows it."""
         self.profile.validate_image(image)
         self._image = image if is_image(image) else bytearray(image)
         self._image_shared = False
         self._image_version += 1
+        self._know_image_crc(crc)
 
     def restore_initial_image(self) -> None:
         """Go back to the image the device started with (made from the seed again
@@ -597,54 +647,54 @@ class EmulatedPciDevice:
         self._image_shared = False
         self._image_version += 1
 
-    def _image_sha256(self) -> bytes:
-        """sha256 of the image, computed once per image state (every change of the
-        image goes through :meth:`_poke` or :meth:`apply_image`)."""
+    def _image_crc(self) -> int:
+        """zlib's CRC-32 of the image, computed once per image state (every change of
+        the image goes through :meth:`_poke` or :meth:`apply_image`, which bump a
+        version; a save or load that has the CRC anyway hands it over)."""
         c = self._image_hash
         if c is None or c[0] != self._image_version:
-            digest = self.profile.initial_sha256(self.seed) if self._img is None else \
-                hashlib.sha256(self._img).digest()
-            c = self._image_hash = (self._image_version, digest)
+            crc = self.profile.initial_crc32(self.seed) if self._img is None else \
+                image_crc32(self._img)
+            c = self._image_hash = (self._image_version, crc)
         return c[1]
 
+    def _know_image_crc(self, crc) -> None:
+        """The current image's CRC-32, known to the caller (None: not known)."""
+        if crc is not None:
+            self._image_hash = (self._image_version, crc)
+
     def image_digest(self) -> str:
-        """sha256 of the image."""
-        return self._image_sha256().hex()
+        """CRC-32 of the image (8 hex digits)."""
+        return f"{self._image_crc():08x}"
 
     def state_digest(self) -> str:
-        """sha256 over profile id, the image's sha256, config space and MSI-X table."""
-        return self._state_digest(self._image_sha256(), self.config.data, self.msix_table)
+        """sha256 over profile id, the image's CRC-32, config space and MSI-X table."""
+        return self._state_digest(self._image_crc(), self.config.data, self.msix_table)
 
-    def _state_digest(self, image_sha256, config, msix) -> str:
+    def _state_digest(self, image_crc, config, msix) -> str:
         h = hashlib.sha256()
-        h.update(struct.pack("<I", self.profile.profile_id))
-        h.update(image_sha256)
+        h.update(struct.pack("<II", self.profile.profile_id, image_crc))
         h.update(config)
         h.update(msix)
         return h.hexdigest()
 
     def state_digest_later(self):
         """A function that returns :meth:`state_digest` as it is now, whatever the
-        device does meanwhile; the image's sha256 is computed on another thread
-        in the meantime (hashlib lets go of the GIL)."""
+        device does meanwhile; the image's CRC is computed on another thread in the
+        meantime (zlib lets go of the GIL)."""
         version, image = self._image_version, self._img
         config, msix = bytes(self.config.data), bytes(self.msix_table)
         c = self._image_hash
-        if c is not None and c[0] == version or \
+        if c is not None and c[0] == version or image is None or \
                 self.profile.image_size < (1 << 20):
-            digest = self._state_digest(self._image_sha256(), config, msix)
+            # known, small, or the initial image (its CRC is arithmetic on the seed)
+            digest = self._state_digest(self._image_crc(), config, msix)
             return lambda: digest
         import threading
-        if image is None:                 # the initial image, never made: from the seed
-            profile, seed = self.profile, self.seed
+        self._image_shared = True         # the thread reads it: copy on the next change
 
-            def make():
-                return profile.initial_sha256(seed)
-        else:
-            self._image_shared = True     # the thread reads it: copy on the next change
-
-            def make():
-                return hashlib.sha256(image).digest()
+        def make():
+            return image_crc32(image)
         box = []
         t = threading.Thread(target=lambda: box.append(make()), daemon=True)
         t.start()
@@ -746,18 +796,27 @@ class SaveSession:
         self.closed = False
         self.bytes_out = 0
         dev._image_dirty = set()
-        self._push(KIND_FULL, dev._image, last=not precopy, name="initial")
+        # an initial image never made goes out as the profile's pieces, an image
+        # loaded as views as those views (neither is copied)
+        img = dev._img
+        payload = dev.profile.initial_pieces(dev.seed) if img is None else \
+            img if type(img) is Pieces else None
+        self._push(KIND_FULL, dev._image if payload is None else payload,
+                   last=not precopy, name="initial")
         if not precopy:
             self.final = True
             dev._image_dirty = None
 
     def _push(self, kind, payload, *, last, name):
         pid = self.dev.profile.profile_id
-        if payload is self.dev._image:
-            # the FULL blob holds the image itself, not a copy: the device copies
-            # it before its next change (EmulatedPciDevice._poke)
-            blob = blob_parts(kind, payload, profile=pid, seq=self.seq, last=last)
-            self.dev._image_shared = True
+        if kind == KIND_FULL:
+            # the FULL blob holds the image itself (or the initial image's pieces),
+            # not a copy: the device copies it before its next change
+            # (EmulatedPciDevice._poke); the blob's CRC comes from the image's
+            blob = blob_parts(kind, payload, profile=pid, seq=self.seq, last=last,
+                              payload_crc=self.dev._image_crc())
+            if payload is self.dev._img:
+                self.dev._image_shared = True
         else:
             blob = build_blob(kind, payload, profile=pid, seq=self.seq, last=last)
         self.seq += 1
@@ -807,11 +866,13 @@ class SaveSession:
         return self._remaining(("initial", "dirty", "final")) + (
             0 if self.final else self.dirty_bytes() - self._remaining(("dirty",)))
 
-    def read(self, n: int, *, chunk: int | None = None):
+    def read(self, n: int, *, chunk: int | None = None, gather: bool = False):
         """Up to ``n`` bytes (never across a blob end, at most ``chunk``).
 
-        Returns a read-only view of the queued blob (no copy), ``b""`` at the end
-        of a final session, ``None`` when pre-copy has nothing now (the caller maps
+        Returns a read-only view of the queued blob (no copy; bytes spanning two
+        parts of it are copied, or with ``gather=True`` come as a
+        :class:`~qmigstream.pieces.Pieces` of views), ``b""`` at the end of a
+        final session, ``None`` when pre-copy has nothing now (the caller maps
         that to ENOMSG or pending_bytes == 0).
         """
         if not self._queue:
@@ -821,7 +882,8 @@ class SaveSession:
                 return None
         blob, pos, _ = self._queue[0]
         k = min(n, len(blob) - pos, chunk or self.dev.chunk_size)
-        out = blob.view(pos, k) if type(blob) is BlobParts else memoryview(blob)[pos:pos + k]
+        out = blob.view(pos, k, gather=gather) if type(blob) is BlobParts else \
+            memoryview(blob)[pos:pos + k]
         if pos + k == len(blob):
             self._queue.pop(0)
         else:

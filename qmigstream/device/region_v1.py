@@ -297,7 +297,7 @@ class MigrationRegionV1:
                               "in the device; device is in the error state", err)
         if cur & RESUMING:
             image = self._resume.finish()        # raises: stay in _RESUMING, unchanged
-            self.device.apply_image(image)
+            self.device.apply_image(image, crc=self._resume.image_crc)
             self._resume = None
         if cur & SAVING and not new & SAVING:
             self._end_save()

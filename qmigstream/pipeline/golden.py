@@ -40,7 +40,7 @@ from ..vfio import family as VF
 from ..vfio import multifd as MF
 from ..vfio.scan import scan
 from ..device.blob import VERSION as _BLOB_VERSION
-from ..device.pci_device import SIZED_CONTENT_GENERATION
+from ..device.pci_device import IMAGE_DIGEST, SIZED_CONTENT_GENERATION
 from . import profiles as P
 from .guest import DEFAULT_RAM_DIGEST, FILL_GENERATION
 from .migrate import DeviceSpec, MigrateConfig, migrate
@@ -51,9 +51,10 @@ crc32 = crcmod.predefined.mkCrcFun("crc-32")
 #: What the vectors' bytes depend on besides the settings and the QEMU layouts; a
 #: change of any means every vector changes (``golden check`` says so): the device
 #: blob version, the sized device's state generator, the synthetic guest's initial
-#: fill, the RAM digests in .state.json.
+#: fill, the RAM digests and the device image digest in .state.json.
 CONTENT = {"device_blob": _BLOB_VERSION, "sized_state": SIZED_CONTENT_GENERATION,
-           "ram_fill": FILL_GENERATION, "ram_digest": DEFAULT_RAM_DIGEST}
+           "ram_fill": FILL_GENERATION, "ram_digest": DEFAULT_RAM_DIGEST,
+           "image_digest": IMAGE_DIGEST}
 
 MIB = 1 << 20
 #: Registers (64) + blob header and CRC (28): a sized:N device's stop-copy data is N + 92.

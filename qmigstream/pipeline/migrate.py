@@ -48,6 +48,7 @@ from ..codec.records import (Command, Configuration, EndOfStream, FileHeader, Se
                              SectionHeader, VmDescription)
 from ..device.pci_device import PAGE, EmulatedPciDevice
 from ..errors import QmigstreamError
+from ..pieces import Pieces
 from ..vfio import builder as VB
 from ..vfio import family as VF
 from ..vfio import multifd as MF
@@ -261,8 +262,11 @@ class _Out:
     def rec(self, r):
         r.offset = self.offset
         if type(r) is VfioDataChunk and len(r.data) > 4096:
-            # what r.encode() gives, without copying the data (a view of the device's blob)
-            return self.raw((data_chunk_header(len(r.data)), r.data))
+            # what r.encode() gives, without copying the data (views of the device's blob)
+            d = r.data
+            if type(d) is Pieces:
+                return self.raw([data_chunk_header(len(d))] + d.parts)
+            return self.raw((data_chunk_header(len(d)), d))
         return self.raw((r.encode(),))
 
     def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 
 from ...errors import LimitExceeded, StreamError, Truncated
+from ...pieces import Pieces
 from ...wire import vfio as W
 from ...wire.vfio import Marker
 from ..boundary import payload_start
@@ -62,7 +63,8 @@ class VfioDataChunk(Record):
     kind = "vfio_data"
 
     def __init__(self, data, offset=None, depth=0):
-        self.data = data if isinstance(data, (bytes, memoryview)) else bytes(data)
+        # bytes, a view, or Pieces (views kept as they are: the writer sends their parts)
+        self.data = data if isinstance(data, (bytes, memoryview, Pieces)) else bytes(data)
         self.offset, self.depth = offset, depth
 
     @property
