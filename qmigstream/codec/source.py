@@ -146,6 +146,19 @@ class Source:
         self._pos = p + n
         return self._buf[p:p + n]
 
+    def read_view(self, n: int, what: str = "data"):
+        """:meth:`read`, as a read-only view when the source is a mapped file (its
+        bytes are not copied; the view keeps the mapping alive), else bytes."""
+        if type(self._buf) is MappedFile:
+            have = len(self._buf) - self._pos
+            if have < n:
+                raise Truncated(f"stream ends inside {what}", self.offset, needed=n,
+                                available=have)
+            p = self._pos
+            self._pos = p + n
+            return memoryview(self._buf)[p:p + n]
+        return self.read(n, what)
+
     def skip(self, n: int, what: str = "data") -> None:
         """Consume ``n`` bytes without keeping them (seeks when it can)."""
         have = len(self._buf) - self._pos

@@ -827,7 +827,7 @@ class SaveSession:
         pages = sorted(dev._image_dirty or ())
         if not pages and not last:
             return False
-        img = dev._image
+        img = dev._image if pages else None           # an unchanged image stays unmade
         patches = [(p * PAGE, img[p * PAGE:(p + 1) * PAGE]) for p in pages]
         dev._image_dirty = set() if not last else None
         self._push(KIND_DELTA, build_delta_payload(patches), last=last,

@@ -56,6 +56,7 @@ pages placed on a SHAKE-128 tape (see there).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import mmap
 import os
@@ -65,6 +66,7 @@ import zlib
 from array import array
 
 from .. import xbzrle
+from ..crc32 import combine, remove_prefix, repeat, shift
 from ..codec import ram_records as R
 from ..codec.source import MappedFile
 from ..device.pci_device import MASK64, splitmix64
@@ -166,6 +168,42 @@ def _gathered_crc32(fd: int, offset: int, n: int, ps: int, stride: int, crc: int
     return crc
 
 
+class SliceCrc:
+    """zlib's CRC-32 of any slice of one read-only buffer from the CRCs of its
+    prefixes (:func:`qmigstream.crc32.remove_prefix`): the prefix CRC at each
+    slice end asked for is made once, from the nearest known one before it, so
+    a buffer read by many slices is read about once in all.  Thread-safe."""
+
+    def __init__(self, view):
+        import threading
+        self.view = view
+        self._cuts = [0]
+        self._prefix = {0: 0}
+        self._lock = threading.Lock()
+
+    def _at(self, c: int) -> int:
+        p = self._prefix.get(c)
+        if p is None:
+            i = bisect.bisect(self._cuts, c) - 1
+            k = self._cuts[i]
+            p = zlib.crc32(self.view[k:c], self._prefix[k])
+            self._prefix[c] = p
+            self._cuts.insert(i + 1, c)
+        return p
+
+    def crc(self, a: int, b: int) -> int:
+        """CRC-32 of ``view[a:b]``."""
+        with self._lock:
+            return remove_prefix(self._at(b), self._at(a), b - a)
+
+    def extend(self, crc: int, a: int, b: int) -> int:
+        """The CRC-32 ``crc`` going on over ``view[a:b]`` (one shift:
+        combine(crc, P[b] ^ shift(P[a], n), n) = shift(crc ^ P[a], n) ^ P[b])."""
+        with self._lock:
+            pa, pb = self._at(a), self._at(b)
+        return shift(crc ^ pa, b - a) ^ pb
+
+
 def _index0(arr, start: int) -> int:
     try:
         return arr.index(0, start)
@@ -250,6 +288,8 @@ class RamBlock:
         self._runs = {}                          # start page -> (backing, offset, stride)
         self._backings = []
         self._backing_ids = {}
+        self._slice_crcs = {}             # backing id -> SliceCrc (placed with index=True)
+        self._repeat_crcs = {}            # (backing id, offset, count) -> CRC-32
         self.placed = 0                          # pages on a backing now
         # pages-crc32 by region: writes per region, and each region's part of the
         # digest as last computed with the count it was computed at
@@ -291,12 +331,15 @@ class RamBlock:
             self._backing_ids[id(buf)] = bid
         return bid
 
-    def place(self, first: int, count: int, buf, offset: int, stride: int) -> None:
+    def place(self, first: int, count: int, buf, offset: int, stride: int, *,
+              index: bool = False) -> None:
         """Pages ``first .. first+count-1`` now hold the bytes of ``buf`` (read-only,
         kept alive while pages use it) at ``offset``, ``offset + stride``, ...,
         without copying them: a page is read where it lies until something
         writes it (then it is copied into the block's own memory first).  The
-        pages count as written (not as dirty)."""
+        pages count as written (not as dirty).  ``index``: many pages lie on
+        ``buf`` (it is read again and again): CRCs of its slices are made from
+        its prefix CRCs (:class:`SliceCrc`) instead of reading them."""
         ps = self.page_size
         if count <= 0:
             return
@@ -305,6 +348,8 @@ class RamBlock:
                                   f"{self.name!r} ({self.npages} pages)")
         bid = self.backing_id(buf)
         size = len(self._backings[bid][1])
+        if index and bid not in self._slice_crcs:
+            self._slice_crcs[bid] = SliceCrc(self._backings[bid][1])
         if offset < 0 or stride < 0 or offset + (count - 1) * stride + ps > size:
             raise QmigstreamError(f"RAM block {self.name!r}: placed pages beyond their "
                                   f"backing ({size} bytes)")
@@ -372,6 +417,7 @@ class RamBlock:
         for _, v, _ in self._backings:
             v.release()
         self._backings, self._backing_ids = [], {}
+        self._slice_crcs, self._repeat_crcs = {}, {}
 
     def materialize(self) -> None:
         """Copy every page on a backing into the block's own memory."""
@@ -385,18 +431,18 @@ class RamBlock:
             return self._backings[bid][1], off
         return self.anon_view, i * self.page_size
 
-    def groups(self, first: int, end: int, *, fds: bool = False):
+    def groups(self, first: int, end: int, *, ids: bool = False):
         """Pages ``first .. end-1`` in order as ``(start, count, view, offset,
         stride)``: page ``start + k`` is ``view[offset + k*stride:][:page_size]``
         (``view`` is None for the block's own memory, where the stride is the page
-        size); the pages of one placed run are one group.  ``fds``: the tuples
-        have the backing's file descriptor (or None) as a sixth item."""
+        size); the pages of one placed run are one group.  ``ids``: the tuples
+        have the backing's id (or None for the block's own memory) as a sixth item."""
         ps = self.page_size
         if end <= first:
             return
         ob = self.onback
         if not self.placed or ob.find(1, first, end) < 0:
-            yield (first, end - first, None, first * ps, ps) + ((None,) if fds else ())
+            yield (first, end - first, None, first * ps, ps) + ((None,) if ids else ())
             return
         st, bk = self._starts, self._backings
         i = first
@@ -404,7 +450,7 @@ class RamBlock:
             if not ob[i]:
                 j = ob.find(1, i, end)
                 j = end if j < 0 else j
-                yield (i, j - i, None, i * ps, ps) + ((None,) if fds else ())
+                yield (i, j - i, None, i * ps, ps) + ((None,) if ids else ())
                 i = j
                 continue
             j = ob.find(0, i, end)
@@ -413,34 +459,50 @@ class RamBlock:
                 k = st.find(1, i + 1, j)
                 k = j if k < 0 else k
                 bid, off, stride = self._run_at(i)
-                b = bk[bid]
-                yield (i, k - i, b[1], off, stride) + ((b[2],) if fds else ())
+                yield (i, k - i, bk[bid][1], off, stride) + ((bid,) if ids else ())
                 i = k
 
     def crc32(self, first: int, end: int, crc: int = 0) -> int:
         """zlib's CRC-32 of pages ``first .. end-1`` in order, going on from ``crc``.
         Long pieces, so that zlib lets go of the GIL (it keeps it for pieces
         under 5 KiB): pages lying one after the other in one call; the pages of
-        a mapped file at a stride gathered by ``preadv`` into a buffer first."""
+        a mapped file at a stride gathered by ``preadv`` into a buffer first.
+        Pages on a backing placed with ``index=True`` (a buffer many pages are
+        placed on, such as the synthetic guest's tape) and runs of one repeated
+        page are not read again: their CRCs come from the backing's prefix CRCs
+        (:class:`SliceCrc`) or from a cache, combined arithmetically
+        (:mod:`qmigstream.crc32`)."""
         ps = self.page_size
-        for start, n, v, o, stride, fd in self.groups(first, end, fds=True):
+        bk = self._backings
+        for start, n, v, o, stride, bid in self.groups(first, end, ids=True):
             if v is None:
                 v = self.anon_view
             if stride == ps:
-                crc = zlib.crc32(v[o:o + n * ps], crc)
+                index = self._slice_crcs.get(bid) if bid is not None else None
+                if index is not None:
+                    crc = index.extend(crc, o, o + n * ps)
+                else:
+                    crc = zlib.crc32(v[o:o + n * ps], crc)
             elif stride == 0:
-                rep = bytes(v[o:o + ps]) * min(n, max(1, (64 << 10) // ps))
-                per = len(rep) // ps
-                for _ in range(n // per):
-                    crc = zlib.crc32(rep, crc)
-                if n % per:
-                    crc = zlib.crc32(memoryview(rep)[:n % per * ps], crc)
-            elif fd is not None and stride > ps and _HAVE_PREADV:
-                crc = _gathered_crc32(fd, o, n, ps, stride, crc)
+                crc = combine(crc, self._repeated_crc(bid, v, o, n), n * ps)
+            elif bid is not None and bk[bid][2] is not None and stride > ps and _HAVE_PREADV:
+                crc = _gathered_crc32(bk[bid][2], o, n, ps, stride, crc)
             else:
                 for p in range(o, o + n * stride, stride):
                     crc = zlib.crc32(v[p:p + ps], crc)
         return crc
+
+    def _repeated_crc(self, bid, v, o: int, n: int) -> int:
+        """CRC-32 of ``n`` copies of the page at ``v[o:]`` (cached per backing page
+        and count: runs of one repeated page come in a few kinds)."""
+        key = (bid, o, n)
+        got = self._repeat_crcs.get(key)
+        if got is None:
+            ps = self.page_size
+            got = repeat(zlib.crc32(v[o:o + ps]), ps, n)
+            if bid is not None:
+                self._repeat_crcs[key] = got
+        return got
 
     def page_pieces(self, first: int, end: int) -> list:
         """Memoryviews of pages ``first .. end-1`` in order, where each lies (no copy):
@@ -902,7 +964,7 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
         while i < stop:                      # as far as the tape goes without wrapping
             pos = i * ps % L
             n = min(stop - i, (L - pos) // ps + 1)
-            blk.place(i, n, tape2, pos, ps)
+            blk.place(i, n, tape2, pos, ps, index=True)
             i += n
         i, stop = first + d, first + d + u
         while i < stop:                      # a group of UNIFORM_GROUP pages

@@ -200,7 +200,7 @@ class VfioSection:
                                 found=size)
         src.read(16)
         if size <= _READ_PIECE or left is not None:
-            data = src.read(size, "VFIO device data")
+            data = src.read_view(size, "VFIO device data")
         else:
             # Input of unknown length: never ask for more than arrives.
             parts, need = [], size
