@@ -63,7 +63,7 @@ def register(sub):
     p.add_argument("--manifest", help="where to write the source manifest "
                                       "(default OUTPUT.json)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fast_exit=True)      # every file it opens is closed
 
 
 def config_from_args(args) -> MigrateConfig:

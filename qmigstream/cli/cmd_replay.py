@@ -22,7 +22,7 @@ def register(sub):
                         "model's pages stay where they lie in the file, which must not "
                         "shrink during the load)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, fast_exit=True)      # every file it opens is closed
 
 
 def run(args) -> int:

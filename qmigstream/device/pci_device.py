@@ -37,7 +37,7 @@ import struct
 import sys
 import zlib
 
-from ..crc32 import combine, remove_prefix
+from ..crc32 import combine, shift
 from ..errors import DeviceError
 from ..pieces import Pieces
 from ..wire import schemas_on_first_use
@@ -367,9 +367,21 @@ REGS_SIZE = 64
 _SIZED_REGS = struct.Struct("<QQQQII24x")
 
 
+_bases = {}
+
+
 def _sized_base(seed: int, n: int) -> bytes:
-    return hashlib.shake_128(b"qmigstream sized state\0" +
-                             struct.pack("<Q", seed & MASK64)).digest(min(n, _MIB))
+    """The state's first MiB (or all of it, if shorter): SHAKE-128 of the seed
+    (the last few made are kept: a device's pieces, CRC and image each need it)."""
+    key = (seed & MASK64, min(n, _MIB))
+    got = _bases.get(key)
+    if got is None:
+        got = hashlib.shake_128(b"qmigstream sized state\0" +
+                                struct.pack("<Q", key[0])).digest(key[1])
+        if len(_bases) >= 4:
+            _bases.pop(next(iter(_bases)))
+        _bases[key] = got
+    return got
 
 
 def _sized_segments(base: bytes, n: int):
@@ -406,25 +418,37 @@ def sized_state_pieces(seed: int, n: int):
 
 
 def sized_state_crc32(seed: int, n: int) -> int:
-    """zlib's CRC-32 of the ``n`` state bytes, from the CRCs of the first MiB's
-    prefixes (one pass over that MiB) combined arithmetically (:mod:`..crc32`):
-    the rotated MiBs are not read again."""
+    """zlib's CRC-32 of the ``n`` state bytes, without reading the rotated MiBs:
+    one pass over the first MiB for the CRCs of its prefixes at the rotation
+    points, then arithmetic (:mod:`..crc32`).  With ``P[j]`` the CRC of the
+    first MiB's first ``j`` bytes (``L`` of them), the MiB rotated by ``r`` has
+    the CRC ``shift(P[L], r) ^ shift(P[r], L) ^ P[r]``; ``shift(P[L], r)`` goes
+    from one MiB to the next by a shift of 4104 bytes (the rotation step), so
+    every shift but a few is by one of three lengths (byte tables)."""
     base = _sized_base(seed, n)
     bv = memoryview(base)
-    segs = list(_sized_segments(base, n))
+    L = len(base)
+    full = min(n // _MIB, 512) if L == _MIB else 0      # whole MiBs, no XOR
+    rots = [(k * 4104) % _MIB for k in range(1, full)]
     prefix = {0: 0}
     crc = last = 0
-    for cut in sorted({x for s in segs if type(s) is tuple for x in s} - {0}):
+    for cut in sorted(set(rots) | {L}):
         crc = prefix[cut] = zlib.crc32(bv[last:cut], crc)
         last = cut
-    out = 0
-    for s in segs:
-        if type(s) is tuple:
-            a, b = s
-            piece, length = remove_prefix(prefix[b], prefix[a], b - a), b - a
-        else:
-            piece, length = zlib.crc32(s), len(s)
-        out = combine(out, piece, length)
+    pl = prefix[L]
+    out = pl if full else 0                            # MiB 0
+    q = None                                           # shift(P[L], r) of the last MiB
+    prev = 0
+    for r in rots:
+        q = shift(q, 4104) if q is not None and r == prev + 4104 else shift(pl, r)
+        prev = r
+        pr = prefix[r]
+        out = shift(out, _MIB) ^ q ^ shift(pr, L) ^ pr
+    done = full * _MIB
+    if done < n:                                      # the rest: segment by segment
+        for s in list(_sized_segments(base, n))[2 * full - 1 if full else 0:]:
+            piece = bv[s[0]:s[1]] if type(s) is tuple else s
+            out = zlib.crc32(piece, out)
     return out
 
 
