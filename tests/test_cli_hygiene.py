@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import json
 import subprocess
 import sys
 
@@ -113,3 +114,24 @@ def test_command_in_a_subprocess(command, inputs, tmp_path):
     assert "Traceback" not in r.stderr
     if r.returncode == 2:
         assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_fast_exit_commands_flush_their_output_and_keep_their_exit_code(tmp_path):
+    """migrate and replay end the process without the interpreter's teardown: what
+    they print reaches a pipe whole, their files are complete, exit codes hold."""
+    out = tmp_path / "s.mig"
+    r = subprocess.run([sys.executable, "-m", "qmigstream", "migrate", "-o", str(out),
+                        "--profile", "qemu-8.2", "--ram-size", "8M", "--device", "sized:64K",
+                        "--iterations", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("wrote ") and "manifest:" in r.stdout
+    manifest = json.loads((tmp_path / "s.mig.json").read_text())
+    assert manifest["size"] == out.stat().st_size
+    r = subprocess.run([sys.executable, "-m", "qmigstream", "replay", str(out), "--expect",
+                        str(tmp_path / "s.mig.json"), "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verified"] is True
+    r = subprocess.run([sys.executable, "-m", "qmigstream", "replay", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr
