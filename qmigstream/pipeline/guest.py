@@ -94,6 +94,8 @@ _HUGE = 2 << 20
 
 #: pages-crc32 digests a CRC-32 per region of this many bytes of a block.
 DIGEST_REGION = 64 << 20
+#: ... made from the parts of pieces of this many bytes (what threads share out).
+DIGEST_PIECE = 8 << 20
 #: Threads :func:`run_parallel` uses at most (the caller's included).
 THREADS = min(2, os.cpu_count() or 1)
 
@@ -296,6 +298,9 @@ class RamBlock:
         self._per_region = max(1, DIGEST_REGION // page_size)
         self._region_writes = [0] * -(-self.npages // self._per_region)
         self._region_parts = {}
+        self._per_piece = max(1, min(self._per_region, DIGEST_PIECE // page_size))
+        self._piece_parts = {}
+        self._piece_locks = {}
 
     # -- the whole block as memory -----------------------------------------------------
     @property
@@ -747,30 +752,70 @@ class RamBlock:
         """Region ``r``'s part of the pages-crc32 digest: (runs of non-zero pages,
         CRC-32 of their contents), reused while no write touched the region since
         it was made (safe to call from another thread while the region's
-        neighbours are written: a write to the region itself makes it stale)."""
+        neighbours are written: a write to the region itself makes it stale).
+        Made from the parts of its 8 MiB pieces (:meth:`piece_part`), which
+        threads can make side by side, combined arithmetically."""
         writes = self._region_writes[r]
         got = self._region_parts.get(r)
         if got is not None and got[0] == writes:
             return got[1]
-        per, ps = self._per_region, self.page_size
-        runs = list(self.nonzero_runs(r * per, (r + 1) * per))
+        per, sub = self._per_region, self._per_piece
+        runs = []
         c = 0
-        for first, count in runs:
-            c = self.crc32(first, first + count, c)
+        for k in range(r * per // sub, min(self.npages, (r + 1) * per) // sub
+                       + bool(min(self.npages, (r + 1) * per) % sub)):
+            pruns, pc, nbytes = self.piece_part(k, writes)
+            runs += pruns
+            c = combine(c, pc, nbytes)
         part = (runs, c)
         self._region_parts[r] = (writes, part)
         return part
 
+    def piece_part(self, k: int, writes: int | None = None):
+        """(runs of non-zero pages, their CRC-32, their bytes) of 8 MiB piece ``k``
+        of the block (pieces never cross a region); made once by one thread
+        while the others that ask wait for it."""
+        sub = self._per_piece
+        a = k * sub
+        if writes is None:
+            writes = self._region_writes[a // self._per_region]
+        got = self._piece_parts.get(k)
+        if got is not None and got[0] == writes:
+            return got[1]
+        with self._piece_lock(k):
+            got = self._piece_parts.get(k)
+            if got is not None and got[0] == writes:
+                return got[1]
+            runs = list(self.nonzero_runs(a, min(self.npages, a + sub)))
+            c = 0
+            for first, count in runs:
+                c = self.crc32(first, first + count, c)
+            part = (runs, c, sum(n for _, n in runs) * self.page_size)
+            self._piece_parts[k] = (writes, part)
+            return part
+
+    def _piece_lock(self, k: int):
+        locks = self._piece_locks
+        lock = locks.get(k)
+        if lock is None:
+            import threading
+            lock = locks.setdefault(k, threading.Lock())
+        return lock
+
     def _region_digest_parts(self) -> list:
         """Every region's :meth:`region_part` (fixed 64 MiB boundaries: the result
-        does not depend on how it is computed), the stale ones made on two threads
-        (zlib lets go of the GIL)."""
+        does not depend on how it is computed), the stale ones' pieces made on two
+        threads when they read enough bytes (zlib lets go of the GIL; the
+        arithmetic of pages on an indexed backing does not)."""
         n = len(self._region_writes)
         stale = [r for r in range(n) if (self._region_parts.get(r) or (None,))[0]
                  != self._region_writes[r]]
-        per = self._per_region
-        run_parallel([lambda r=r: self.region_part(r) for r in stale],
-                     weights=[self.written.count(1, r * per, (r + 1) * per) for r in stale])
+        per, sub = self._per_region, self._per_piece
+        pieces = [k for r in stale
+                  for k in range(r * per // sub, -(-min(self.npages, (r + 1) * per) // sub))]
+        weights = [self.written.count(1, k * sub, (k + 1) * sub) for k in pieces]
+        if sum(weights) * self.page_size >= (32 << 20) and self.crc_read_bytes() >= (32 << 20):
+            run_parallel([lambda k=k: self.piece_part(k) for k in pieces], weights=weights)
         return [self.region_part(r) for r in range(n)]
 
     def close(self):
@@ -997,38 +1042,52 @@ def fill_initial(ram: GuestRam, *, seed: int, fraction: float = 0.25, uniform: f
 
 
 class DigestAhead:
-    """Makes :meth:`RamBlock.region_part` of the regions a load has gone past, on
-    one thread (CRC-32 lets go of the GIL), one region behind the loader."""
+    """Makes :meth:`RamBlock.piece_part` of the pieces a load has gone past, on
+    one thread (CRC-32 lets go of the GIL), a piece behind the loader; at
+    :meth:`close` the caller's thread shares what is left."""
 
     def __init__(self):
         import queue
         import threading
         self._q = queue.SimpleQueue()
-        self._next = {}                      # block name -> first region not sent yet
+        self._next = {}                      # block name -> first piece not sent yet
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    @staticmethod
+    def _make(item):
+        blk, k = item
+        try:
+            blk.piece_part(k)
+        except (ValueError, BufferError, OSError):   # a block closed meanwhile
+            pass
 
     def _run(self):
         while True:
             item = self._q.get()
             if item is None:
                 return
-            blk, r = item
-            try:
-                blk.region_part(r)
-            except (ValueError, BufferError, OSError):   # a block closed meanwhile
-                pass
+            self._make(item)
 
     def passed(self, blk, page: int) -> None:
-        """The load is at ``page`` of ``blk``: regions before its region are done."""
-        r = page // blk._per_region
+        """The load is at ``page`` of ``blk``: pieces before its piece are done."""
+        k = page // blk._per_piece
         first = self._next.get(blk.name, 0)
-        for q in range(first, r):
+        for q in range(first, k):
             self._q.put((blk, q))
-        if r > first:
-            self._next[blk.name] = r
+        if k > first:
+            self._next[blk.name] = k
 
     def close(self):
+        """Wait for the pieces sent; the caller's thread makes them too meanwhile."""
+        import queue
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._make(item)
         self._q.put(None)
         self._thread.join()
 
