@@ -293,11 +293,13 @@ class RamBlock:
         self._slice_crcs = {}             # backing id -> SliceCrc (placed with index=True)
         self._repeat_crcs = {}            # (backing id, offset, count) -> CRC-32
         self.placed = 0                          # pages on a backing now
+        self._placed_end = 0                     # no placed page at or after this one
         # pages-crc32 by region: writes per region, and each region's part of the
         # digest as last computed with the count it was computed at
         self._per_region = max(1, DIGEST_REGION // page_size)
         self._region_writes = [0] * -(-self.npages // self._per_region)
         self._region_parts = {}
+        self._digest_cache = None                # (region writes, pages-crc32 digest)
         self._per_piece = max(1, min(self._per_region, DIGEST_PIECE // page_size))
         self._piece_parts = {}
         self._piece_locks = {}
@@ -363,7 +365,8 @@ class RamBlock:
             self._starts = bytearray(self.npages)
         ob, st, runs = self.onback, self._starts, self._runs
         end = first + count
-        nxt = ob.find(1, end) if self.placed else -1
+        # (no placed page at or after _placed_end: placing in order looks no further)
+        nxt = ob.find(1, end, self._placed_end) if self.placed and end < self._placed_end else -1
         if nxt >= 0 and st.find(1, end, nxt + 1) < 0:
             # the next placed page goes on with a run that starts before this
             # one ends: it starts the rest of that run
@@ -383,6 +386,8 @@ class RamBlock:
         ones = _ones(count)
         ob[first:end] = ones
         self.placed += count - already
+        if end > self._placed_end:
+            self._placed_end = end
         self.written[first:end] = ones
         self.touch(first, count)
 
@@ -418,6 +423,7 @@ class RamBlock:
 
     def _drop_backings(self):
         self.onback = self._starts = None
+        self._placed_end = 0
         self._runs = {}
         for _, v, _ in self._backings:
             v.release()
@@ -736,6 +742,9 @@ class RamBlock:
         if scheme != "pages-crc32":
             raise QmigstreamError(f"unknown RAM digest {scheme!r} (one of "
                                   f"{', '.join(RAM_DIGESTS)})")
+        mark = tuple(self._region_writes)
+        if self._digest_cache is not None and self._digest_cache[0] == mark:
+            return self._digest_cache[1]            # nothing written since
         parts = self._region_digest_parts()
         crcs = [crc for _, crc in parts]
         idx = array("q")
@@ -746,7 +755,10 @@ class RamBlock:
         h.update(struct.pack("<QQQQ", self.page_size, self.used_length, len(idx), len(crcs)))
         h.update(_index_bytes(idx))
         h.update(_u32le_bytes(crcs))
-        return h.hexdigest()
+        out = h.hexdigest()
+        if tuple(self._region_writes) == mark:
+            self._digest_cache = (mark, out)
+        return out
 
     def region_part(self, r: int):
         """Region ``r``'s part of the pages-crc32 digest: (runs of non-zero pages,
