@@ -27,12 +27,29 @@ Every refusal raises :class:`qmigstream.errors.DeviceError` carrying the errno a
 Linux driver returns.  docs/vfio.md describes all of it.
 """
 
-from .blob import BlobAssembler, Rejects, parse_blobs
-from .device_v2 import MigrationFile, VfioDeviceV2, drain
-from .fsm import MigFeature, MigState, next_state, path
-from .pci_device import (EmulatedPciDevice, MttyProfile, PciConfigSpace, SizedProfile,
-                         SparseGuestMemory, make_profile)
-from .region_v1 import MigrationRegionV1, get_dirty_pfns, load_all, save_all
+_WHERE = {
+    "BlobAssembler": "blob", "Rejects": "blob", "parse_blobs": "blob",
+    "MigrationFile": "device_v2", "VfioDeviceV2": "device_v2", "drain": "device_v2",
+    "MigFeature": "fsm", "MigState": "fsm", "next_state": "fsm", "path": "fsm",
+    "EmulatedPciDevice": "pci_device", "MttyProfile": "pci_device",
+    "PciConfigSpace": "pci_device", "SizedProfile": "pci_device",
+    "SparseGuestMemory": "pci_device", "make_profile": "pci_device",
+    "MigrationRegionV1": "region_v1", "get_dirty_pfns": "region_v1",
+    "load_all": "region_v1", "save_all": "region_v1",
+}
+
+
+def __getattr__(name):
+    """The names above, imported from their module when first asked for (a
+    program that needs one interface does not load the other)."""
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BlobAssembler", "Rejects", "parse_blobs", "MigrationFile", "VfioDeviceV2", "drain",

@@ -127,7 +127,7 @@ def layout_size(layout) -> int:
     return max(f.offset + f.size for f in layout)
 
 
-def info_struct(layout, byteorder: str = "little") -> c.Struct:
+def info_struct(layout, byteorder: str = "little"):
     """The construct Struct of ``struct vfio_device_migration_info`` for a layout."""
     import construct as c
     ints = {4: (c.Int32ul, c.Int32ub), 8: (c.Int64ul, c.Int64ub)}

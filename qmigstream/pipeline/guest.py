@@ -409,7 +409,6 @@ class RamBlock:
             self.populate_runs(runs)
         ps = self.page_size
         anon = self.anon
-        bk = self._backings
         for a, n in runs:
             if keep:
                 for start, k, v, o, stride in self.groups(a, a + n):

@@ -59,9 +59,7 @@ from ..wire.vfio import PciConfigState, data_chunk_header
 from . import profiles as P
 from .guest import (DEFAULT_RAM_DIGEST, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial,
                     run_parallel)
-from .multifd import MultifdSender, channel_paths
 from .ramsave import RamSaver
-from .template import load_template
 from .vfiodev import SourceV1, SourceV2
 
 NS = 1_000_000_000
@@ -262,7 +260,10 @@ class _Device:
 def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     """Write the stream to ``out_path``; return what was written and the source's final state."""
     prof = P.get(cfg.profile)
-    tpl = load_template(cfg.template) if cfg.template else None
+    tpl = None
+    if cfg.template:
+        from .template import load_template
+        tpl = load_template(cfg.template)
     if tpl is not None:
         ram = tpl.ram
         footers = tpl.footers
@@ -303,6 +304,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     res = MigrationResult(str(out_path), prof.name, config=cfg.to_json())
     sender = None
     if cfg.multifd_channels:
+        from .multifd import MultifdSender, channel_paths
         sender = MultifdSender(channel_paths(out_path, cfg.multifd_channels), ram.page_size,
                                saver.counts)
     with _open_output(out_path) as f, \

@@ -268,8 +268,6 @@ class RamSaver:
         """
         ps = self.page_size
         counts = self.counts
-        pack = _U64.pack
-        fz = F_ZERO | F_CONT
         for blk, key_base, first, n in self._batches():
             if self.xbzrle_enabled:
                 yield self._pieces_xbzrle(blk, key_base, first, n, last_stage)

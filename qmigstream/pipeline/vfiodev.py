@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno as _errno
 
-from ..device import region_v1 as V1
 from ..device.blob import byte_view
 from ..device.device_v2 import VfioDeviceV2
 from ..device.fsm import MigFeature, MigState
@@ -27,13 +26,19 @@ from ..errors import DeviceError
 from ..wire.vfio import VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
 
 
+def _v1():
+    """The v1 region module, loaded when a v1 device is first made."""
+    from ..device import region_v1
+    return region_v1
+
+
 class SourceV1:
     interface = "v1"
 
     def __init__(self, device: EmulatedPciDevice, *, layout="rfc", window_size=64 * 1024,
                  bitmap_bits=None):
         self.device = device
-        self.region = V1.MigrationRegionV1(device, layout=layout, window_size=window_size,
+        self.region = _v1().MigrationRegionV1(device, layout=layout, window_size=window_size,
                                            bitmap_bits=bitmap_bits)
         self._iommu_dirty = set()
         if layout != "rfc":
@@ -47,7 +52,7 @@ class SourceV1:
 
     def setup(self):
         """``vfio_save_setup``: _SAVING on top of _RUNNING (pre-copy)."""
-        self.region.write_field("device_state", V1.SAVING | V1.RUNNING)
+        self.region.write_field("device_state", _v1().SAVING | _v1().RUNNING)
 
     def precopy_chunk(self):
         """``vfio_save_iterate``: the chunk now pending (b"" when nothing is)."""
@@ -66,7 +71,7 @@ class SourceV1:
 
     def dirty_pages(self, total_pfns: int) -> set:
         if self.layout == "rfc":
-            return V1.get_dirty_pfns(self.region, 0, total_pfns, PAGE)
+            return _v1().get_dirty_pfns(self.region, 0, total_pfns, PAGE)
         out, self._iommu_dirty = self._iommu_dirty, set()
         return {p for p in out if p < total_pfns}
 
@@ -76,7 +81,7 @@ class SourceV1:
         Returns ``(chunks, zero_terminator)``: QEMU writes ``DATA 0`` and stops
         when a round yields no data though pending_bytes was non-zero."""
         r = self.region
-        r.write_field("device_state", V1.SAVING)
+        r.write_field("device_state", _v1().SAVING)
         chunks, zero = [], False
         while r.read_field("pending_bytes") > 0:
             off = r.read_field("data_offset")
@@ -89,7 +94,7 @@ class SourceV1:
 
     def finish(self):
         """Cleanup after completion: _STOP."""
-        self.region.write_field("device_state", V1.STOP)
+        self.region.write_field("device_state", _v1().STOP)
 
     def config_space(self) -> bytes:
         return self.device.config_space()
@@ -191,23 +196,23 @@ class DestV1:
 
     def __init__(self, device: EmulatedPciDevice, *, layout="rfc", window_size=64 * 1024):
         self.device = device
-        self.region = V1.MigrationRegionV1(device, layout=layout, window_size=window_size)
+        self.region = _v1().MigrationRegionV1(device, layout=layout, window_size=window_size)
         self.before = None
         self.bytes = 0
         self.chunks = 0
 
     def begin(self):
         self.before = (self.region.read_field("device_state"), _saved(self.device))
-        self.region.write_field("device_state", V1.RESUMING)
+        self.region.write_field("device_state", _v1().RESUMING)
 
     def write(self, data):
-        V1.load_all(self.region, data)
+        _v1().load_all(self.region, data)
         self.bytes += len(data)
         self.chunks += 1
 
     def commit(self):
         """Leave _RESUMING: the device checks and applies what it received."""
-        self.region.write_field("device_state", V1.RUNNING)
+        self.region.write_field("device_state", _v1().RUNNING)
 
     def abort(self):
         """Back to exactly the state before :meth:`begin`."""
@@ -216,7 +221,7 @@ class DestV1:
         state, saved = self.before
         self.region.reset()
         _restore(self.device, saved)
-        if state & V1.STATE_MASK != V1.RUNNING and V1.state_valid(state):
+        if state & _v1().STATE_MASK != _v1().RUNNING and _v1().state_valid(state):
             self.region.write_field("device_state", state)
         self.before = None
 

@@ -31,7 +31,8 @@ def handler_for(idstr: str):
 
 def _load():
     import importlib
-    for name in ("ram", "block", "dirty_bitmap", "device", "vfio"):   # they register
+    # they register (the device fallback, vmstate decoding, loads in handler_for)
+    for name in ("ram", "block", "dirty_bitmap", "vfio"):
         importlib.import_module(f"{__name__}.{name}")
 
 
