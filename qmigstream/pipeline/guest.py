@@ -176,11 +176,18 @@ class SliceCrc:
     slice end asked for is made once, from the nearest known one before it, so
     a buffer read by many slices is read about once in all.  Thread-safe."""
 
-    def __init__(self, view):
+    def __init__(self, view, step: int = 4096):
         import threading
         self.view = view
-        self._cuts = [0]
-        self._prefix = {0: 0}
+        # the prefix CRCs every ``step`` bytes, in one pass: any other cut is then
+        # less than ``step`` bytes from a known one
+        self._cuts = list(range(0, len(view), step))
+        self._prefix = {}
+        crc = 0
+        for c in self._cuts:
+            if c:
+                crc = zlib.crc32(view[c - step:c], crc)
+            self._prefix[c] = crc
         self._lock = threading.Lock()
 
     def _at(self, c: int) -> int:
