@@ -177,3 +177,41 @@ def test_a_run_placed_inside_another_keeps_the_older_run_after_it():
             o = 90 * PS + k * (PS + 8)
             twin.write((20 + k) * PS, backing[o:o + PS], dirty=False)
         _same_everywhere(blk, twin)
+
+
+def test_a_page_record_inside_a_run_that_names_another_page_lands_there(tmp_path):
+    """A run of PAGE records whose first and last addresses are consecutive but one
+    in the middle names another page (a damaged or hostile stream): that page's
+    data goes where its record says, whether the stream is mapped, read in
+    windows, or loaded record by record (a run was once judged by its ends)."""
+    import struct
+    from qmigstream.pipeline.guest import RamLoader
+    path = tmp_path / "a.mig"
+    migrate(path, MigrateConfig(profile="qemu-8.2", ram_size=8 << 20, iterations=1, seed=2,
+                                devices=[]))
+    data = bytearray(path.read_bytes())
+    run = next(r for r in read_records(str(path), page_runs=True)
+               if type(r).__name__ == "RamPageRun" and len(r.words) > 20)
+    k = len(run.words) // 2
+    at = run.offset + k * (PS + 8)                  # the k-th record's header word
+    (word,) = struct.unpack_from(">Q", data, at)
+    moved = word & ~(PS - 1) & 0xFFFFFFFFFFFF       # its page's address
+    payload = bytes(data[at + 8:at + 8 + PS])
+    struct.pack_into(">Q", data, at, word & (PS - 1))     # same flags, address 0
+    path.write_bytes(bytes(data))
+    per_record = GuestRam([("pc.ram", 8 << 20)])
+    loader = RamLoader(per_record)
+    seen_block = False
+    for rec in read_records(str(path)):
+        if type(rec).__name__ == "RamMemSize":
+            seen_block = True
+            continue
+        if seen_block and type(rec) in RamLoader._dispatch:
+            loader.feed(rec)
+    assert per_record.main.read(0, PS) == payload
+    want = per_record.digests()
+    for kw in ({}, {"map_file": False}):
+        got = replay(str(path), **kw)
+        assert got.ok, got.error
+        assert got.ram == want, kw
+    assert moved != 0

@@ -1232,8 +1232,11 @@ class RamLoader:
         n = len(words)
         first = words[0] - flags
         last = words[-1] - flags
+        # every address one page after the one before (not only first and last:
+        # a record in the middle may name any page)
         consecutive = (last - first == (n - 1) * ps and not first % ps and
-                       last + ps <= blk.used_length)
+                       last + ps <= blk.used_length and
+                       words == tuple(range(words[0], words[0] + n * ps, ps)))
         if consecutive and isinstance(rec.buf, MappedFile):
             # read from a mapped stream file (the caller chose to map it): the
             # pages are placed where they lie in it, not copied
