@@ -176,10 +176,31 @@ def have_check() -> bool:
     return callable(getattr(C, "check", None) or getattr(C, "check_stream", None))
 
 
+def _replay_outcome(res):
+    j = res.to_json()
+    err = j.get("error") or {}
+    return (j.get("ok"), err.get("reason"), err.get("offset"),
+            json.dumps(j.get("ram"), sort_keys=True),
+            json.dumps(j.get("devices"), sort_keys=True, default=str))
+
+
 def t_replay(data: bytes):
+    """replay of the bytes, of a file holding them mapped and read in windows:
+    the same outcome (ok, error and its offset, RAM and device digests)."""
+    import tempfile
     from qmigstream.pipeline.replay import replay
     res = replay(data)
     json.dumps(res.to_json(), default=str)
+    want = _replay_outcome(res)
+    fd, path = tempfile.mkstemp(suffix=".mig")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        for kw in ({}, {"map_file": False}):
+            got = _replay_outcome(replay(path, **kw))
+            assert got == want, f"replay {kw or 'mapped'} differs from replay of the bytes"
+    finally:
+        os.unlink(path)
 
 
 def t_analyze(data: bytes):
