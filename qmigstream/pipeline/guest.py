@@ -379,7 +379,7 @@ class RamBlock:
             # one ends: it starts the rest of that run
             runs[nxt] = self._run_at(nxt)
             st[nxt] = 1
-        if self.placed:
+        if self.placed and first < self._placed_end:
             k = st.find(1, first, end)
             while k >= 0:                    # runs this one covers from their start
                 del runs[k]
