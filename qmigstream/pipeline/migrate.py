@@ -285,13 +285,9 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
     def make_devices():
         return [_Device(i, s, prof, cfg, ram, family) for i, s in enumerate(cfg.devices)]
     if tpl is None:
-        # the guest's initial data and the devices' state, side by side (memory work
-        # that lets go of the GIL; neither touches what the other makes)
-        _, devices = run_parallel([lambda: fill_initial(ram, seed=cfg.seed,
-                                                        fraction=cfg.initial_fraction),
-                                   make_devices])
-    else:
-        devices = make_devices()
+        # the guest's initial data: pages placed on the seed's tape (no copies)
+        fill_initial(ram, seed=cfg.seed, fraction=cfg.initial_fraction)
+    devices = make_devices()       # a device's state is made only when read
     ram_sid = tpl.ram_section_id if tpl else 2
     next_sid = (tpl.max_section_id if tpl else ram_sid) + 1
     for d in devices:
