@@ -14,7 +14,6 @@ is ``x^31``.
 
 from __future__ import annotations
 
-import zlib
 
 POLY = 0xEDB88320        # x^32 + x^26 + ... + 1, reflected, without x^32
 ONE = 1 << 31            # the polynomial 1
@@ -128,9 +127,3 @@ def repeat(crc: int, length: int, count: int) -> int:
             piece_len *= 2
     return out & _MASK
 
-
-def crc32_pieces(pieces, crc: int = 0) -> int:
-    """zlib.crc32 over ``pieces`` in order, going on from ``crc``."""
-    for p in pieces:
-        crc = zlib.crc32(p, crc)
-    return crc

@@ -384,11 +384,12 @@ def _sized_base(seed: int, n: int) -> bytes:
     return got
 
 
-def _sized_segments(base: bytes, n: int):
-    """The state of :func:`sized_state_pieces` as segments: ``(a, b)`` for the
-    bytes ``base[a:b]``, or a bytes object (the XORed MiBs from 512 on)."""
+def _sized_segments(base: bytes, n: int, start: int = 0):
+    """The state of :func:`sized_state_pieces` from MiB ``start`` on, as segments:
+    ``(a, b)`` for the bytes ``base[a:b]``, or a bytes object (the XORed MiBs
+    from 512 on)."""
     tables = {}
-    for pos in range(0, n, _MIB):
+    for pos in range(start * _MIB, n, _MIB):
         k = pos // _MIB
         m = min(_MIB, n - pos)
         if k == 0:
@@ -444,11 +445,8 @@ def sized_state_crc32(seed: int, n: int) -> int:
         prev = r
         pr = prefix[r]
         out = shift(out, _MIB) ^ q ^ shift(pr, L) ^ pr
-    done = full * _MIB
-    if done < n:                                      # the rest: segment by segment
-        for s in list(_sized_segments(base, n))[2 * full - 1 if full else 0:]:
-            piece = bv[s[0]:s[1]] if type(s) is tuple else s
-            out = zlib.crc32(piece, out)
+    for s in _sized_segments(base, n, full):         # the rest: segment by segment
+        out = zlib.crc32(bv[s[0]:s[1]] if type(s) is tuple else s, out)
     return out
 
 

@@ -96,6 +96,9 @@ _HUGE = 2 << 20
 DIGEST_REGION = 64 << 20
 #: ... made from the parts of pieces of this many bytes (what threads share out).
 DIGEST_PIECE = 8 << 20
+#: Digests that read fewer bytes than this (the rest is arithmetic, which keeps the
+#: GIL) are made on the calling thread; more, on two threads.
+DIGEST_THREAD_MIN = 32 << 20
 #: Threads :func:`run_parallel` uses at most (the caller's included).
 THREADS = min(2, os.cpu_count() or 1)
 
@@ -777,17 +780,20 @@ class RamBlock:
         got = self._region_parts.get(r)
         if got is not None and got[0] == writes:
             return got[1]
-        per, sub = self._per_region, self._per_piece
         runs = []
         c = 0
-        for k in range(r * per // sub, min(self.npages, (r + 1) * per) // sub
-                       + bool(min(self.npages, (r + 1) * per) % sub)):
+        for k in self._region_pieces(r):
             pruns, pc, nbytes = self.piece_part(k, writes)
             runs += pruns
             c = combine(c, pc, nbytes)
         part = (runs, c)
         self._region_parts[r] = (writes, part)
         return part
+
+    def _region_pieces(self, r: int) -> range:
+        """The pieces of region ``r`` (the last region's last piece may be short)."""
+        per, sub = self._per_region, self._per_piece
+        return range(r * per // sub, -(-min(self.npages, (r + 1) * per) // sub))
 
     def piece_part(self, k: int, writes: int | None = None):
         """(runs of non-zero pages, their CRC-32, their bytes) of 8 MiB piece ``k``
@@ -828,11 +834,11 @@ class RamBlock:
         n = len(self._region_writes)
         stale = [r for r in range(n) if (self._region_parts.get(r) or (None,))[0]
                  != self._region_writes[r]]
-        per, sub = self._per_region, self._per_piece
-        pieces = [k for r in stale
-                  for k in range(r * per // sub, -(-min(self.npages, (r + 1) * per) // sub))]
+        sub = self._per_piece
+        pieces = [k for r in stale for k in self._region_pieces(r)]
         weights = [self.written.count(1, k * sub, (k + 1) * sub) for k in pieces]
-        if sum(weights) * self.page_size >= (32 << 20) and self.crc_read_bytes() >= (32 << 20):
+        if sum(weights) * self.page_size >= DIGEST_THREAD_MIN and \
+                self.crc_read_bytes() >= DIGEST_THREAD_MIN:
             run_parallel([lambda k=k: self.piece_part(k) for k in pieces], weights=weights)
         return [self.region_part(r) for r in range(n)]
 

@@ -57,7 +57,7 @@ from ..wire.header import SectionType as T
 from ..codec.sections.vfio import VfioDataChunk
 from ..wire.vfio import PciConfigState, data_chunk_header
 from . import profiles as P
-from .guest import (DEFAULT_RAM_DIGEST, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial,
+from .guest import (DEFAULT_RAM_DIGEST, DIGEST_THREAD_MIN, RAM_DIGESTS, CpuWorkload, GuestRam, fill_initial,
                     run_parallel)
 from .ramsave import RamSaver
 from .vfiodev import SourceV1, SourceV2
@@ -181,9 +181,6 @@ class _Out:
         if self.hasher is not None:
             self.hasher.advance(self.offset)
         return n
-
-    def close(self):
-        pass
 
     def __enter__(self):
         return self
@@ -334,7 +331,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             # since (none, unless something wrote RAM after all).
             # Digests that read little (pages on the synthetic guest's tape) are
             # arithmetic that keeps the GIL: made here, not beside the passes.
-            if cfg.ram_digest == "pages-crc32" and ram.crc_read_bytes() < _DIGEST_THREAD_MIN:
+            if cfg.ram_digest == "pages-crc32" and ram.crc_read_bytes() < DIGEST_THREAD_MIN:
                 early = _Now(ram.digests(cfg.ram_digest))
             else:
                 early = _Later(lambda: ram.digests(cfg.ram_digest))
@@ -439,7 +436,6 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
         res.size = out.offset
         res.phases = out.phases
-        out.close()
         _end_output(f)
         if out.sha256 is not None:
             res.sha256 = out.sha256.hexdigest()
@@ -586,10 +582,6 @@ class _FileHasher:
             self._cv.notify()
         self._thread.join()
         os.close(self._fd)
-
-
-#: Digests reading at least this many bytes run on a thread beside the passes.
-_DIGEST_THREAD_MIN = 32 << 20
 
 
 class _Now:
