@@ -216,6 +216,18 @@ class SliceCrc:
         return shift(crc ^ pa, b - a) ^ pb
 
 
+def _has_zero_page(buf, view, ps: int) -> bool:
+    """Whether ``ps`` zero bytes in a row lie anywhere in backing ``buf`` (its
+    ``find``, else a copy's): where none do, no page placed on it is a zero page."""
+    find = getattr(buf, "find", None)
+    if find is None:
+        find = bytes(view).find
+    try:
+        return find(bytes(ps)) >= 0
+    except TypeError:
+        return bytes(view).find(bytes(ps)) >= 0
+
+
 def _index0(arr, start: int) -> int:
     try:
         return arr.index(0, start)
@@ -301,6 +313,7 @@ class RamBlock:
         self._backings = []
         self._backing_ids = {}
         self._slice_crcs = {}             # backing id -> SliceCrc (placed with index=True)
+        self._zero_free = set()           # ids of indexed backings no zero page lies in
         self._repeat_crcs = {}            # (backing id, offset, count) -> CRC-32
         self.placed = 0                          # pages on a backing now
         self._placed_end = 0                     # no placed page at or after this one
@@ -366,7 +379,10 @@ class RamBlock:
         bid = self.backing_id(buf)
         size = len(self._backings[bid][1])
         if index and bid not in self._slice_crcs:
-            self._slice_crcs[bid] = SliceCrc(self._backings[bid][1])
+            view = self._backings[bid][1]
+            self._slice_crcs[bid] = SliceCrc(view)
+            if not _has_zero_page(buf, view, ps):
+                self._zero_free.add(bid)
         if offset < 0 or stride < 0 or offset + (count - 1) * stride + ps > size:
             raise QmigstreamError(f"RAM block {self.name!r}: placed pages beyond their "
                                   f"backing ({size} bytes)")
@@ -438,6 +454,7 @@ class RamBlock:
             v.release()
         self._backings, self._backing_ids = [], {}
         self._slice_crcs, self._repeat_crcs = {}, {}
+        self._zero_free = set()
 
     def materialize(self) -> None:
         """Copy every page on a backing into the block's own memory."""
@@ -689,9 +706,12 @@ class RamBlock:
         ps = self.page_size
         zp = self.zero_page
         out = []
-        for start, n, v, o, stride in self.groups(first, end):
+        free = self._zero_free
+        for start, n, v, o, stride, bid in self.groups(first, end, ids=True):
             if v is None:
                 v = self.anon_view
+            elif bid in free:
+                continue                     # no page of this backing is all zeros
             if stride == 0:
                 if v[o:o + ps] == zp:
                     out.extend(range(start, start + n))

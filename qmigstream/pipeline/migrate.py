@@ -155,10 +155,12 @@ class _Out:
 
     Every list of pieces goes out with ``writev`` (:func:`writev_all`), so the
     pages, memoryviews of guest RAM, are copied once: into the file.  The
-    writes are made on the calling thread, list by list: a writer thread one
-    list behind (writev lets go of the GIL) was measured slower, its hand-overs
-    of the GIL costing more than the overlap gained (RAM pass of the 1 GiB
-    bench guest 0.17 s in line, 0.22 s with the thread)."""
+    writes are made by a :class:`_Writer` thread while this one goes on making
+    the next pieces (``writev`` lets go of the GIL); the pieces are views of
+    memory that must not change until they are written, so every section ends
+    with :meth:`sync` (nothing changes guest RAM or a device inside a
+    section) and :meth:`sync` is what a caller that changes either first
+    calls.  Records of a few bytes are gathered into one write."""
 
     def __init__(self, f, footers, sha256=None, hasher=None):
         self.f = f
@@ -169,26 +171,58 @@ class _Out:
         self.phases = {}
         self.sha256 = sha256               # hashed here, as written
         self.hasher = hasher               # or: a _FileHasher reading the file behind us
+        self._writer = _Writer(self.fd, hasher)
+        self._small = []                   # small pieces not yet handed to the writer
+        self._small_n = 0
 
     def raw(self, pieces):
         h = self.sha256
         if h is not None:
             for p in pieces:
                 h.update(p)
-        n = writev_all(self.fd, pieces)
+        if len(pieces) <= 8:
+            n = sum(map(len, pieces))
+            if n < _SMALL:
+                self._small += pieces
+                self._small_n += n
+                self._count(n)
+                if self._small_n >= _SMALL or len(self._small) >= IOV_MAX:
+                    self._hand_small()
+                return n
+        self._hand_small()
+        totals = [sum(map(len, pieces[i:i + IOV_MAX])) for i in range(0, len(pieces), IOV_MAX)]
+        n = sum(totals)
+        self._count(n)
+        self._writer.put(pieces, totals, n, self.offset)
+        return n
+
+    def _count(self, n):
         self.offset += n
         self.phases[self.phase] = self.phases.get(self.phase, 0) + n
-        if self.hasher is not None:
-            self.hasher.advance(self.offset)
-        return n
+
+    def _hand_small(self):
+        if self._small:
+            pieces, n = self._small, self._small_n
+            self._small, self._small_n = [], 0
+            self._writer.put(pieces, [n] if len(pieces) <= IOV_MAX else None, n, self.offset)
+
+    def sync(self):
+        """Every byte so far is in the file (raises the error a write met)."""
+        self._hand_small()
+        self._writer.sync()
 
     def __enter__(self):
         return self
 
     def __exit__(self, et, ev, tb):
-        if self.hasher is not None:
-            self.hasher.abandon()
-            self.hasher = None
+        try:
+            if et is None:
+                self.sync()
+        finally:
+            self._writer.close(drop=et is not None)
+            if self.hasher is not None:
+                self.hasher.abandon()
+                self.hasher = None
 
     def rec(self, r):
         r.offset = self.offset
@@ -200,15 +234,118 @@ class _Out:
             return self.raw((data_chunk_header(len(d)), d))
         return self.raw((r.encode(),))
 
-    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1):
-        """Header, payload (records, or lists of encoded pieces), footer."""
+    def section(self, type_, sid, payload, idstr=None, instance_id=0, version_id=1, *,
+                sync=True):
+        """Header, payload (records, or lists of encoded pieces), footer; then
+        :meth:`sync` unless ``sync`` is false (the caller syncs before anything
+        changes what the payload's pieces show)."""
         n = self.rec(SectionHeader(type_, sid, idstr, instance_id, version_id)
                      if type_ in (T.SECTION_START, T.SECTION_FULL) else SectionHeader(type_, sid))
         for r in payload:
             n += self.raw(r) if isinstance(r, list) else self.rec(r)
         if self.footers:
             n += self.rec(SectionFooter(sid))
+        if sync:
+            self.sync()
         return n
+
+
+#: Pieces shorter than this in all are gathered before they are written.
+_SMALL = 64 << 10
+#: Bytes handed to the writer thread and not yet written at most: the maker of
+#: pieces waits beyond this (the pieces of a big guest are not all held at once).
+_AHEAD = 64 << 20
+#: The GIL switch interval while a writer thread runs: a thread whose ``writev``
+#: returned waits about this long (not the default 5 ms) for the thread making
+#: pieces to let the GIL go.
+_WRITER_SWITCH_INTERVAL = 20e-6
+
+
+class _Writer:
+    """Writes lists of pieces, in order, on a thread of its own (started at the
+    first list); :meth:`sync` waits for all handed over so far, :meth:`put` while
+    more than :data:`_AHEAD` bytes wait.  After a failed write the rest are
+    dropped and the error is raised in the caller (by the next :meth:`put` or
+    :meth:`sync`)."""
+
+    def __init__(self, fd, hasher=None):
+        self.fd = fd
+        self.hasher = hasher
+        self._thread = None
+        self._error = None
+        self._drop = False                 # skip what is queued (an error, or closing after one)
+        self._ahead = 0                    # bytes handed over, not yet written
+        self._switch = self._ours = None
+
+    def _start(self):
+        import queue
+        import sys
+        import threading
+        self._q = queue.SimpleQueue()
+        self._cv = threading.Condition()
+        self._switch = self._ours = sys.getswitchinterval()
+        if self._switch > _WRITER_SWITCH_INTERVAL:
+            sys.setswitchinterval(_WRITER_SWITCH_INTERVAL)
+            self._ours = sys.getswitchinterval()      # as the interpreter keeps it
+        self._thread = threading.Thread(target=self._run, name="qmigstream-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        q, cv = self._q, self._cv
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            pieces, totals, n, end = item
+            if not self._drop:
+                try:
+                    writev_all(self.fd, pieces, totals)
+                    if self.hasher is not None:
+                        self.hasher.advance(end)
+                except BaseException as e:        # raised in the caller
+                    self._error = e
+                    self._drop = True
+            with cv:
+                self._ahead -= n
+                cv.notify_all()
+
+    def _check(self):
+        if self._error is not None:
+            raise self._error
+
+    def put(self, pieces, totals, n, end):
+        """Hand over ``pieces`` (``n`` bytes; ``totals``: per ``IOV_MAX`` of them,
+        or None), which end at stream offset ``end``."""
+        if self._thread is None:
+            self._start()
+        with self._cv:
+            while self._ahead > _AHEAD and self._error is None:
+                self._cv.wait()
+            self._check()
+            self._ahead += n
+        self._q.put((pieces, totals, n, end))
+
+    def sync(self):
+        if self._thread is None:
+            return
+        with self._cv:
+            while self._ahead:
+                self._cv.wait()
+        self._check()
+
+    def close(self, drop: bool = False):
+        """Stop the thread; ``drop``: what is still queued is not written."""
+        if self._thread is None:
+            return
+        import sys
+        if drop:
+            self._drop = True
+        self._q.put(None)
+        self._thread.join()
+        self._thread = None
+        if sys.getswitchinterval() == self._ours:        # (unless changed since)
+            sys.setswitchinterval(self._switch)
 
 
 def _pci_address(i: int, spec: DeviceSpec) -> str:
@@ -324,15 +461,17 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             out.section(T.SECTION_START, d.sid, VB.start_records(d.family), d.idstr, 0, 1)
         # -- iterations ------------------------------------------------------------
         early = None
+        digest_now = False
         if not cfg.dirty_rate and not any(s.dma_rate for s in cfg.devices):
             # Nothing writes guest RAM from here on: its digests are made now, on
             # another thread beside the pre-copy passes; pages-crc32 keeps each
             # region's part, so the digests at the stop redo only regions written
             # since (none, unless something wrote RAM after all).
             # Digests that read little (pages on the synthetic guest's tape) are
-            # arithmetic that keeps the GIL: made here, not beside the passes.
+            # arithmetic that keeps the GIL: made on this thread once the first
+            # pass is handed to the writer thread.
             if cfg.ram_digest == "pages-crc32" and ram.crc_read_bytes() < DIGEST_THREAD_MIN:
-                early = _Now(ram.digests(cfg.ram_digest))
+                digest_now = True            # beside the writes of the first pass
             else:
                 early = _Later(lambda: ram.digests(cfg.ram_digest))
         rounds = 0
@@ -342,7 +481,13 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
             saver.sync()
             _merge_device_dirty(devices, ram, total_pfns)
             before = out.offset + (sender.bytes if sender else 0)
-            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender))
+            out.section(T.SECTION_PART, ram_sid, _ram_pass(saver, sender), sync=not digest_now)
+            if digest_now:
+                # made while the writer thread writes the pass (RAM stays as it is
+                # until the sync)
+                early = _Now(ram.digests(cfg.ram_digest))
+                digest_now = False
+                out.sync()
             for d in devices:
                 if not d.precopy_active:
                     continue
@@ -434,6 +579,7 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
         out.phase = "trailer"
         if tpl is None or tpl.description is not None:
             out.rec(VmDescription(_trailer(prof, tpl, conf, ram.page_size, entries)))
+        out.sync()
         res.size = out.offset
         res.phases = out.phases
         _end_output(f)
@@ -468,13 +614,14 @@ def migrate(out_path, cfg: MigrateConfig, progress=None) -> MigrationResult:
 IOV_MAX = 1024
 
 
-def writev_all(fd, pieces) -> int:
+def writev_all(fd, pieces, totals=None) -> int:
     """Write the bytes-like ``pieces`` in order, ``IOV_MAX`` to a ``writev``, going
-    on after a short write (a pipe); returns the bytes written."""
+    on after a short write (a pipe); returns the bytes written.  ``totals``: the
+    bytes of each ``IOV_MAX`` pieces, when the caller knows them."""
     total = 0
-    for i in range(0, len(pieces), IOV_MAX):
-        batch = pieces[i:i + IOV_MAX]
-        left = sum(map(len, batch))
+    for j, i in enumerate(range(0, len(pieces), IOV_MAX)):
+        batch = pieces[i:i + IOV_MAX] if i or len(pieces) > IOV_MAX else pieces
+        left = totals[j] if totals is not None else sum(map(len, batch))
         total += left
         while left:
             done = os.writev(fd, batch)
@@ -485,7 +632,7 @@ def writev_all(fd, pieces) -> int:
             while done >= len(batch[k]):
                 done -= len(batch[k])
                 k += 1
-            batch = [memoryview(batch[k]).cast("B")[done:]] + batch[k + 1:]
+            batch = [memoryview(batch[k]).cast("B")[done:]] + list(batch[k + 1:])
     return total
 
 
