@@ -983,8 +983,12 @@ def render_html(rep: Report) -> str:
             ("page size", esc(getattr(s, "page_size", None) or "?")),
             ("capabilities", esc(", ".join(s.capabilities) or "none listed")),
             ("section footers", "yes" if s.footers else "no"),
-            ("end of stream", "EOF marker" + (", VMDESCRIPTION trailer of "
-                                               f"{s.trailer['json_length']:,} bytes"
+            ("end of stream", "EOF marker" + ((", VMDESCRIPTION trailer cut short "
+                                                f"({max(0, s.trailer['present']):,} of "
+                                                f"{s.trailer['json_length']:,} bytes)")
+                                               if s.trailer and s.trailer.get("cut") else
+                                               (", VMDESCRIPTION trailer of "
+                                                f"{s.trailer['json_length']:,} bytes")
                                                if s.trailer else ", no trailer")
              if s.eof else "no EOF marker")]
     if s.commands:

@@ -164,6 +164,14 @@ class StreamSummary:
                 info["damaged"] = True
             self.trailer = info
         elif isinstance(rec, TrailingBytes):
+            if not self.trailing_bytes and self.trailer is None and self.eof and \
+                    rec.data[:1] == b"\x06" and rec.size >= 5:
+                # a VMDESCRIPTION whose JSON is cut short (QEMU never reads it)
+                declared = int.from_bytes(rec.data[1:5], "big")
+                self.trailer = {"offset": rec.offset, "json_length": declared,
+                                "cut": True, "present": None}
+            if self.trailer is not None and self.trailer.get("cut"):
+                self.trailer["present"] = self.trailing_bytes + rec.size - 5
             self.trailing_bytes += rec.size
 
     _cur = None
@@ -200,7 +208,8 @@ class StreamSummary:
             at_least((6, 0), "VMDESCRIPTION written by JSONWriter")
         if self.trailer and self.trailer.get("has_configuration"):
             at_least((8, 2), "VMDESCRIPTION describes the configuration")
-        elif self.trailer and self.machine:
+        elif self.trailer and "has_configuration" in self.trailer and self.machine:
+            # (a trailer cut short or damaged tells neither way)
             at_most((8, 1), "configuration sent but not described in VMDESCRIPTION")
         if self.multifd_flushes:
             at_least((8, 1), "RAM MULTIFD_FLUSH records")

@@ -519,3 +519,26 @@ def test_captures_qemu_loads_check_as_loadable_without_a_reference(name, capture
     path, _ = capture(name)
     r = check(str(path))
     assert r.loads, [p.message for p in r.problems if p.level == "fatal"]
+
+
+@pytest.mark.parametrize("name", ["pc-7.2-devices", "q35-7.2-devices", "pc-11.1-devices"])
+def test_a_trailer_cut_short_still_loads(name, capture, tmp_path, capsys):
+    """QEMU stops reading at QEMU_VM_EOF: a VMDESCRIPTION cut anywhere (inside its
+    length, or inside its JSON) loads, with or without a reference, although the
+    device sections must then be bounded without the description (by their
+    footers).  ``info`` says the trailer is cut short rather than absent."""
+    from qmigstream.codec.reader import read_records
+    path, _ = capture(name)
+    data = path.read_bytes()
+    trailer = next(r for r in read_records(str(path)) if r.kind == "vmdescription")
+    t = trailer.offset
+    profile = "qemu-11.1" if "11.1" in name else "qemu-7.2"
+    for cut in (t + 1, t + 3, t + 5, t + 6, t + 200, len(data) - 1):
+        p = tmp_path / f"cut-{cut}.mig"
+        p.write_bytes(data[:cut])
+        for ref in (None, str(path)):
+            rep = check(str(p), profile_name=profile, reference=ref)
+            assert rep.loads, (cut, ref, rep.fatal and rep.fatal.message)
+    assert main(["info", str(tmp_path / f"cut-{t + 200}.mig")]) == 0
+    out = capsys.readouterr().out
+    assert f"VMDESCRIPTION at {t} cut short: 195 of" in out

@@ -55,7 +55,11 @@ def render(d) -> str:
     if d["commands"]:
         w("commands:      " + ", ".join(f"{k} x{v}" for k, v in d["commands"].items()))
     t = d["trailer"]
-    if t:
+    if t and t.get("cut"):
+        w(f"trailer:       VMDESCRIPTION at {t['offset']} cut short: {_n(max(0, t['present']))} "
+          f"of {_n(t['json_length'])} bytes of JSON (QEMU never reads it; the stream "
+          f"still loads)")
+    elif t:
         w(f"trailer:       VMDESCRIPTION at {t['offset']}, {_n(t['json_length'])} bytes of JSON "
           f"({t['style']}), {t.get('devices', '?')} devices described")
     else:

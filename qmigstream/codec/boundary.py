@@ -93,10 +93,12 @@ def plausible_record(buf: bytes, q: int, ids, at_end: bool, depth: int) -> bool:
         rest = len(buf) - q - 1
         if rest == 0:
             return at_end
-        if depth == 0 and buf[q + 1] == SectionType.VMDESCRIPTION and rest >= 5:
-            n = _BE32.unpack_from(buf, q + 2)[0]
-            # Bytes after the trailer are allowed (QEMU never reads them).
-            return rest >= 6 and buf[q + 6:q + 7] == b"{" and (not at_end or rest >= 5 + n)
+        if depth == 0 and buf[q + 1] == SectionType.VMDESCRIPTION:
+            # QEMU stops reading at the EOF: the trailer may be cut short (or
+            # followed by more bytes) and the stream still loads.
+            if rest < 6:
+                return at_end                 # cut inside the trailer's length
+            return buf[q + 6:q + 7] == b"{"
         return False
     if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
         if len(buf) - q < 7:
@@ -106,7 +108,8 @@ def plausible_record(buf: bytes, q: int, ids, at_end: bool, depth: int) -> bool:
             return False
         idstr = buf[q + 6:q + 6 + n]
         inst, ver = struct.unpack_from(">II", buf, q + 6 + n)
-        if not (_printable(idstr) and inst < 0x10000 and ver < 0x10000 and sid < 0x100000):
+        # (a version id can be large: eeprom93xx's is 20061113; QEMU keeps it in an int)
+        if not (_printable(idstr) and inst < 0x10000 and ver < 0x80000000 and sid < 0x100000):
             return False
         seen = ids.names.get(sid)
         if seen is None:
