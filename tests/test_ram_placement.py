@@ -71,6 +71,29 @@ def test_placed_pages_read_like_copied_ones():
     assert blk.zero_pages(0, 512) == twin.zero_pages(0, 512)
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_indexed_backings_with_and_without_a_zero_page(kind):
+    """A backing placed with index=True is searched once for a page of zeros; the
+    zero check skips its pages only where it holds none.  Zero pages lying on a
+    backing that has one (at a page's or any other offset) are found, and the
+    pages-crc32 digest is the one of the same bytes copied."""
+    rnd = random.Random(11)
+    noise = bytes(rnd.randrange(1, 256) for _ in range(8 * PS))
+    holed = kind(noise[:3 * PS + 17] + bytes(PS + 5) + noise[3 * PS + 17:])
+    for backing, zeros in ((kind(noise), []), (holed, [203])):
+        ram = GuestRam([("pc.ram", 256 * PS)])
+        blk = ram.main
+        blk.place(200, 6, backing, 0, PS, index=True)
+        blk.place(203, 1, backing, 3 * PS + 17, PS, index=True)   # the zeros, if any
+        assert blk.zero_pages(200, 206) == zeros
+        twin = GuestRam([("pc.ram", 256 * PS)])
+        for i in range(200, 206):
+            twin.main.write(i * PS, bytes(blk.page(i)), dirty=False)
+        assert twin.main.zero_pages(200, 206) == zeros
+        assert ram.digests() == twin.digests()
+        assert list(blk.nonzero_runs()) == list(twin.main.nonzero_runs())
+
+
 def test_writes_copy_a_placed_page_in_first():
     ram = GuestRam([("pc.ram", 64 * PS)])
     blk = ram.main

@@ -217,15 +217,11 @@ class SliceCrc:
 
 
 def _has_zero_page(buf, view, ps: int) -> bool:
-    """Whether ``ps`` zero bytes in a row lie anywhere in backing ``buf`` (its
-    ``find``, else a copy's): where none do, no page placed on it is a zero page."""
-    find = getattr(buf, "find", None)
-    if find is None:
-        find = bytes(view).find
-    try:
-        return find(bytes(ps)) >= 0
-    except TypeError:
-        return bytes(view).find(bytes(ps)) >= 0
+    """Whether ``ps`` zero bytes in a row lie anywhere in backing ``buf`` (searched
+    where it lies, else in a copy of its ``view``): where none do, no page placed
+    on it is a zero page."""
+    find = buf.find if isinstance(buf, (bytes, bytearray, mmap.mmap)) else bytes(view).find
+    return find(bytes(ps)) >= 0
 
 
 def _index0(arr, start: int) -> int:
