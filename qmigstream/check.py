@@ -591,6 +591,14 @@ class Checker:
         local = self.expect_machine or self.dest.machine
         sent = name.decode("latin-1")
         if local is None:
+            a = name[:n]
+            if not any(_strncmp(a, m.encode(), n) == 0
+                       for m in _machine_names(self.prof.release)):
+                self.fatal(noff, "machine", f"Machine type received is '{_c_str(a)}' and "
+                           f"local is the destination's: no x86 machine type of QEMU "
+                           f"{self.prof.release} starts so (configuration_post_load "
+                           f"compares the {n} bytes sent), whatever the destination runs",
+                           "configuration")
             self.note(noff, "machine", f"machine type {sent!r} not compared (give "
                       "--expect-machine or --reference)", "configuration", level="unchecked")
         else:
@@ -1590,6 +1598,22 @@ def _signed64(v: int) -> int:
 def _uuid(b: bytes) -> str:
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _machine_names(release: str) -> list:
+    """A superset of the x86 machine type names (``MachineClass::name``) QEMU
+    ``release`` has: ``pc-i440fx-X.Y``/``pc-q35-X.Y`` (and the old ``pc-X.Y``) for
+    every version up to the release (releases drop old ones; a superset only
+    leaves a removed name unflagged), ``pc-q35-4.0.1``, and the unversioned ones."""
+    major, minor = (int(x) for x in release.split(".")[:2])
+    out = ["isapc", "microvm", "none", "x-remote", "xenfv", "xenfv-3.1", "xenfv-4.2", "xenpv",
+           "pc", "q35", "pc-q35-4.0.1", "pc-i440fx-4.0.1"]
+    for x in range(0, major + 1):
+        for y in range(0, 16):
+            if (x, y) > (major, minor):
+                break
+            out += [f"pc-i440fx-{x}.{y}", f"pc-q35-{x}.{y}", f"pc-{x}.{y}"]
+    return out
 
 
 def _strncmp(a: bytes, b: bytes, n: int) -> int:

@@ -542,3 +542,28 @@ def test_a_trailer_cut_short_still_loads(name, capture, tmp_path, capsys):
     assert main(["info", str(tmp_path / f"cut-{t + 200}.mig")]) == 0
     out = capsys.readouterr().out
     assert f"VMDESCRIPTION at {t} cut short: 195 of" in out
+
+
+def test_a_machine_type_no_release_has_fails_without_a_reference(capture, tmp_path):
+    """Without a reference the destination's machine type is unknown, but it is one
+    of the release's: a name no machine type of the release starts with (compared
+    over the bytes sent, strncmp) cannot load whatever the destination runs."""
+    path, _ = capture("pc-7.2-paused")
+    data = path.read_bytes()
+    name = b"pc-i440fx-7.2"
+    at = data.index(name)
+    assert data[at - 4:at] == len(name).to_bytes(4, "big")
+
+    def named(new):
+        return data[:at - 4] + len(new).to_bytes(4, "big") + new + data[at + len(name):]
+    for new, loads in ((name, True), (b"pc-i440fx-7.9", False), (b"pc-i440fx-8.0", False),
+                       (b"pX-i440fx-7.2", False), (b"pc-i440fx-7", True), (b"pc-q35-7.1", True),
+                       (b"isapc", True), (b"pc-i440fx-7.2\0junk", True)):
+        rep = check(named(new), profile_name="qemu-7.2")
+        assert rep.loads == loads, (new, rep.fatal and rep.fatal.message)
+        if not loads:
+            assert rep.fatal.offset == at - 4 and "no x86 machine type of QEMU 7.2" in \
+                rep.fatal.message
+    # with 11.1's profile an 11.1 machine type is one
+    rep = check(named(b"pc-i440fx-11.1"), profile_name="qemu-11.1")
+    assert not rep.fatal or "no x86 machine type" not in rep.fatal.message
