@@ -873,6 +873,71 @@ class Checker:
         self._equal_fields(tree, key, name, inst, idstr)
         if vmsd_name == "globalstate":
             self._global_state(tree, name)
+        for f in tree.walk():
+            for v in f.nested():
+                if v.vmsd_name == "ahci":
+                    self._ahci(v, name, inst, idstr)
+
+    def _ahci(self, ahci, name, inst, idstr):
+        """ahci_state_post_load (hw/ide/ahci.c), port by port, what needs no guest
+        memory: a DMA or FIS engine marked running while it is off; an NCQ slot
+        whose ``used`` and ``halt`` differ, or that is halted with a command that is
+        not NCQ or a slot that is not its tag; a ``busy_slot`` that is neither -1
+        nor a slot.  It returns -1: QEMU fails with EPERM."""
+        qemu = (f"QEMU: error while loading state for instance 0x{inst:x} of device "
+                f"'{idstr}', load of migration failed: Operation not permitted")
+
+        def value(node, field):
+            f = node.field(field)
+            return (f.value, f.offset) if f is not None and type(f.value) in (int, bool) \
+                else (None, None)
+        def elements(node, field):       # one entry per element, or one for them all
+            return [v for f in node.fields if f.name == field for v in f.elements
+                    if hasattr(v, "field")]
+        ports = elements(ahci, "dev")
+        for i, port in enumerate(ports):
+            cmd, coff = value(port, "port_regs.cmd")
+            if cmd is not None:
+                if not cmd & _AHCI_CMD_START and cmd & _AHCI_CMD_LIST_ON:
+                    self.fatal(coff, "post-load", f"AHCI: DMA engine should be off, but status "
+                               f"bit indicates it is still running. (port {i}: cmd "
+                               f"0x{cmd:x}); {qemu}", name)
+                if not cmd & _AHCI_CMD_FIS_RX and cmd & _AHCI_CMD_FIS_ON:
+                    self.fatal(coff, "post-load", f"AHCI: FIS RX engine should be off, but "
+                               f"status bit indicates it is still running. (port {i}: cmd "
+                               f"0x{cmd:x}); {qemu}", name)
+                if cmd & (_AHCI_CMD_START | _AHCI_CMD_FIS_RX):
+                    self.note(coff, "post-load", f"AHCI port {i}: its engines restart from "
+                              f"guest memory (the command list and FIS buffers) after the "
+                              f"load; not checked", name, level="unchecked")
+            for j, slot in enumerate(elements(port, "ncq_tfs")):
+                used, _ = value(slot, "used")
+                halt, hoff = value(slot, "halt")
+                if used is None or halt is None:
+                    continue
+                if bool(used) != bool(halt):
+                    self.fatal(hoff, "post-load", f"ahci_state_post_load: port {i} NCQ slot "
+                               f"{j}: used ({int(used)}) and halt ({int(halt)}) differ; {qemu}",
+                               name)
+                if not halt:
+                    continue
+                ncmd, noff = value(slot, "cmd")
+                if ncmd is not None and ncmd not in _NCQ_COMMANDS:
+                    self.fatal(noff, "post-load", f"ahci_state_post_load: port {i} NCQ slot "
+                               f"{j} halted with command 0x{ncmd:x}, not an NCQ command; "
+                               f"{qemu}", name)
+                tag, _ = value(slot, "tag")
+                sl, soff = value(slot, "slot")
+                if tag is not None and sl is not None and tag != sl:
+                    self.fatal(soff, "post-load", f"ahci_state_post_load: port {i} NCQ slot "
+                               f"{j} halted with slot {sl} and tag {tag}; {qemu}", name)
+                self.note(hoff, "post-load", f"AHCI port {i} NCQ slot {j} is halted: its "
+                          f"command header and scatter list come from guest memory; not "
+                          f"checked", name, level="unchecked")
+            busy, boff = value(port, "busy_slot")
+            if busy is not None and busy != -1 and not 0 <= busy < _AHCI_MAX_CMDS:
+                self.fatal(boff, "post-load", f"ahci_state_post_load: port {i} busy_slot "
+                           f"{busy} is neither -1 nor a command slot; {qemu}", name)
 
     def _global_state(self, tree, name):
         """global_state_post_load (migration/global_state.c): the run state by name."""
@@ -1598,6 +1663,13 @@ def _signed64(v: int) -> int:
 def _uuid(b: bytes) -> str:
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+#: hw/ide/ahci_internal.h: PORT_CMD_START, _FIS_RX, _FIS_ON, _LIST_ON; AHCI_MAX_CMDS.
+_AHCI_CMD_START, _AHCI_CMD_FIS_RX, _AHCI_CMD_FIS_ON, _AHCI_CMD_LIST_ON = 1, 1 << 4, 1 << 14, 1 << 15
+_AHCI_MAX_CMDS = 32
+#: is_ncq() (hw/ide/ahci.c): READ/WRITE_FPDMA_QUEUED, NCQ_NON_DATA, SEND/RECEIVE_FPDMA_QUEUED.
+_NCQ_COMMANDS = frozenset((0x60, 0x61, 0x63, 0x64, 0x65))
 
 
 def _machine_names(release: str) -> list:

@@ -567,3 +567,70 @@ def test_a_machine_type_no_release_has_fails_without_a_reference(capture, tmp_pa
     # with 11.1's profile an 11.1 machine type is one
     rep = check(named(b"pc-i440fx-11.1"), profile_name="qemu-11.1")
     assert not rep.fatal or "no x86 machine type" not in rep.fatal.message
+
+
+def _ahci_ports(path, capsys):
+    """The ``ahci port`` structs of a capture's decoded tree (JSON), in order."""
+    assert main(["decode", "--json", str(path)]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    ports = []
+
+    def find(n):
+        if isinstance(n, dict):
+            if n.get("vmsd_name") == "ahci port":
+                ports.append(n)
+                return
+            for v in n.values():
+                find(v)
+        elif isinstance(n, list):
+            for v in n:
+                find(v)
+    find(tree)
+    return ports
+
+
+def test_ahci_post_load(capture, capsys):
+    """ahci_state_post_load's checks that need no guest memory, on ich9-ahci of a
+    q35 capture; each case's outcome is QEMU 7.2's (the same mutations of a q35
+    7.2 capture loaded with -incoming: EPERM for every one but busy_slot 5)."""
+    path, _ = capture("q35-7.2-devices")
+    data = path.read_bytes()
+    ports = _ahci_ports(path, capsys)
+    assert len(ports) == 6
+
+    def field(node, name):
+        return next(f for f in node["fields"] if f["name"] == name)
+    p0 = ports[0]
+    ncq = field(p0, "ncq_tfs")["value"]
+    slot = (ncq if isinstance(ncq, list) else [ncq])[3]
+    cmd = field(p0, "port_regs.cmd")
+
+    def put(*changes):
+        out = bytearray(data)
+        for off, b in changes:
+            out[off:off + len(b)] = b
+        return bytes(out)
+    used, halt = field(slot, "used")["offset"], field(slot, "halt")["offset"]
+    busy = field(p0, "busy_slot")["offset"]
+    cases = [
+        (put((used, b"\x01")), halt, "NCQ slot 3: used (1) and halt (0) differ"),
+        (put((used, b"\x02"), (halt, b"\x00")), halt, "used (2) and halt (0) differ"),
+        (put((used, b"\x01"), (halt, b"\x01")), field(slot, "cmd")["offset"],
+         "halted with command 0x0, not an NCQ command"),
+        (put((cmd["offset"], struct.pack(">I", cmd["value"] | 1 << 15))), cmd["offset"],
+         "AHCI: DMA engine should be off"),
+        (put((cmd["offset"], struct.pack(">I", cmd["value"] | 1 << 14))), cmd["offset"],
+         "AHCI: FIS RX engine should be off"),
+        (put((busy, struct.pack(">i", 40))), busy, "busy_slot 40 is neither -1 nor"),
+        (put((busy, struct.pack(">i", 5))), None, None),
+        (data, None, None),
+    ]
+    for case, (mutated, at, message) in enumerate(cases):
+        for ref in (None, str(path)):
+            rep = check(mutated, profile_name="qemu-7.2", reference=ref)
+            if message is None:
+                assert rep.loads, (case, rep.fatal and rep.fatal.message)
+                continue
+            assert not rep.loads and message in rep.fatal.message, (case, rep.fatal)
+            assert rep.fatal.offset == at
+            assert "Operation not permitted" in rep.fatal.message
