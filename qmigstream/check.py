@@ -871,12 +871,10 @@ class Checker:
                       "checked", name, level="unchecked")
             return
         self._equal_fields(tree, key, name, inst, idstr)
-        if vmsd_name == "globalstate":
-            self._global_state(tree, name)
-        for f in tree.walk():
-            for v in f.nested():
-                if v.vmsd_name == "ahci":
-                    self._ahci(v, name, inst, idstr)
+        for node in _vmsds(tree):
+            hook = _POST_LOADS.get(node.vmsd_name)
+            if hook is not None:
+                hook(self, node, name, inst, idstr)
 
     def _ahci(self, ahci, name, inst, idstr):
         """ahci_state_post_load (hw/ide/ahci.c), port by port, what needs no guest
@@ -939,7 +937,7 @@ class Checker:
                 self.fatal(boff, "post-load", f"ahci_state_post_load: port {i} busy_slot "
                            f"{busy} is neither -1 nor a command slot; {qemu}", name)
 
-    def _global_state(self, tree, name):
+    def _global_state(self, tree, name, inst, idstr):
         """global_state_post_load (migration/global_state.c): the run state by name."""
         f = tree.field("runstate")
         if f is None or not isinstance(f.value, bytes):
@@ -1663,6 +1661,18 @@ def _signed64(v: int) -> int:
 def _uuid(b: bytes) -> str:
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+#: The post_load hooks modelled, by vmsd name (run on a section's vmsd and every
+#: vmsd nested in it, in wire order).
+_POST_LOADS = {"globalstate": Checker._global_state, "ahci": Checker._ahci}
+
+
+def _vmsds(tree):
+    """``tree`` and every vmsd its fields hold, at any depth."""
+    yield tree
+    for f in tree.walk():
+        yield from f.nested()
 
 
 #: hw/ide/ahci_internal.h: PORT_CMD_START, _FIS_RX, _FIS_ON, _LIST_ON; AHCI_MAX_CMDS.

@@ -190,7 +190,7 @@ class _Out:
                     self._hand_small()
                 return n
         self._hand_small()
-        totals = [sum(map(len, pieces[i:i + IOV_MAX])) for i in range(0, len(pieces), IOV_MAX)]
+        totals = _totals(pieces)
         n = sum(totals)
         self._count(n)
         self._writer.put(pieces, totals, n, self.offset)
@@ -204,7 +204,7 @@ class _Out:
         if self._small:
             pieces, n = self._small, self._small_n
             self._small, self._small_n = [], 0
-            self._writer.put(pieces, [n] if len(pieces) <= IOV_MAX else None, n, self.offset)
+            self._writer.put(pieces, _totals(pieces), n, self.offset)
 
     def sync(self):
         """Every byte so far is in the file (raises the error a write met)."""
@@ -248,6 +248,11 @@ class _Out:
         if sync:
             self.sync()
         return n
+
+
+def _totals(pieces) -> list:
+    """The bytes of each ``IOV_MAX`` of ``pieces`` (what :func:`writev_all` takes)."""
+    return [sum(map(len, pieces[i:i + IOV_MAX])) for i in range(0, len(pieces), IOV_MAX)]
 
 
 #: Pieces shorter than this in all are gathered before they are written.
@@ -315,8 +320,8 @@ class _Writer:
             raise self._error
 
     def put(self, pieces, totals, n, end):
-        """Hand over ``pieces`` (``n`` bytes; ``totals``: per ``IOV_MAX`` of them,
-        or None), which end at stream offset ``end``."""
+        """Hand over ``pieces`` (``n`` bytes; ``totals``: :func:`_totals`), which end
+        at stream offset ``end``."""
         if self._thread is None:
             self._start()
         with self._cv:
